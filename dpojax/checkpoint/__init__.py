@@ -1,0 +1,1 @@
+"""Checkpoints: Orbax training state; .nemo and Hugging Face conversion."""

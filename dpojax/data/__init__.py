@@ -1,0 +1,1 @@
+"""Preference data: JSONL sources, tokenization, and the Grain pipeline."""

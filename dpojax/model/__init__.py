@@ -1,0 +1,5 @@
+"""The decoder model: pure functions of (params, batch arrays)."""
+
+from dpojax.model.transformer import ModelConfig, Transformer, apply, init_params, output_weight
+
+__all__ = ["ModelConfig", "Transformer", "apply", "init_params", "output_weight"]

@@ -1,0 +1,257 @@
+"""A decoder-only transformer that covers NeMo Megatron GPT and Llama checkpoints.
+
+Params in, hidden states out. Packed rows work because attention is causal AND restricted
+to tokens of the same segment, and positions come from the batch (they restart per sequence).
+Layers are scanned, so every per-layer parameter has a leading `layers` axis (the layout
+megatron-core's distributed checkpoints use too).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "squared_relu", "swiglu")
+NORMALIZATIONS = ("layernorm", "layernorm1p", "rmsnorm")
+POSITION_EMBEDDINGS = ("rope", "learned_absolute")
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture; field names follow NeMo's model_config.yaml where one exists."""
+
+  vocab_size: int = 1000
+  hidden_size: int = 64
+  num_layers: int = 2
+  num_attention_heads: int = 4
+  num_query_groups: int | None = None  # None: multi-head attention (groups = heads).
+  kv_channels: int | None = None  # None: hidden_size // num_attention_heads.
+  ffn_hidden_size: int = 256
+  activation: str = "swiglu"
+  normalization: str = "rmsnorm"
+  layernorm_epsilon: float = 1e-5
+  position_embedding_type: str = "rope"
+  rotary_percentage: float = 1.0
+  rotary_base: float = 10000.0
+  max_position_embeddings: int = 2048
+  bias: bool = False  # Linear layers only; layernorms keep their bias (as in megatron-core).
+  share_embeddings_and_output_weights: bool = True
+  init_method_std: float = 0.02
+  param_dtype: str = "float32"
+  dtype: str = "float32"  # Compute dtype.
+  remat: str = "none"
+
+  def __post_init__(self):
+    _check_choice("activation", self.activation, ACTIVATIONS)
+    _check_choice("normalization", self.normalization, NORMALIZATIONS)
+    _check_choice("position_embedding_type", self.position_embedding_type, POSITION_EMBEDDINGS)
+    _check_choice("remat", self.remat, REMAT_POLICIES)
+    if self.num_attention_heads % self.groups:
+      raise ValueError(
+          f"model.num_query_groups={self.groups} must divide "
+          f"model.num_attention_heads={self.num_attention_heads}")
+    if self.position_embedding_type == "rope" and self.rotary_dim % 2:
+      raise ValueError(f"model.rotary_percentage gives an odd rotary dim {self.rotary_dim}")
+
+  @property
+  def groups(self) -> int:
+    return self.num_query_groups or self.num_attention_heads
+
+  @property
+  def head_dim(self) -> int:
+    return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+  @property
+  def rotary_dim(self) -> int:
+    return int(self.head_dim * self.rotary_percentage)
+
+  @property
+  def gated(self) -> bool:
+    return self.activation == "swiglu"
+
+  @classmethod
+  def from_dict(cls, d) -> ModelConfig:
+    d = dict(d)
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ValueError(f"unknown model config keys: {sorted('model.' + k for k in unknown)}")
+    return cls(**d)
+
+
+def _check_choice(name, value, choices):
+  if value not in choices:
+    raise ValueError(f"model.{name}={value!r} is not one of {choices}")
+
+
+def _dtype(name: str):
+  return jnp.dtype(name)
+
+
+class Norm(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    d = x.shape[-1]
+    x32 = x.astype(jnp.float32)
+    pdt = _dtype(cfg.param_dtype)
+    if cfg.normalization == "rmsnorm":
+      scale = self.param("scale", nn.initializers.ones, (d,), pdt)
+      y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + cfg.layernorm_epsilon)
+      y = y * scale.astype(jnp.float32)
+    else:
+      one_plus = cfg.normalization == "layernorm1p"
+      init = nn.initializers.zeros if one_plus else nn.initializers.ones
+      scale = self.param("scale", init, (d,), pdt).astype(jnp.float32)
+      bias = self.param("bias", nn.initializers.zeros, (d,), pdt).astype(jnp.float32)
+      mean = jnp.mean(x32, -1, keepdims=True)
+      var = jnp.mean(jnp.square(x32 - mean), -1, keepdims=True)
+      y = (x32 - mean) * jax.lax.rsqrt(var + cfg.layernorm_epsilon)
+      y = y * (1.0 + scale if one_plus else scale) + bias
+    return y.astype(_dtype(cfg.dtype))
+
+
+def apply_rope(x_BxTxNxK, positions_BxT, rotary_dim: int, base: float):
+  """Rotate-half RoPE on the first `rotary_dim` channels of each head (NeMo/HF convention)."""
+  x = x_BxTxNxK.astype(jnp.float32)
+  inv_freq = 1.0 / (base ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
+  freqs_BxTxR2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq
+  emb = jnp.concatenate([freqs_BxTxR2, freqs_BxTxR2], -1)[:, :, None, :]
+  x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+  x1, x2 = jnp.split(x_rot, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], -1)
+  out = x_rot * jnp.cos(emb) + rotated * jnp.sin(emb)
+  return jnp.concatenate([out, x_pass], -1).astype(x_BxTxNxK.dtype)
+
+
+def attention_mask(segment_ids_BxT):
+  """Causal AND same-segment mask, [B, 1, T, T]. Padding (segment 0) attends to itself only."""
+  t = segment_ids_BxT.shape[1]
+  causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+  same = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+  return (causal[None] & same)[:, None]
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT):
+    cfg = self.cfg
+    d, n, g, k = cfg.hidden_size, cfg.num_attention_heads, cfg.groups, cfg.head_dim
+    dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+    init = nn.initializers.normal(cfg.init_method_std)
+    out_init = nn.initializers.normal(cfg.init_method_std / (2.0 * cfg.num_layers) ** 0.5)
+
+    def proj(name, heads):
+      w = self.param(name, init, (d, heads, k), pdt).astype(dt)
+      y = jnp.einsum("btd,dhk->bthk", x_BxTxD, w)
+      if cfg.bias:
+        y = y + self.param(name + "_bias", nn.initializers.zeros, (heads, k), pdt).astype(dt)
+      return y
+
+    q_BxTxNxK, k_BxTxGxK, v_BxTxGxK = proj("query", n), proj("key", g), proj("value", g)
+    if cfg.position_embedding_type == "rope":
+      q_BxTxNxK = apply_rope(q_BxTxNxK, positions_BxT, cfg.rotary_dim, cfg.rotary_base)
+      k_BxTxGxK = apply_rope(k_BxTxGxK, positions_BxT, cfg.rotary_dim, cfg.rotary_base)
+    # XLA implementation: handles GQA (n a multiple of g) and an arbitrary boolean mask.
+    o_BxTxNxK = jax.nn.dot_product_attention(
+        q_BxTxNxK, k_BxTxGxK, v_BxTxGxK, mask=mask_Bx1xTxT, implementation="xla")
+    w_o = self.param("out", out_init, (n, k, d), pdt).astype(dt)
+    y = jnp.einsum("btnk,nkd->btd", o_BxTxNxK, w_o)
+    if cfg.bias:
+      y = y + self.param("out_bias", nn.initializers.zeros, (d,), pdt).astype(dt)
+    return y
+
+
+class Mlp(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    cfg = self.cfg
+    d, f = cfg.hidden_size, cfg.ffn_hidden_size
+    dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+    init = nn.initializers.normal(cfg.init_method_std)
+    out_init = nn.initializers.normal(cfg.init_method_std / (2.0 * cfg.num_layers) ** 0.5)
+    # Gated fc1 keeps [gate; up] on its own axis so that sharding F never splits the pair.
+    fc1_shape = (d, 2, f) if cfg.gated else (d, f)
+    w1 = self.param("fc1", init, fc1_shape, pdt).astype(dt)
+    h = jnp.einsum("btd,d...->bt...", x_BxTxD, w1)
+    if cfg.bias:
+      h = h + self.param("fc1_bias", nn.initializers.zeros, fc1_shape[1:], pdt).astype(dt)
+    if cfg.activation == "swiglu":
+      h = jax.nn.silu(h[..., 0, :]) * h[..., 1, :]
+    elif cfg.activation == "gelu":
+      h = jax.nn.gelu(h, approximate=False)
+    elif cfg.activation == "gelu_tanh":
+      h = jax.nn.gelu(h, approximate=True)
+    else:  # squared_relu
+      h = jnp.square(jax.nn.relu(h))
+    w2 = self.param("fc2", out_init, (f, d), pdt).astype(dt)
+    y = jnp.einsum("btf,fd->btd", h, w2)
+    if cfg.bias:
+      y = y + self.param("fc2_bias", nn.initializers.zeros, (d,), pdt).astype(dt)
+    return y
+
+
+class Block(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT):
+    x_BxTxD = x_BxTxD + Attention(self.cfg, name="attention")(
+        Norm(self.cfg, name="input_norm")(x_BxTxD), positions_BxT, mask_Bx1xTxT)
+    x_BxTxD = x_BxTxD + Mlp(self.cfg, name="mlp")(Norm(self.cfg, name="pre_mlp_norm")(x_BxTxD))
+    return x_BxTxD, None
+
+
+class Transformer(nn.Module):
+  """Returns final-norm hidden states [B, T, D]; the output layer lives in `output_weight`."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT):
+    cfg = self.cfg
+    dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+    init = nn.initializers.normal(cfg.init_method_std)
+    embedding_VxD = self.param("embedding", init, (cfg.vocab_size, cfg.hidden_size), pdt)
+    x_BxTxD = jnp.take(embedding_VxD, tokens_BxT, axis=0).astype(dt)
+    if cfg.position_embedding_type == "learned_absolute":
+      pos_table = self.param(
+          "position_embedding", init, (cfg.max_position_embeddings, cfg.hidden_size), pdt)
+      x_BxTxD = x_BxTxD + jnp.take(pos_table, positions_BxT, axis=0).astype(dt)
+    if not cfg.share_embeddings_and_output_weights:
+      self.param("output", init, (cfg.vocab_size, cfg.hidden_size), pdt)
+
+    block = Block
+    if cfg.remat != "none":
+      policy = None if cfg.remat == "full" else jax.checkpoint_policies.dots_saveable
+      block = nn.remat(Block, policy=policy, prevent_cse=False)
+    layers = nn.scan(
+        block, variable_axes={"params": 0}, split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers)(cfg, name="layers")
+    x_BxTxD, _ = layers(x_BxTxD, positions_BxT, attention_mask(segment_ids_BxT))
+    return Norm(cfg, name="final_norm")(x_BxTxD)
+
+
+def output_weight(params: Any, cfg: ModelConfig):
+  """The [V, D] output projection (the embedding when tied)."""
+  return params["embedding"] if cfg.share_embeddings_and_output_weights else params["output"]
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8):
+  tokens = jnp.zeros((1, seq_len), jnp.int32)
+  return Transformer(cfg).init(rng, tokens, tokens, jnp.ones_like(tokens))["params"]
+
+
+def apply(params: Any, cfg: ModelConfig, tokens_BxT, positions_BxT, segment_ids_BxT):
+  """Pure forward: hidden states [B, T, D]."""
+  return Transformer(cfg).apply({"params": params}, tokens_BxT, positions_BxT, segment_ids_BxT)

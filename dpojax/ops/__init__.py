@@ -1,0 +1,1 @@
+"""Numerical kernels: per-token log-probabilities."""

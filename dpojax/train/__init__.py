@@ -1,0 +1,1 @@
+"""Training: the pure steps, metric writers and the loop."""

@@ -1,0 +1,125 @@
+"""The training loop: the one place that does I/O (data, logging, evaluation, checkpoints)."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+from dpojax import loss as loss_lib
+from dpojax import model as model_lib
+from dpojax.checkpoint.orbax import Checkpointer
+from dpojax.data import pipeline
+from dpojax.data.tokenize import Tokenizer
+from dpojax.train import step as step_lib
+from dpojax.train.metrics import MetricWriter
+
+
+class ConfigError(ValueError):
+  """An inconsistent configuration; the message names the config key."""
+
+
+def check_config(config):
+  t = config.train
+  if t.global_batch_size <= 0 or t.micro_batch_size <= 0:
+    raise ConfigError("train.global_batch_size and train.micro_batch_size must be positive")
+  if t.global_batch_size % t.micro_batch_size:
+    raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                      f"train.micro_batch_size={t.micro_batch_size}")
+  if t.max_steps <= 0:
+    raise ConfigError(f"train.max_steps={t.max_steps} must be positive")
+  for key in ("eval.interval", "checkpoint.interval", "train.log_interval"):
+    section, name = key.split(".")
+    if config[section][name] <= 0:
+      raise ConfigError(f"{key}={config[section][name]} must be positive")
+  if config.dpo.beta <= 0:
+    raise ConfigError(f"dpo.beta={config.dpo.beta} must be positive")
+
+
+def data_options(config) -> pipeline.DataOptions:
+  d = config.data
+  return pipeline.DataOptions(
+      max_seq_length=d.max_seq_length, template=d.template, add_bos=d.add_bos,
+      append_eos=d.append_eos, default_chosen_reward=d.default_chosen_reward,
+      default_rejected_reward=d.default_rejected_reward)
+
+
+def build(config):
+  """Everything a run needs before the first step; fails early on bad config or data."""
+  check_config(config)
+  tok = Tokenizer(config.data.tokenizer_path)
+  model_cfg = model_lib.ModelConfig.from_dict(config.model)
+  if model_cfg.vocab_size < tok.vocab_size:
+    raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the "
+                      f"tokenizer's {tok.vocab_size} ({tok.path})")
+  opts = data_options(config)
+  train_data = pipeline.PreferenceData(config.data.train_path, tok, opts)
+  val_data = pipeline.PreferenceData(config.data.val_path, tok, opts)
+  train_data.require(config.train.global_batch_size, "train.global_batch_size")
+  val_data.require(1, "validation pairs")
+  step_cfg = step_lib.StepConfig(model=model_cfg, beta=config.dpo.beta,
+                                 logprob_impl=config.logprob.impl)
+  return tok, train_data, val_data, step_cfg
+
+
+def evaluate(eval_fn, params, ref_params, batches) -> dict:
+  total = None
+  for batch in batches:
+    sums = eval_fn(params, ref_params, batch)
+    total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+  return loss_lib.finalize_metrics(jax.device_get(total))
+
+
+def run(config, workdir: str) -> dict:
+  """Trains to `train.max_steps` (resuming from `workdir` if it has a checkpoint)."""
+  _, train_data, val_data, step_cfg = build(config)
+  t = config.train
+  params = model_lib.init_params(step_cfg.model, jax.random.key(t.seed))
+  # The reference is the initial policy, in its own buffers: the train state is donated.
+  ref_params = jax.tree.map(jnp.copy, params)
+  tx, schedule = step_lib.make_optimizer(t)
+  state = step_lib.init_state(params, tx)
+  train_fn, eval_fn = step_lib.jit_steps(step_cfg, tx, schedule)
+
+  train_iter = iter(pipeline.train_dataset(
+      train_data, global_batch_size=t.global_batch_size,
+      micro_batch_size=t.micro_batch_size, seed=t.seed))
+  val_batches = pipeline.eval_batches(
+      val_data, global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
+      max_batches=config.eval.max_batches)
+
+  ckpt = Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
+                      async_save=config.checkpoint.async_save)
+  start = ckpt.latest_step() or 0
+  if start:
+    state, data_state = ckpt.restore(start, state)
+    train_iter.set_state(data_state)
+    print(f"Resumed from {ckpt.directory} at step {start}", flush=True)
+  writer = MetricWriter(workdir, resume_step=start)
+  print(f"Training on {len(train_data)} pairs ({len(val_data)} val) for {t.max_steps} steps, "
+        f"{sum(x.size for x in jax.tree.leaves(params)):,} parameters", flush=True)
+
+  last_val = None
+  if start == 0 and config.eval.at_start:
+    last_val = evaluate(eval_fn, state.params, ref_params, val_batches)
+    writer.write(0, "val", last_val)
+  tick, tick_step = time.perf_counter(), start
+  for step in range(start + 1, t.max_steps + 1):
+    batch = next(train_iter)
+    state, metrics = train_fn(state, ref_params, batch)
+    if step % t.log_interval == 0 or step == t.max_steps:
+      metrics = loss_lib.finalize_metrics(jax.device_get(metrics))
+      now = time.perf_counter()
+      metrics["step_time"] = (now - tick) / (step - tick_step)
+      metrics["consumed_samples"] = step * t.global_batch_size
+      tick, tick_step = now, step
+      writer.write(step, "train", metrics)
+    if step % config.eval.interval == 0 or step == t.max_steps:
+      last_val = evaluate(eval_fn, state.params, ref_params, val_batches)
+      writer.write(step, "val", last_val)
+    if step % config.checkpoint.interval == 0 or step == t.max_steps:
+      ckpt.save(step, state, train_iter.get_state())
+  ckpt.close()
+  writer.close()
+  return {"state": state, "val": last_val}

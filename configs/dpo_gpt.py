@@ -14,7 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 
   c.model = m = ml_collections.ConfigDict()
-  m.vocab_size = 1000  # >= the tokenizer's vocabulary.
+  m.vocab_size = 384  # >= the tokenizer's vocabulary.
   m.hidden_size = 64  # Model width D.
   m.num_layers = 2  # Transformer blocks.
   m.num_attention_heads = 4  # Query heads.
@@ -42,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.logprob.impl = "xla"  # Per-token log-prob implementation.
 
   c.train = t = ml_collections.ConfigDict()
-  t.max_steps = 300  # Optimizer steps.
+  t.max_steps = 200  # Optimizer steps.
   t.global_batch_size = 16  # Pairs per optimizer step.
   t.micro_batch_size = 8  # Pairs per forward/backward; the rest is accumulated.
   t.learning_rate = 1e-3  # Peak learning rate.
@@ -68,7 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
   dt.default_rejected_reward = 0.0  # Reward when a record has no rejected_reward.
 
   c.eval = e = ml_collections.ConfigDict()
-  e.interval = 50  # Steps between validations (and at the end).
+  e.interval = 25  # Steps between validations (and at the end).
   e.max_batches = -1  # Validation batches per evaluation; -1 = the whole file.
   e.at_start = True  # Validate before the first step.
 

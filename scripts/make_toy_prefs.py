@@ -1,4 +1,7 @@
-"""Writes the toy preference data that ships in dpojax/assets (fixed seed, license-clean).
+"""Writes the toy preference data and its tokenizer, shipped in dpojax/assets.
+
+Fixed seed; all text is generated here, and the SentencePiece model is trained here on it
+(byte fallback, so any text tokenizes without <unk>), so both are license-clean.
 
 Two families a small model can learn from scratch:
   counting: the chosen answer counts up by one; the rejected one counts by two, counts
@@ -50,12 +53,24 @@ def make(n, rng):
   return rows
 
 
+def train_tokenizer(rows):
+  import sentencepiece as spm
+  text = [r[k] for r in rows for k in ("prompt", "chosen_response", "rejected_response")]
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(text), model_prefix=os.path.join(OUT, "tokenizer"),
+      vocab_size=384, model_type="unigram", byte_fallback=True, character_coverage=1.0,
+      bos_id=1, eos_id=2, unk_id=0, pad_id=-1, num_threads=1, minloglevel=2)
+  os.remove(os.path.join(OUT, "tokenizer.vocab"))
+
+
 def main():
   rng = random.Random(1234)
-  for name, n in (("train", 2000), ("val", 200)):
+  splits = {"train": make(2000, rng), "val": make(200, rng)}
+  for name, rows in splits.items():
     with open(os.path.join(OUT, f"toy_prefs_{name}.jsonl"), "w") as f:
-      for row in make(n, rng):
+      for row in rows:
         f.write(json.dumps(row) + "\n")
+  train_tokenizer(splits["train"])
 
 
 if __name__ == "__main__":

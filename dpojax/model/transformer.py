@@ -9,6 +9,7 @@ megatron-core's distributed checkpoints use too).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -247,8 +248,14 @@ def output_weight(params: Any, cfg: ModelConfig):
   return params["embedding"] if cfg.share_embeddings_and_output_weights else params["output"]
 
 
-def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8):
-  tokens = jnp.zeros((1, seq_len), jnp.int32)
+def init_params(cfg: ModelConfig, rng: jax.Array):
+  """Random init (jitted: eager Flax init dispatches op by op and is slow)."""
+  return _init(cfg, rng)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init(cfg: ModelConfig, rng: jax.Array):
+  tokens = jnp.zeros((1, 8), jnp.int32)
   return Transformer(cfg).init(rng, tokens, tokens, jnp.ones_like(tokens))["params"]
 
 

@@ -1,0 +1,172 @@
+"""The Flax model against an independent NumPy transformer, and the packing invariants."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.special import erf
+
+from dpojax import model as model_lib
+
+# Jitted: eager Flax dispatch op by op is far slower than one compilation.
+apply = jax.jit(model_lib.apply, static_argnums=1)
+
+
+def np_norm(x, p, cfg):
+  if cfg.normalization == "rmsnorm":
+    return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + cfg.layernorm_epsilon) * p["scale"]
+  mu = x.mean(-1, keepdims=True)
+  y = (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + cfg.layernorm_epsilon)
+  scale = p["scale"] + 1 if cfg.normalization == "layernorm1p" else p["scale"]
+  return y * scale + p["bias"]
+
+
+def np_rope(x_TxNxK, pos_T, rot, base):
+  out = x_TxNxK.copy()
+  half = rot // 2
+  for t, p in enumerate(pos_T):
+    for i in range(half):
+      theta = p / base ** (2 * i / rot)
+      a, b = x_TxNxK[t, :, i], x_TxNxK[t, :, i + half]
+      out[t, :, i] = a * np.cos(theta) - b * np.sin(theta)
+      out[t, :, i + half] = b * np.cos(theta) + a * np.sin(theta)
+  return out
+
+
+def np_forward(params, cfg, tokens_T, pos_T, seg_T):
+  """One row, float64, loops over heads: written from the architecture's definition."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  x = p["embedding"][tokens_T]
+  if cfg.position_embedding_type == "learned_absolute":
+    x = x + p["position_embedding"][pos_T]
+  t = len(tokens_T)
+  allowed = np.tril(np.ones((t, t), bool)) & (seg_T[:, None] == seg_T[None, :])
+  per_group = cfg.num_attention_heads // cfg.groups
+  for l in range(cfg.num_layers):
+    lp = jax.tree.map(lambda a: a[l], p["layers"])
+    a = lp["attention"]
+    h = np_norm(x, lp["input_norm"], cfg)
+    q = np.einsum("td,dnk->tnk", h, a["query"])
+    k = np.einsum("td,dgk->tgk", h, a["key"])
+    v = np.einsum("td,dgk->tgk", h, a["value"])
+    if cfg.bias:
+      q, k, v = q + a["query_bias"], k + a["key_bias"], v + a["value_bias"]
+    if cfg.position_embedding_type == "rope":
+      q = np_rope(q, pos_T, cfg.rotary_dim, cfg.rotary_base)
+      k = np_rope(k, pos_T, cfg.rotary_dim, cfg.rotary_base)
+    o = np.zeros_like(q)
+    for n in range(cfg.num_attention_heads):
+      g = n // per_group
+      s = q[:, n] @ k[:, g].T / np.sqrt(cfg.head_dim)
+      s = np.where(allowed, s, -np.inf)
+      w = np.exp(s - s.max(-1, keepdims=True))
+      o[:, n] = (w / w.sum(-1, keepdims=True)) @ v[:, g]
+    y = np.einsum("tnk,nkd->td", o, a["out"])
+    x = x + (y + a["out_bias"] if cfg.bias else y)
+    m = lp["mlp"]
+    h = np_norm(x, lp["pre_mlp_norm"], cfg)
+    if cfg.activation == "swiglu":
+      u = np.einsum("td,dcf->tcf", h, m["fc1"]) + (m["fc1_bias"] if cfg.bias else 0)
+      act = u[:, 0] / (1 + np.exp(-u[:, 0])) * u[:, 1]
+    else:
+      u = h @ m["fc1"] + (m["fc1_bias"] if cfg.bias else 0)
+      if cfg.activation == "gelu":
+        act = 0.5 * u * (1 + erf(u / np.sqrt(2)))
+      elif cfg.activation == "gelu_tanh":
+        act = 0.5 * u * (1 + np.tanh(np.sqrt(2 / np.pi) * (u + 0.044715 * u ** 3)))
+      else:
+        act = np.maximum(u, 0) ** 2
+    x = x + act @ m["fc2"] + (m["fc2_bias"] if cfg.bias else 0)
+  return np_norm(x, p["final_norm"], cfg)
+
+
+BASE = model_lib.ModelConfig(vocab_size=37, hidden_size=24, num_layers=2, num_attention_heads=4,
+                             ffn_hidden_size=40, max_position_embeddings=32)
+VARIANTS = {
+    "llama_gqa": dict(num_query_groups=2),
+    "mqa_partial_rope": dict(num_query_groups=1, kv_channels=8, rotary_percentage=0.5,
+                             rotary_base=500.0),
+    "gpt_gelu_layernorm_bias": dict(activation="gelu", normalization="layernorm", bias=True,
+                                    position_embedding_type="learned_absolute",
+                                    share_embeddings_and_output_weights=False),
+    "nemo_sqrelu_layernorm1p": dict(activation="squared_relu", normalization="layernorm1p",
+                                    kv_channels=8),
+    "gelu_tanh_remat": dict(activation="gelu_tanh", remat="full"),
+}
+
+
+def randomize(params, seed):
+  """Non-trivial norms and biases (init leaves them at 1/0, which would hide bugs)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda x: jnp.asarray(x + 0.1 * rng.normal(size=x.shape), jnp.float32), params)
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_matches_numpy_reference(name):
+  cfg = dataclasses.replace(BASE, **VARIANTS[name])
+  params = randomize(model_lib.init_params(cfg, jax.random.key(0)), 1)
+  rng = np.random.default_rng(2)
+  t = 10
+  tokens = rng.integers(0, cfg.vocab_size, size=(1, t))
+  seg = np.array([[1] * 6 + [2] * 4])  # Two packed sequences.
+  pos = np.array([list(range(6)) + list(range(4))])
+  hidden = apply(params, cfg, jnp.asarray(tokens), jnp.asarray(pos), jnp.asarray(seg))
+  expected = np_forward(params, cfg, tokens[0], pos[0], seg[0])
+  np.testing.assert_allclose(np.asarray(hidden[0]), expected, rtol=2e-4, atol=2e-4)
+  out = model_lib.output_weight(params, cfg)
+  assert out.shape == (cfg.vocab_size, cfg.hidden_size)
+  assert (out is params["embedding"]) == cfg.share_embeddings_and_output_weights
+
+
+def test_packed_row_equals_separate_rows():
+  cfg = dataclasses.replace(BASE, num_query_groups=2)
+  params = model_lib.init_params(cfg, jax.random.key(3))
+  rng = np.random.default_rng(4)
+  a, b = rng.integers(0, 37, size=7), rng.integers(0, 37, size=5)
+  packed = apply(
+      params, cfg, jnp.asarray(np.concatenate([a, b, [0, 0]]))[None],
+      jnp.asarray(list(range(7)) + list(range(5)) + [0, 0])[None],
+      jnp.asarray([1] * 7 + [2] * 5 + [0, 0])[None])
+  alone_a = apply(params, cfg, jnp.asarray(a)[None], jnp.arange(7)[None],
+                            jnp.ones((1, 7), jnp.int32))
+  alone_b = apply(params, cfg, jnp.asarray(b)[None], jnp.arange(5)[None],
+                            jnp.ones((1, 5), jnp.int32))
+  np.testing.assert_allclose(packed[0, :7], alone_a[0], atol=1e-5)
+  np.testing.assert_allclose(packed[0, 7:12], alone_b[0], atol=1e-5)
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads():
+  gqa = dataclasses.replace(BASE, num_query_groups=2)
+  mha = dataclasses.replace(BASE, num_query_groups=None)
+  p = model_lib.init_params(gqa, jax.random.key(5))
+  q = jax.tree.map(lambda x: x, p)
+  for name in ("key", "value"):  # [L, D, G, K] -> [L, D, N, K], each group serving 2 heads.
+    q["layers"]["attention"][name] = jnp.repeat(p["layers"]["attention"][name], 2, axis=2)
+  tokens = jnp.arange(9)[None] % 37
+  pos, seg = jnp.arange(9)[None], jnp.ones((1, 9), jnp.int32)
+  np.testing.assert_allclose(apply(p, gqa, tokens, pos, seg),
+                             apply(q, mha, tokens, pos, seg), atol=1e-5)
+
+
+def test_bfloat16_compute_stays_close():
+  cfg = dataclasses.replace(BASE, num_query_groups=2)
+  p = model_lib.init_params(cfg, jax.random.key(6))
+  tokens = jnp.arange(9)[None] % 37
+  pos, seg = jnp.arange(9)[None], jnp.ones((1, 9), jnp.int32)
+  h32 = apply(p, cfg, tokens, pos, seg)
+  h16 = apply(p, dataclasses.replace(cfg, dtype="bfloat16"), tokens, pos, seg)
+  assert h16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(h16, np.float32), h32, atol=0.1)
+
+
+@pytest.mark.parametrize("bad,key", [
+    (dict(activation="relu6"), "model.activation"),
+    (dict(num_query_groups=3), "model.num_query_groups"),
+    (dict(normalization="batchnorm"), "model.normalization"),
+])
+def test_config_errors_name_the_key(bad, key):
+  with pytest.raises(ValueError, match=key):
+    dataclasses.replace(BASE, **bad)

@@ -1,0 +1,122 @@
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpojax import model as model_lib
+from dpojax.data import pipeline
+from dpojax.train import loop
+from dpojax.train import step as step_lib
+
+from conftest import ROOT, tiny_config
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(l) for l in f]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """Six steps straight, shared by several tests (one compilation)."""
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  out = loop.run(tiny_config(), workdir)
+  return workdir, out
+
+
+def test_first_step_is_ln2_with_zero_accuracy(uninterrupted):
+  records = read_metrics(uninterrupted[0])
+  first_train = next(r for r in records if r["split"] == "train")
+  first_val = next(r for r in records if r["split"] == "val")
+  assert first_train["step"] == 1 and first_val["step"] == 0
+  for r in (first_train, first_val):
+    assert abs(r["loss"] - math.log(2)) < 1e-6
+    assert r["accuracy"] == 0.0
+    assert r["rewards_margin_mean"] == 0.0
+
+
+def test_run_leaves_metrics_events_and_checkpoints(uninterrupted):
+  workdir, _ = uninterrupted
+  records = read_metrics(workdir)
+  assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+  assert [r["step"] for r in records if r["split"] == "val"] == [0, 3, 6]
+  for key in ("loss", "accuracy", "rewards_chosen_mean", "rewards_rejected_mean",
+              "rewards_margin_mean", "logps_chosen_mean", "logps_rejected_mean"):
+    assert all(key in r for r in records)
+  assert all(r["num_pairs"] == 8 for r in records if r["split"] == "train")
+  assert os.listdir(os.path.join(workdir, "tensorboard"))[0].startswith("events.out.tfevents")
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
+
+
+def test_resume_continues_exactly(uninterrupted, tmp_path):
+  straight_dir, straight = uninterrupted
+  config = tiny_config()
+  config.train.max_steps = 3
+  loop.run(config, str(tmp_path))
+  config.train.max_steps = 6
+  resumed = loop.run(config, str(tmp_path))
+  a = [r for r in read_metrics(straight_dir)]
+  b = [r for r in read_metrics(str(tmp_path))]
+  assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
+  for ra, rb in zip(a, b):
+    for key in ra:
+      if key != "step_time":
+        assert ra[key] == pytest.approx(rb[key], abs=1e-6, rel=1e-6), (ra["step"], key)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6),
+               straight["state"].params, resumed["state"].params)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+  config = tiny_config()
+  _, train_data, _, step_cfg = loop.build(config)
+  pairs = [train_data[i] for i in range(8)]
+  params = model_lib.init_params(step_cfg.model, jax.random.key(0))
+  ref = jax.tree.map(jnp.copy, params)
+  tx, schedule = step_lib.make_optimizer(config.train)
+  results = []
+  for micro in (8, 2):
+    batch = pipeline.collate(pairs, micro_batch_size=micro, seq_len=48, opts=train_data.opts)
+    step = jax.jit(lambda s, r, b: step_lib.train_step(s, r, b, cfg=step_cfg, tx=tx,
+                                                       schedule=schedule))
+    state = step_lib.init_state(params, tx)
+    for _ in range(2):
+      state, metrics = step(state, ref, batch)
+    results.append((state, metrics))
+  (s1, m1), (s4, m4) = results
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), s1.params, s4.params)
+  for key in m1:
+    np.testing.assert_allclose(m1[key], m4[key], rtol=1e-5, atol=1e-5, err_msg=key)
+  assert float(m1["num_pairs"]) == 8
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("train.micro_batch_size", 3, "train.global_batch_size=8 is not a multiple"),
+    ("dpo.beta", 0.0, "dpo.beta=0.0 must be positive"),
+    ("model.vocab_size", 100, "model.vocab_size=100 is smaller than the tokenizer's 384"),
+])
+def test_config_errors_name_the_key(key, value, message):
+  config = tiny_config()
+  section, name = key.split(".")
+  config[section][name] = value
+  with pytest.raises(ValueError, match=message):
+    loop.build(config)
+
+
+def test_default_cli_run_learns(tmp_path):
+  """Quickstart (a): the default config from the command line, as a user runs it."""
+  workdir = str(tmp_path / "run")
+  proc = subprocess.run(
+      [sys.executable, "-m", "dpojax.main", "--config=configs/dpo_gpt.py",
+       f"--workdir={workdir}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  val = [r for r in read_metrics(workdir) if r["split"] == "val"]
+  assert val[0]["accuracy"] == 0.0 and val[-1]["accuracy"] >= 0.8
+  assert val[-1]["rewards_chosen_mean"] > val[-1]["rewards_rejected_mean"]
+  assert val[-1]["rewards_margin_mean"] > val[1]["rewards_margin_mean"] > 0
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "200"))

@@ -33,6 +33,11 @@ class DataOptions:
   default_chosen_reward: float = 1.0
   default_rejected_reward: float = 0.0
 
+  @classmethod
+  def from_config(cls, data_cfg) -> DataOptions:
+    """From the `data` section of a run config."""
+    return cls(**{f.name: data_cfg[f.name] for f in dataclasses.fields(cls)})
+
 
 class PreferenceData:
   """One split: the validated, length-filtered records of a JSONL file."""

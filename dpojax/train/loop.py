@@ -37,14 +37,6 @@ def check_config(config):
     raise ConfigError(f"dpo.beta={config.dpo.beta} must be positive")
 
 
-def data_options(config) -> pipeline.DataOptions:
-  d = config.data
-  return pipeline.DataOptions(
-      max_seq_length=d.max_seq_length, template=d.template, add_bos=d.add_bos,
-      append_eos=d.append_eos, default_chosen_reward=d.default_chosen_reward,
-      default_rejected_reward=d.default_rejected_reward)
-
-
 def build(config):
   """Everything a run needs before the first step; fails early on bad config or data."""
   check_config(config)
@@ -53,7 +45,7 @@ def build(config):
   if model_cfg.vocab_size < tok.vocab_size:
     raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the "
                       f"tokenizer's {tok.vocab_size} ({tok.path})")
-  opts = data_options(config)
+  opts = pipeline.DataOptions.from_config(config.data)
   train_data = pipeline.PreferenceData(config.data.train_path, tok, opts)
   val_data = pipeline.PreferenceData(config.data.val_path, tok, opts)
   train_data.require(config.train.global_batch_size, "train.global_batch_size")

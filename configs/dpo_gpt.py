@@ -76,4 +76,10 @@ def get_config() -> ml_collections.ConfigDict:
   ck.interval = 100  # Steps between checkpoints (and at the end).
   ck.max_to_keep = 3  # Checkpoints kept.
   ck.async_save = True  # Write checkpoints in the background.
+  ck.keep_best = True  # Also keep the best checkpoint by validation loss under <workdir>/best.
+
+  c.mesh = mesh = ml_collections.ConfigDict()
+  mesh.data = -1  # Data-parallel replicas; -1 = the devices the other axes leave.
+  mesh.fsdp = 1  # Parameter/optimizer-state sharding (ZeRO-3 style) over this many devices.
+  mesh.tensor = 1  # Tensor parallelism: heads, MLP hidden and vocab split this many ways.
   return c

@@ -1,7 +1,9 @@
 """Training-state checkpoints with Orbax: the train state plus the data iterator's state.
 
-Orbax writes each step into a temporary folder and renames it when complete, so a crash
-mid-save leaves the previous checkpoint as the latest restorable one.
+Orbax writes each step into a temporary folder and renames it when complete, so a crash or
+kill mid-save leaves the previous checkpoint as the latest restorable one; leftover temporary
+folders are removed when the manager starts. A second manager keeps the best checkpoint by
+validation loss.
 """
 
 from __future__ import annotations
@@ -12,21 +14,40 @@ import jax
 import orbax.checkpoint as ocp
 
 
+def _manager(directory: str, item_names, **options) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(directory, item_names=item_names, options=ocp.CheckpointManagerOptions(
+      create=True, cleanup_tmp_directories=True, **options))
+
+
 class Checkpointer:
 
-  def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save)
-    self.manager = ocp.CheckpointManager(
-        self.directory, options=options, item_names=("state", "data"))
+  def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True,
+               keep_best: bool = True):
+    root = os.path.abspath(workdir)
+    self.directory = os.path.join(root, "checkpoints")
+    self.manager = _manager(self.directory, ("state", "data"), max_to_keep=max_to_keep,
+                            enable_async_checkpointing=async_save)
+    self.best = None
+    if keep_best:
+      self.best = _manager(os.path.join(root, "best"), ("state", "data"), max_to_keep=1,
+                           best_fn=lambda m: m["val_loss"], best_mode="min",
+                           enable_async_checkpointing=async_save)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_state: dict):
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
+    self.manager.save(step, args=_save_args(state, data_state), force=True)
+
+  def save_if_best(self, step: int, state, data_state: dict, val_loss: float) -> bool:
+    """Keeps `state` under <workdir>/best if its validation loss is the lowest so far."""
+    if self.best is None:
+      return False
+    previous = self.best.best_step()
+    self.best.save(step, args=_save_args(state, data_state),
+                   metrics={"val_loss": float(val_loss)}, force=True)
+    self.best.wait_until_finished()
+    return self.best.best_step() != previous
 
   def restore(self, step: int, abstract_state):
     """Restores onto the shardings and dtypes of `abstract_state` (a tree of arrays)."""
@@ -39,5 +60,12 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    for m in (self.manager, self.best):
+      if m is not None:
+        m.wait_until_finished()
+        m.close()
+
+
+def _save_args(state, data_state):
+  return ocp.args.Composite(state=ocp.args.StandardSave(state),
+                            data=ocp.args.JsonSave(data_state))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import os
+import signal
 import time
 
 import jax
@@ -12,6 +15,7 @@ from dpojax import model as model_lib
 from dpojax.checkpoint.orbax import Checkpointer
 from dpojax.data import pipeline
 from dpojax.data.tokenize import Tokenizer
+from dpojax.train import sharding
 from dpojax.train import step as step_lib
 from dpojax.train.metrics import MetricWriter
 
@@ -37,6 +41,18 @@ def check_config(config):
     raise ConfigError(f"dpo.beta={config.dpo.beta} must be positive")
 
 
+def check_workdir(workdir: str):
+  """Fails before any compilation if the workdir cannot be written."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_probe")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(f"--workdir={workdir} is not writable ({e.strerror})") from None
+
+
 def build(config):
   """Everything a run needs before the first step; fails early on bad config or data."""
   check_config(config)
@@ -55,24 +71,64 @@ def build(config):
   return tok, train_data, val_data, step_cfg
 
 
-def evaluate(eval_fn, params, ref_params, batches) -> dict:
+def compile_steps(step_cfg, tx, schedule, state, ref_params, mesh):
+  """Jits the train and eval steps once, with explicit shardings; the state is donated."""
+  state_sh = sharding.state_shardings(state, mesh)
+  ref_sh = sharding.tree_shardings(ref_params, mesh)
+  batch_sh = sharding.batch_sharding(mesh)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  train = jax.jit(
+      functools.partial(step_lib.train_step, cfg=step_cfg, tx=tx, schedule=schedule),
+      in_shardings=(state_sh, ref_sh, batch_sh), out_shardings=(state_sh, replicated),
+      donate_argnums=(0,))
+  evaluate = jax.jit(functools.partial(step_lib.eval_step, cfg=step_cfg),
+                     in_shardings=(state_sh.params, ref_sh, batch_sh), out_shardings=replicated)
+  return train, evaluate, state_sh, ref_sh
+
+
+def evaluate(eval_fn, params, ref_params, batches, mesh) -> dict:
   total = None
   for batch in batches:
-    sums = eval_fn(params, ref_params, batch)
+    sums = eval_fn(params, ref_params, sharding.global_batch(batch, mesh))
     total = sums if total is None else jax.tree.map(jnp.add, total, sums)
   return loss_lib.finalize_metrics(jax.device_get(total))
 
 
+class StopRequested:
+  """SIGTERM/SIGINT: finish the current step, checkpoint, and leave cleanly."""
+
+  def __init__(self):
+    self.signal = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal = signum
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
 def run(config, workdir: str) -> dict:
   """Trains to `train.max_steps` (resuming from `workdir` if it has a checkpoint)."""
+  check_workdir(workdir)
   _, train_data, val_data, step_cfg = build(config)
   t = config.train
+  mesh = sharding.make_mesh(config.mesh)
   params = model_lib.init_params(step_cfg.model, jax.random.key(t.seed))
-  # The reference is the initial policy, in its own buffers: the train state is donated.
-  ref_params = jax.tree.map(jnp.copy, params)
   tx, schedule = step_lib.make_optimizer(t)
   state = step_lib.init_state(params, tx)
-  train_fn, eval_fn = step_lib.jit_steps(step_cfg, tx, schedule)
+  train_fn, eval_fn, state_sh, ref_sh = compile_steps(step_cfg, tx, schedule, state, params,
+                                                      mesh)
+  # The reference is the initial policy in its own buffers (the train state is donated).
+  ref_params = jax.device_put(jax.tree.map(jnp.copy, params), ref_sh)
+  state = jax.device_put(state, state_sh)
 
   train_iter = iter(pipeline.train_dataset(
       train_data, global_batch_size=t.global_batch_size,
@@ -82,7 +138,8 @@ def run(config, workdir: str) -> dict:
       max_batches=config.eval.max_batches)
 
   ckpt = Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
-                      async_save=config.checkpoint.async_save)
+                      async_save=config.checkpoint.async_save,
+                      keep_best=config.checkpoint.keep_best)
   start = ckpt.latest_step() or 0
   if start:
     state, data_state = ckpt.restore(start, state)
@@ -90,28 +147,40 @@ def run(config, workdir: str) -> dict:
     print(f"Resumed from {ckpt.directory} at step {start}", flush=True)
   writer = MetricWriter(workdir, resume_step=start)
   print(f"Training on {len(train_data)} pairs ({len(val_data)} val) for {t.max_steps} steps, "
-        f"{sum(x.size for x in jax.tree.leaves(params)):,} parameters", flush=True)
+        f"{sum(x.size for x in jax.tree.leaves(params)):,} parameters, mesh "
+        f"{dict(mesh.shape)}", flush=True)
+
+  def validate(step):
+    metrics = evaluate(eval_fn, state.params, ref_params, val_batches, mesh)
+    writer.write(step, "val", metrics)
+    ckpt.save_if_best(step, state, train_iter.get_state(), metrics["loss"])
+    return metrics
 
   last_val = None
   if start == 0 and config.eval.at_start:
-    last_val = evaluate(eval_fn, state.params, ref_params, val_batches)
-    writer.write(0, "val", last_val)
+    last_val = validate(0)
   tick, tick_step = time.perf_counter(), start
-  for step in range(start + 1, t.max_steps + 1):
-    batch = next(train_iter)
-    state, metrics = train_fn(state, ref_params, batch)
-    if step % t.log_interval == 0 or step == t.max_steps:
-      metrics = loss_lib.finalize_metrics(jax.device_get(metrics))
-      now = time.perf_counter()
-      metrics["step_time"] = (now - tick) / (step - tick_step)
-      metrics["consumed_samples"] = step * t.global_batch_size
-      tick, tick_step = now, step
-      writer.write(step, "train", metrics)
-    if step % config.eval.interval == 0 or step == t.max_steps:
-      last_val = evaluate(eval_fn, state.params, ref_params, val_batches)
-      writer.write(step, "val", last_val)
-    if step % config.checkpoint.interval == 0 or step == t.max_steps:
-      ckpt.save(step, state, train_iter.get_state())
+  step = start
+  with StopRequested() as stop:
+    while step < t.max_steps and stop.signal is None:
+      batch = sharding.global_batch(next(train_iter), mesh)
+      state, metrics = train_fn(state, ref_params, batch)
+      step += 1
+      if step % t.log_interval == 0 or step == t.max_steps:
+        metrics = loss_lib.finalize_metrics(jax.device_get(metrics))
+        now = time.perf_counter()
+        metrics["step_time"] = (now - tick) / (step - tick_step)
+        metrics["consumed_samples"] = step * t.global_batch_size
+        tick, tick_step = now, step
+        writer.write(step, "train", metrics)
+      if step % config.eval.interval == 0 or step == t.max_steps:
+        last_val = validate(step)
+      if (step % config.checkpoint.interval == 0 or step == t.max_steps
+          or stop.signal is not None):
+        ckpt.save(step, state, train_iter.get_state())
+    if stop.signal is not None:
+      print(f"Received signal {stop.signal}: saved step {step} to {ckpt.directory}; "
+            "run again with the same --workdir to resume.", flush=True)
   ckpt.close()
   writer.close()
-  return {"state": state, "val": last_val}
+  return {"state": state, "val": last_val, "step": step}

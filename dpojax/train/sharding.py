@@ -1,0 +1,118 @@
+"""Device meshes and sharding rules: one code path from one CPU to many GPU hosts.
+
+The mesh has axes (data, fsdp, tensor). Batches split their row axis over data and fsdp;
+parameters (and so optimizer state, which mirrors them) split their model dimension D over
+fsdp and heads / MLP hidden / vocab over tensor. A dimension that a mesh axis does not divide
+stays replicated, so every model runs on every mesh. XLA's SPMD partitioner inserts the
+collectives; the vocab-sharded logsumexp reduces per shard and combines partial results.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+BATCH = ("data", "fsdp")  # Rows of a batch split over both data-parallel axes.
+
+# Logical axes of each parameter, by leaf name (layer-stacked leaves have a leading None).
+_RULES = {
+    "embedding": ("vocab", "embed"),
+    "output": ("vocab", "embed"),
+    "position_embedding": (None, "embed"),
+    "query": (None, "embed", "heads", None),
+    "key": (None, "embed", "kv_heads", None),
+    "value": (None, "embed", "kv_heads", None),
+    "out": (None, "heads", None, "embed"),
+    "query_bias": (None, "heads", None),
+    "key_bias": (None, "kv_heads", None),
+    "value_bias": (None, "kv_heads", None),
+    "fc1": (None, "embed", None, "mlp"),  # Gated [L, D, 2, F]; ungated drops the 2.
+    "fc1_bias": (None, None, "mlp"),
+    "fc2": (None, "mlp", "embed"),
+}
+_LOGICAL_TO_MESH = {"vocab": "tensor", "heads": "tensor", "kv_heads": "tensor",
+                    "mlp": "tensor", "embed": "fsdp"}
+
+
+def resolve_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) sizes; one entry may be -1 for 'the rest of the devices'."""
+  sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
+  if sum(s == -1 for s in sizes) > 1:
+    raise ValueError(f"at most one of mesh.data/fsdp/tensor may be -1, got {sizes}")
+  known = math.prod(s for s in sizes if s != -1)
+  if any(s == 0 or s < -1 for s in sizes) or num_devices % known:
+    raise ValueError(f"mesh (data, fsdp, tensor) = {tuple(sizes)} does not fit "
+                     f"{num_devices} devices")
+  sizes = [num_devices // known if s == -1 else s for s in sizes]
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f"mesh.data*mesh.fsdp*mesh.tensor = {math.prod(sizes)} but there are "
+                     f"{num_devices} devices")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = resolve_shape(mesh_cfg, len(devices))
+  return Mesh(np.asarray(devices).reshape(shape), AXES)
+
+
+def param_spec(path: tuple, shape: tuple, mesh: Mesh) -> P:
+  name = str(getattr(path[-1], "key", path[-1]))
+  logical = _RULES.get(name)
+  if logical is None:  # Norm scales and biases: small, replicated.
+    return P()
+  if name == "fc1" and len(shape) == 3:
+    logical = (None, "embed", "mlp")
+  if len(logical) != len(shape):
+    logical = logical[len(logical) - len(shape):]
+  spec = []
+  for dim, axis in zip(shape, logical):
+    mesh_axis = _LOGICAL_TO_MESH.get(axis)
+    ok = mesh_axis is not None and mesh.shape[mesh_axis] > 1 and dim % mesh.shape[mesh_axis] == 0
+    spec.append(mesh_axis if ok else None)
+  return P(*spec)
+
+
+def tree_shardings(tree: Any, mesh: Mesh) -> Any:
+  """NamedShardings for a params tree, or any tree that mirrors it (optimizer moments)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: NamedSharding(mesh, param_spec(path, np.shape(x), mesh)), tree)
+
+
+def state_shardings(state: Any, mesh: Mesh) -> Any:
+  """Shards every leaf by the rule of its name: Adam moments live under the same leaf names
+  as the parameters, so they shard like them; scalars (step, counts) are replicated."""
+  return tree_shardings(state, mesh)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """[A, rows, ...] arrays: the micro-batch axis stays whole, rows split over data x fsdp."""
+  return NamedSharding(mesh, P(None, BATCH))
+
+
+def global_batch(local_batch: dict, mesh: Mesh) -> dict:
+  """Assembles this process's slice of the batch into global arrays on the mesh."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local_batch.items()}
+
+
+def maybe_initialize_distributed(dist_cfg) -> None:
+  """jax.distributed from config or the environment (SLURM, or explicit coordinator)."""
+  if jax.process_count() > 1 or getattr(jax.distributed, "is_initialized", lambda: False)():
+    return
+  addr = dist_cfg.coordinator_address or os.environ.get("DPOJAX_COORDINATOR")
+  if addr:
+    jax.distributed.initialize(
+        coordinator_address=addr,
+        num_processes=dist_cfg.num_processes or int(os.environ["DPOJAX_NUM_PROCESSES"]),
+        process_id=(dist_cfg.process_id if dist_cfg.process_id >= 0
+                    else int(os.environ["DPOJAX_PROCESS_ID"])))
+  elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    jax.distributed.initialize()  # Cluster auto-detection reads the SLURM variables.

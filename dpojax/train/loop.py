@@ -71,11 +71,11 @@ def build(config):
   return tok, train_data, val_data, step_cfg
 
 
-def compile_steps(step_cfg, tx, schedule, state, ref_params, mesh):
+def compile_steps(step_cfg, tx, schedule, state, ref_params, mesh, example_batch):
   """Jits the train and eval steps once, with explicit shardings; the state is donated."""
   state_sh = sharding.state_shardings(state, mesh)
   ref_sh = sharding.tree_shardings(ref_params, mesh)
-  batch_sh = sharding.batch_sharding(mesh)
+  batch_sh = sharding.batch_shardings(example_batch, mesh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   train = jax.jit(
       functools.partial(step_lib.train_step, cfg=step_cfg, tx=tx, schedule=schedule),
@@ -124,18 +124,17 @@ def run(config, workdir: str) -> dict:
   params = model_lib.init_params(step_cfg.model, jax.random.key(t.seed))
   tx, schedule = step_lib.make_optimizer(t)
   state = step_lib.init_state(params, tx)
-  train_fn, eval_fn, state_sh, ref_sh = compile_steps(step_cfg, tx, schedule, state, params,
-                                                      mesh)
-  # The reference is the initial policy in its own buffers (the train state is donated).
-  ref_params = jax.device_put(jax.tree.map(jnp.copy, params), ref_sh)
-  state = jax.device_put(state, state_sh)
-
   train_iter = iter(pipeline.train_dataset(
       train_data, global_batch_size=t.global_batch_size,
       micro_batch_size=t.micro_batch_size, seed=t.seed))
   val_batches = pipeline.eval_batches(
       val_data, global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
       max_batches=config.eval.max_batches)
+  train_fn, eval_fn, state_sh, ref_sh = compile_steps(step_cfg, tx, schedule, state, params,
+                                                      mesh, val_batches[0])
+  # The reference is the initial policy in its own buffers (the train state is donated).
+  ref_params = jax.device_put(jax.tree.map(jnp.copy, params), ref_sh)
+  state = jax.device_put(state, state_sh)
 
   ckpt = Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
                       async_save=config.checkpoint.async_save,

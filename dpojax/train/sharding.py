@@ -91,21 +91,29 @@ def state_shardings(state: Any, mesh: Mesh) -> Any:
   return tree_shardings(state, mesh)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """[A, rows, ...] arrays: the micro-batch axis stays whole, rows split over data x fsdp."""
-  return NamedSharding(mesh, P(None, BATCH))
+def batch_shardings(batch: dict, mesh: Mesh) -> dict:
+  """[A, rows, T] arrays split rows over data x fsdp; small per-pair [A, P] arrays are
+  replicated, so a micro-batch needs only its rows (not its pairs) to divide the devices."""
+  row = NamedSharding(mesh, P(None, BATCH))
+  replicated = NamedSharding(mesh, P())
+  return {k: row if np.ndim(v) == 3 else replicated for k, v in batch.items()}
 
 
-def global_batch(local_batch: dict, mesh: Mesh) -> dict:
-  """Assembles this process's slice of the batch into global arrays on the mesh."""
-  sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local_batch.items()}
+def global_batch(host_batch: dict, mesh: Mesh) -> dict:
+  """Places a host batch (the whole global batch, same on every process) on the mesh: each
+  process copies only the shards that its own devices hold."""
+  shardings = batch_shardings(host_batch, mesh)
+
+  def place(x, sharding):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+  return {k: place(v, shardings[k]) for k, v in host_batch.items()}
 
 
 def maybe_initialize_distributed(dist_cfg) -> None:
   """jax.distributed from config or the environment (SLURM, or explicit coordinator)."""
-  if jax.process_count() > 1 or getattr(jax.distributed, "is_initialized", lambda: False)():
+  if jax.distributed.is_initialized():
     return
   addr = dist_cfg.coordinator_address or os.environ.get("DPOJAX_COORDINATOR")
   if addr:

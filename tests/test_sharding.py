@@ -1,0 +1,102 @@
+"""Sharded training equals single-device training, on 8 emulated CPU devices.
+
+Each case runs in a subprocess: XLA_FLAGS must be set before jax is imported.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax, jax.numpy as jnp, numpy as np
+    import ml_collections
+    sys.path.insert(0, "tests")
+    from conftest import tiny_config
+    from dpojax import model as model_lib
+    from dpojax.data import pipeline
+    from dpojax.train import loop, sharding, step as step_lib
+
+    config = tiny_config()
+    config.model.num_attention_heads = 4
+    config.model.num_query_groups = 2
+    config.train.global_batch_size = 8
+    config.train.micro_batch_size = 4
+    _, train_data, _, step_cfg = loop.build(config)
+    batches = [pipeline.collate([train_data[i] for i in range(8 * s, 8 * s + 8)],
+                                micro_batch_size=4, seq_len=48, opts=train_data.opts)
+               for s in range(3)]
+    tx, schedule = step_lib.make_optimizer(config.train)
+
+    def train(shape, devices):
+      mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(zip(sharding.AXES, shape))),
+                                devices)
+      params = model_lib.init_params(step_cfg.model, jax.random.key(0))
+      state = step_lib.init_state(params, tx)
+      fn, _, state_sh, ref_sh = loop.compile_steps(step_cfg, tx, schedule, state, params, mesh,
+                                                   batches[0])
+      ref = jax.device_put(jax.tree.map(jnp.copy, params), ref_sh)
+      state = jax.device_put(state, state_sh)
+      metrics = []
+      for b in batches:
+        state, m = fn(state, ref, sharding.global_batch(b, mesh))
+        metrics.append({k: float(v) for k, v in m.items()})
+      return state, metrics
+
+    single, single_metrics = train((1, 1, 1), jax.devices()[:1])
+    out = {"devices": jax.device_count(), "cases": {}}
+    for shape in %(meshes)s:
+      state, metrics = train(tuple(shape), jax.devices())
+      diff = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+                          state.params,
+                          single.params)
+      big = {"/".join(str(getattr(k, "key", k)) for k in path): [list(leaf.shape),
+             list(leaf.addressable_shards[0].data.shape)]
+             for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
+             if leaf.size >= 4096}
+      out["cases"][str(tuple(shape))] = {
+          "max_param_diff": max(jax.tree.leaves(diff)), "metrics": metrics, "shards": big}
+    out["single_metrics"] = single_metrics
+    print("RESULT" + json.dumps(out))
+""")
+
+
+@pytest.fixture(scope="module")
+def sharded_runs():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", SCRIPT % {"meshes": MESHES}], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))
+  return json.loads(line[len("RESULT"):])
+
+
+@pytest.mark.parametrize("shape", MESHES)
+def test_sharded_training_equals_single_device(sharded_runs, shape):
+  assert sharded_runs["devices"] == 8
+  case = sharded_runs["cases"][str(tuple(shape))]
+  assert case["max_param_diff"] <= 1e-5
+  for got, want in zip(case["metrics"], sharded_runs["single_metrics"]):
+    for key in want:
+      np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5, err_msg=key)
+  assert sharded_runs["single_metrics"][-1]["loss"] < sharded_runs["single_metrics"][0]["loss"]
+
+
+def test_fsdp8_holds_an_eighth_of_params_and_optimizer_state(sharded_runs):
+  shards = sharded_runs["cases"][str((1, 8, 1))]["shards"]
+  params = [k for k in shards if k.startswith("params/")]
+  moments = [k for k in shards if "/mu/" in k or "/nu/" in k]
+  assert params and len(moments) == 2 * len(params)
+  for key in params + moments:
+    (full, local) = shards[key]
+    assert np.prod(local) * 8 == np.prod(full), (key, full, local)

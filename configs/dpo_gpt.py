@@ -37,6 +37,23 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.dpo = d = ml_collections.ConfigDict()
   d.beta = 0.1  # KL penalty: implicit reward = beta * (policy logp - reference logp).
+  d.ref_policy_kl_penalty = ml_collections.config_dict.placeholder(float)  # NeMo's name for beta.
+  d.preference_loss = "dpo"  # NeMo dpo|ipo|rpo_sq|rpo_bwd_kl|rpo_fwd_kl or a TRL name (docs/losses.md).
+  d.losses = ()  # Weighted list instead of preference_loss, e.g. ('sigmoid', 'bco_pair', 'sft').
+  d.loss_weights = ()  # One weight per dpo.losses entry; () = 1.0 each.
+  d.preference_average_log_probs = False  # Average log-ratios over response tokens (else sum).
+  d.sft_average_log_probs = ml_collections.config_dict.placeholder(bool)  # None: as above.
+  d.gt_reward_scale = 1.0  # RPO: g = scale * (chosen_reward - rejected_reward) from the data.
+  d.preference_loss_weight = 1.0  # Total = this * preference loss + sft_loss_weight * SFT loss.
+  d.sft_loss_weight = 0.0  # SFT term: minus the chosen response log-prob (NeMo).
+  d.label_smoothing = 0.0  # cDPO/robust/exo_pair/aot label noise eps.
+  d.f_divergence_type = "reverse_kl"  # reverse_kl | forward_kl | js_divergence | alpha_divergence.
+  d.f_alpha_divergence_coef = 0.5  # alpha for alpha_divergence.
+  d.use_weighting = False  # WPO: weight each pair by its policy's mean token probability.
+  d.ld_alpha = ml_collections.config_dict.placeholder(float)  # LD-DPO weight past the shared length.
+  d.discopop_tau = 0.05  # DiscoPOP temperature.
+  d.reference_free = False  # Reference log-probs = 0 (no reference forward pass).
+  d.bco_baseline = "none"  # bco_pair reward baseline: none | micro_batch_mean.
 
   c.logprob = ml_collections.ConfigDict()
   c.logprob.impl = "xla"  # Per-token log-prob implementation.
@@ -57,13 +74,23 @@ def get_config() -> ml_collections.ConfigDict:
   t.log_interval = 25  # Steps between train metric records.
 
   c.data = dt = ml_collections.ConfigDict()
-  dt.train_path = os.path.join(_ASSETS, "toy_prefs_train.jsonl")  # NeMo-format JSONL.
-  dt.val_path = os.path.join(_ASSETS, "toy_prefs_val.jsonl")  # Validation JSONL.
+  dt.train_path = os.path.join(_ASSETS, "toy_prefs_train.jsonl")  # JSONL[.gz], or a dir from `python -m dpojax.pack`.
+  dt.val_path = os.path.join(_ASSETS, "toy_prefs_val.jsonl")  # Validation JSONL[.gz] (or packed dir).
   dt.tokenizer_path = os.path.join(_ASSETS, "tokenizer.model")  # SentencePiece model.
-  dt.max_seq_length = 64  # Tokens per sequence; longer pairs are dropped (and counted).
-  dt.template = "plain"  # Prompt template.
+  dt.format = "auto"  # auto | nemo | trl | hh-rlhf (auto: from the first record's fields).
+  dt.max_seq_length = 64  # Tokens per sequence (prompt + response); see data.truncation.
+  dt.truncation = "drop"  # Over-long pairs: drop | truncate_prompt_left | truncate_response_right.
+  dt.on_error = "raise"  # Bad records: raise (file:line: field) | skip (counted, summarised).
+  dt.template = "plain"  # plain | nemo (extra_id, NeMo docs) | llama2 | chatml.
   dt.add_bos = True  # Start each sequence with BOS.
   dt.append_eos = True  # End each response with EOS.
+  dt.packing = "none"  # none | first_fit_decreasing | first_fit_shuffle (re-packed every epoch).
+  dt.pack_size = 0  # Tokens per packed row (>= 2 * max_seq_length); 0 = 2 * max_seq_length.
+  # When packed, train.global_batch_size and train.micro_batch_size count ROWS of pack_size
+  # tokens (each holds whole pairs), and the pairs per step vary (metrics report num_pairs).
+  dt.cache_dir = ""  # Where .gz files are decompressed for random access; "" = ~/.cache/dpojax.
+  dt.read_threads = 1  # Grain threads that read and collate batches.
+  dt.prefetch = 2  # Batches prepared ahead of the step.
   dt.default_chosen_reward = 1.0  # Reward when a record has no chosen_reward.
   dt.default_rejected_reward = 0.0  # Reward when a record has no rejected_reward.
 
@@ -82,4 +109,10 @@ def get_config() -> ml_collections.ConfigDict:
   mesh.data = -1  # Data-parallel replicas; -1 = the devices the other axes leave.
   mesh.fsdp = 1  # Parameter/optimizer-state sharding (ZeRO-3 style) over this many devices.
   mesh.tensor = 1  # Tensor parallelism: heads, MLP hidden and vocab split this many ways.
+
+  c.distributed = dist = ml_collections.ConfigDict()
+  dist.coordinator_address = ""  # host:port of process 0; "" = DPOJAX_COORDINATOR or SLURM.
+  dist.num_processes = 0  # 0 = from DPOJAX_NUM_PROCESSES.
+  dist.process_id = -1  # -1 = from DPOJAX_PROCESS_ID.
+  dist.cpu_collectives = "gloo"  # CPU collectives for multi-process CPU runs.
   return c

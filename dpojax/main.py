@@ -3,7 +3,7 @@
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dpojax.train import loop
+from dpojax.train import loop, sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where metrics and checkpoints go.")
@@ -14,6 +14,7 @@ def main(argv):
   del argv
   # Orbax and Grain log every step at INFO; our own progress lines are printed.
   logging.set_verbosity(logging.WARNING)
+  sharding.maybe_initialize_distributed(_CONFIG.value.distributed)
   loop.run(_CONFIG.value, _WORKDIR.value)
 
 

@@ -59,7 +59,7 @@ SCRIPT = textwrap.dedent("""
       diff = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
                           state.params,
                           single.params)
-      big = {"/".join(str(getattr(k, "key", k)) for k in path): [list(leaf.shape),
+      big = {jax.tree_util.keystr(path): [list(leaf.shape),
              list(leaf.addressable_shards[0].data.shape)]
              for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
              if leaf.size >= 4096}
@@ -94,8 +94,8 @@ def test_sharded_training_equals_single_device(sharded_runs, shape):
 
 def test_fsdp8_holds_an_eighth_of_params_and_optimizer_state(sharded_runs):
   shards = sharded_runs["cases"][str((1, 8, 1))]["shards"]
-  params = [k for k in shards if k.startswith("params/")]
-  moments = [k for k in shards if "/mu/" in k or "/nu/" in k]
+  params = [k for k in shards if k.startswith(".params")]
+  moments = [k for k in shards if ".mu[" in k or ".nu[" in k]
   assert params and len(moments) == 2 * len(params)
   for key in params + moments:
     (full, local) = shards[key]

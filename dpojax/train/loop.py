@@ -72,7 +72,9 @@ def build(config):
 
 
 def compile_steps(step_cfg, tx, schedule, state, ref_params, mesh, example_batch):
-  """Jits the train and eval steps once, with explicit shardings; the state is donated."""
+  """Jits the train and eval steps once, with explicit shardings; the state is donated.
+
+  `state` and `ref_params` may be abstract (jax.ShapeDtypeStruct trees)."""
   state_sh = sharding.state_shardings(state, mesh)
   ref_sh = sharding.tree_shardings(ref_params, mesh)
   batch_sh = sharding.batch_shardings(example_batch, mesh)
@@ -121,20 +123,25 @@ def run(config, workdir: str) -> dict:
   _, train_data, val_data, step_cfg = build(config)
   t = config.train
   mesh = sharding.make_mesh(config.mesh)
-  params = model_lib.init_params(step_cfg.model, jax.random.key(t.seed))
   tx, schedule = step_lib.make_optimizer(t)
-  state = step_lib.init_state(params, tx)
+  key = jax.random.key(t.seed)
+  abstract_params = jax.eval_shape(functools.partial(model_lib.init_params, step_cfg.model), key)
+  abstract_state = jax.eval_shape(lambda p: step_lib.init_state(p, tx), abstract_params)
   train_iter = iter(pipeline.train_dataset(
       train_data, global_batch_size=t.global_batch_size,
       micro_batch_size=t.micro_batch_size, seed=t.seed))
   val_batches = pipeline.eval_batches(
       val_data, global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
       max_batches=config.eval.max_batches)
-  train_fn, eval_fn, state_sh, ref_sh = compile_steps(step_cfg, tx, schedule, state, params,
-                                                      mesh, val_batches[0])
-  # The reference is the initial policy in its own buffers (the train state is donated).
-  ref_params = jax.device_put(jax.tree.map(jnp.copy, params), ref_sh)
-  state = jax.device_put(state, state_sh)
+  train_fn, eval_fn, state_sh, ref_sh = compile_steps(
+      step_cfg, tx, schedule, abstract_state, abstract_params, mesh, val_batches[0])
+  # Everything is created on the mesh, never gathered on one device. The reference is the
+  # initial policy in its own buffers (the train state is donated).
+  params = jax.jit(model_lib.init_params, static_argnums=0, out_shardings=ref_sh)(
+      step_cfg.model, key)
+  ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=ref_sh)(params)
+  state = jax.jit(lambda p: step_lib.init_state(p, tx), out_shardings=state_sh)(params)
+  del params
 
   ckpt = Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
                       async_save=config.checkpoint.async_save,
@@ -143,11 +150,14 @@ def run(config, workdir: str) -> dict:
   if start:
     state, data_state = ckpt.restore(start, state)
     train_iter.set_state(data_state)
-    print(f"Resumed from {ckpt.directory} at step {start}", flush=True)
-  writer = MetricWriter(workdir, resume_step=start)
-  print(f"Training on {len(train_data)} pairs ({len(val_data)} val) for {t.max_steps} steps, "
-        f"{sum(x.size for x in jax.tree.leaves(params)):,} parameters, mesh "
-        f"{dict(mesh.shape)}", flush=True)
+    if jax.process_index() == 0:
+      print(f"Resumed from {ckpt.directory} at step {start}", flush=True)
+  lead = jax.process_index() == 0
+  writer = MetricWriter(workdir, resume_step=start, enabled=lead)
+  say = functools.partial(print, flush=True) if lead else lambda *a, **k: None
+  say(f"Training on {len(train_data)} pairs ({len(val_data)} val) for {t.max_steps} steps, "
+        f"{sum(x.size for x in jax.tree.leaves(abstract_params)):,} parameters, mesh "
+        f"{dict(mesh.shape)}, {jax.process_count()} process(es)")
 
   def validate(step):
     metrics = evaluate(eval_fn, state.params, ref_params, val_batches, mesh)
@@ -178,8 +188,8 @@ def run(config, workdir: str) -> dict:
           or stop.signal is not None):
         ckpt.save(step, state, train_iter.get_state())
     if stop.signal is not None:
-      print(f"Received signal {stop.signal}: saved step {step} to {ckpt.directory}; "
-            "run again with the same --workdir to resume.", flush=True)
+      say(f"Received signal {stop.signal}: saved step {step} to {ckpt.directory}; "
+          "run again with the same --workdir to resume.")
   ckpt.close()
   writer.close()
   return {"state": state, "val": last_val, "step": step}

@@ -23,8 +23,12 @@ def truncate_after(path: str, step: int):
 
 
 class MetricWriter:
+  """Writes from process 0 only; other processes get a writer that drops everything."""
 
-  def __init__(self, workdir: str, resume_step: int = 0):
+  def __init__(self, workdir: str, resume_step: int = 0, enabled: bool = True):
+    self.enabled = enabled
+    if not enabled:
+      return
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, METRICS_FILE)
     truncate_after(self.path, resume_step)
@@ -32,6 +36,8 @@ class MetricWriter:
     self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, split: str, metrics: dict):
+    if not self.enabled:
+      return
     record = {"step": int(step), "split": split, **{k: float(v) for k, v in metrics.items()}}
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
@@ -42,5 +48,7 @@ class MetricWriter:
     print(f"[{split}] step {step}: {shown}", flush=True)
 
   def close(self):
+    if not self.enabled:
+      return
     self._jsonl.close()
     self._tb.close()

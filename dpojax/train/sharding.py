@@ -82,7 +82,7 @@ def param_spec(path: tuple, shape: tuple, mesh: Mesh) -> P:
 def tree_shardings(tree: Any, mesh: Mesh) -> Any:
   """NamedShardings for a params tree, or any tree that mirrors it (optimizer moments)."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: NamedSharding(mesh, param_spec(path, np.shape(x), mesh)), tree)
+      lambda path, x: NamedSharding(mesh, param_spec(path, tuple(x.shape), mesh)), tree)
 
 
 def state_shardings(state: Any, mesh: Mesh) -> Any:
@@ -112,15 +112,19 @@ def global_batch(host_batch: dict, mesh: Mesh) -> dict:
 
 
 def maybe_initialize_distributed(dist_cfg) -> None:
-  """jax.distributed from config or the environment (SLURM, or explicit coordinator)."""
+  """jax.distributed from config, DPOJAX_* variables, or SLURM; call before any jax work."""
   if jax.distributed.is_initialized():
     return
   addr = dist_cfg.coordinator_address or os.environ.get("DPOJAX_COORDINATOR")
+  slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
+  if not addr and not slurm:
+    return
+  if dist_cfg.cpu_collectives:  # CPU-only multi-process runs (tests, CPU clusters).
+    jax.config.update("jax_cpu_collectives_implementation", dist_cfg.cpu_collectives)
   if addr:
-    jax.distributed.initialize(
-        coordinator_address=addr,
-        num_processes=dist_cfg.num_processes or int(os.environ["DPOJAX_NUM_PROCESSES"]),
-        process_id=(dist_cfg.process_id if dist_cfg.process_id >= 0
-                    else int(os.environ["DPOJAX_PROCESS_ID"])))
-  elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    num = dist_cfg.num_processes or int(os.environ["DPOJAX_NUM_PROCESSES"])
+    pid = dist_cfg.process_id
+    pid = pid if pid >= 0 else int(os.environ["DPOJAX_PROCESS_ID"])
+    jax.distributed.initialize(coordinator_address=addr, num_processes=num, process_id=pid)
+  else:
     jax.distributed.initialize()  # Cluster auto-detection reads the SLURM variables.

@@ -1,0 +1,75 @@
+"""Two real processes on localhost (jax.distributed, gloo CPU collectives) train together and
+match the single-process run."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import portpicker
+import pytest
+
+from conftest import ROOT
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, "tests")
+    import jax, numpy as np
+    from jax.experimental import multihost_utils
+    from conftest import tiny_config
+    from dpojax.train import loop, sharding
+
+    workdir, addr, nproc, pid = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    config = tiny_config()
+    config.train.max_steps = 4
+    config.eval.interval = 2
+    config.checkpoint.interval = 2
+    if nproc > 1:
+      config.distributed.coordinator_address = addr
+      config.distributed.num_processes = nproc
+      config.distributed.process_id = pid
+    sharding.maybe_initialize_distributed(config.distributed)
+    out = loop.run(config, workdir)
+    params = multihost_utils.process_allgather(out["state"].params, tiled=True)
+    if jax.process_index() == 0:
+      np.savez(workdir + "/params.npz", *[np.asarray(x) for x in jax.tree.leaves(params)])
+      print("DEVICES", jax.device_count(), jax.process_count())
+""")
+
+
+def launch(workdir, nproc):
+  addr = f"localhost:{portpicker.pick_unused_port()}"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, workdir, addr, str(nproc), str(i)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for i in range(nproc)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-4000:]
+  return outs[0][0]
+
+
+def read(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(l) for l in f]
+  params = np.load(os.path.join(workdir, "params.npz"))
+  return records, [params[k] for k in sorted(params.files, key=lambda k: int(k.split("_")[1]))]
+
+
+def test_two_processes_match_one(tmp_path):
+  one, two = str(tmp_path / "one"), str(tmp_path / "two")
+  assert "DEVICES 1 1" in launch(one, 1)
+  assert "DEVICES 2 2" in launch(two, 2)
+  rec1, params1 = read(one)
+  rec2, params2 = read(two)
+  assert [(r["step"], r["split"]) for r in rec1] == [(r["step"], r["split"]) for r in rec2]
+  for a, b in zip(rec1, rec2):
+    for key, value in a.items():
+      if key not in ("step_time", "split"):
+        assert b[key] == pytest.approx(value, rel=1e-5, abs=1e-5), (a["step"], key)
+  for a, b in zip(params1, params2):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  assert sorted(os.listdir(os.path.join(two, "checkpoints"))) == ["2", "4"]

@@ -1,55 +1,435 @@
-"""The preference loss and its metrics. Pure functions of per-sequence log-prob sums.
+"""The preference losses and their metrics: pure functions of per-sequence log-prob sums.
 
-Metrics come back as sums (with `num_pairs`), so micro-batches and devices add up exactly;
-`finalize_metrics` turns them into means once, at logging time.
+One `LossConfig` (built from the `dpo` config section by `LossConfig.from_config`, which
+validates every key) selects NeMo-Aligner's losses (`dpo`, `ipo`, `rpo_sq`, `rpo_bwd_kl`,
+`rpo_fwd_kl`, plus the SFT term) or TRL's family (`sigmoid`, `hinge`, `ipo_normalized`, ...)
+or a weighted list of several. docs/losses.md has every formula and the system it matches.
+
+Metrics come back as sums (with `num_pairs` and friends), so micro-batches, devices and
+validation batches add up exactly; `finalize_metrics` turns them into means once, at logging.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from typing import Any
+
+import flax.struct
 import jax
 import jax.numpy as jnp
 
-# Metrics that are per-pair sums and become means over pairs at logging time.
+NEMO_LOSSES = ("dpo", "ipo", "rpo_sq", "rpo_bwd_kl", "rpo_fwd_kl")
+TRL_LOSSES = ("sigmoid", "hinge", "ipo_normalized", "robust", "exo_pair", "nca_pair", "bco_pair",
+              "sppo_hard", "apo_zero", "apo_down", "aot", "aot_unpaired", "discopop",
+              "sigmoid_norm", "sft")
+LOSSES = NEMO_LOSSES + TRL_LOSSES
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# As in TRL 1.16: the f-DPO score only makes sense where the loss sees the chosen-rejected
+# difference (other losses would keep the beta * log Z(x) term).
+F_DIVERGENCE_LOSSES = ("dpo", "sigmoid", "sigmoid_norm", "hinge", "ipo", "ipo_normalized",
+                       "exo_pair", "robust", "discopop", "sft")
+LABEL_SMOOTHING_LOSSES = ("dpo", "sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")
+# Losses that normalise by token counts themselves: averaging log-probs first would do it twice.
+NORMALIZED_LOSSES = ("ipo_normalized", "sigmoid_norm")
+SORTING_LOSSES = ("aot", "aot_unpaired")
+BCO_BASELINES = ("none", "micro_batch_mean")
+EXP_CLAMP = 80.0  # TRL's clamp of f-divergence exponents in fp32/bf16.
+
+# Metrics that are sums over pairs and become means over `num_pairs` at logging time.
 PAIR_MEAN_METRICS = (
-    "loss", "accuracy", "rewards_chosen_mean", "rewards_rejected_mean",
-    "rewards_margin_mean", "logps_chosen_mean", "logps_rejected_mean")
+    "loss", "preference_loss", "sft_loss", "accuracy", "rewards_chosen_mean",
+    "rewards_rejected_mean", "rewards_margin_mean", "logps_chosen_mean", "logps_rejected_mean")
 
 
-def dpo_loss(policy_logps_Px2, reference_logps_Px2, pair_mask_P, *, beta: float,
-             normalizer):
-  """Sigmoid DPO: -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))).
+class ConfigError(ValueError):
+  """An invalid `dpo` config section; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Static loss settings (hashable: part of the jitted step's static config).
+
+  `losses`/`weights` is the weighted list (one entry for a single loss); see docs/losses.md.
+  """
+
+  losses: tuple[str, ...] = ("dpo",)
+  weights: tuple[float, ...] = (1.0,)
+  beta: float = 0.1
+  preference_average_log_probs: bool = False
+  sft_average_log_probs: bool = False
+  gt_reward_scale: float = 1.0
+  preference_loss_weight: float = 1.0
+  sft_loss_weight: float = 0.0
+  label_smoothing: float = 0.0
+  f_divergence_type: str = "reverse_kl"
+  f_alpha_divergence_coef: float = 0.5
+  use_weighting: bool = False
+  ld_alpha: float | None = None
+  discopop_tau: float = 0.05
+  reference_free: bool = False
+  bco_baseline: str = "none"
+
+  def __post_init__(self):
+    self.validate()
+
+  @property
+  def uses_token_sft(self) -> bool:
+    """TRL's `sft` entry: a token mean over the global batch, so it needs a token count."""
+    return "sft" in self.losses
+
+  def validate(self):
+    """Raises ConfigError naming the `dpo.*` key for every invalid value or combination."""
+    if not self.losses:
+      raise ConfigError("dpo.losses is empty: name at least one loss")
+    for i, name in enumerate(self.losses):
+      if name not in LOSSES:
+        key = "dpo.preference_loss" if len(self.losses) == 1 else f"dpo.losses[{i}]"
+        raise ConfigError(f"{key}={name!r} is not one of {LOSSES}")
+    if len(self.weights) != len(self.losses):
+      raise ConfigError(f"dpo.loss_weights has {len(self.weights)} entries but dpo.losses has "
+                        f"{len(self.losses)}")
+    for i, w in enumerate(self.weights):
+      if not (math.isfinite(w) and w >= 0):
+        raise ConfigError(f"dpo.loss_weights[{i}]={w} must be finite and >= 0")
+    if not any(self.weights):
+      raise ConfigError("dpo.loss_weights are all zero")
+    if not (math.isfinite(self.beta) and self.beta > 0):
+      raise ConfigError(f"dpo.beta={self.beta} must be positive"
+                        + (" (ipo uses 1/(2 beta))" if "ipo" in self.losses else ""))
+    for key in ("preference_loss_weight", "sft_loss_weight"):
+      v = getattr(self, key)
+      if not (math.isfinite(v) and v >= 0):
+        raise ConfigError(f"dpo.{key}={v} must be finite and >= 0")
+    if self.preference_loss_weight == 0 and self.sft_loss_weight == 0:
+      raise ConfigError("dpo.preference_loss_weight and dpo.sft_loss_weight are both 0")
+    if not math.isfinite(self.gt_reward_scale):
+      raise ConfigError(f"dpo.gt_reward_scale={self.gt_reward_scale} must be finite")
+    eps = self.label_smoothing
+    if not 0 <= eps < 1:
+      raise ConfigError(f"dpo.label_smoothing={eps} must be in [0, 1)")
+    if eps > 0 and not set(self.losses) & set(LABEL_SMOOTHING_LOSSES):
+      raise ConfigError(f"dpo.label_smoothing={eps} has no effect on {self.losses}; it is used "
+                        f"by {LABEL_SMOOTHING_LOSSES}")
+    if "exo_pair" in self.losses and eps == 0:
+      raise ConfigError("dpo.label_smoothing must be > 0 for exo_pair (it uses log eps)")
+    if "robust" in self.losses and eps >= 0.5:
+      raise ConfigError(f"dpo.label_smoothing={eps} must be < 0.5 for robust "
+                        "(it divides by 1 - 2 eps)")
+    if self.f_divergence_type not in F_DIVERGENCES:
+      raise ConfigError(f"dpo.f_divergence_type={self.f_divergence_type!r} is not one of "
+                        f"{F_DIVERGENCES}")
+    if self.f_divergence_type != "reverse_kl":
+      bad = sorted(set(self.losses) - set(F_DIVERGENCE_LOSSES))
+      if bad:
+        raise ConfigError(f"dpo.f_divergence_type={self.f_divergence_type!r} only works with "
+                          f"{F_DIVERGENCE_LOSSES}, not {bad}")
+    if not math.isfinite(self.f_alpha_divergence_coef):
+      raise ConfigError(f"dpo.f_alpha_divergence_coef={self.f_alpha_divergence_coef} "
+                        "must be finite")
+    if self.use_weighting and set(self.losses) & set(SORTING_LOSSES):
+      raise ConfigError("dpo.use_weighting cannot be combined with aot/aot_unpaired: they sort "
+                        "pairs, so per-pair weights would not line up")
+    if self.use_weighting and self.uses_token_sft:
+      raise ConfigError("dpo.use_weighting cannot be combined with 'sft' in dpo.losses (a "
+                        "batch-mean NLL times per-pair weights is not a sum over pairs); use "
+                        "dpo.sft_loss_weight for the SFT term instead")
+    if self.ld_alpha is not None:
+      if not 0 <= self.ld_alpha <= 1:
+        raise ConfigError(f"dpo.ld_alpha={self.ld_alpha} must be in [0, 1]")
+      if self.preference_average_log_probs:
+        raise ConfigError("dpo.ld_alpha (LD-DPO down-weights summed log-probs) cannot be "
+                          "combined with dpo.preference_average_log_probs=True")
+    if self.preference_average_log_probs:
+      bad = sorted(set(self.losses) & set(NORMALIZED_LOSSES))
+      if bad:
+        raise ConfigError(f"dpo.preference_average_log_probs=True with {bad}, which already "
+                          "divide by token counts; use ipo / dpo instead")
+    if not (math.isfinite(self.discopop_tau) and self.discopop_tau > 0):
+      raise ConfigError(f"dpo.discopop_tau={self.discopop_tau} must be positive")
+    if self.bco_baseline not in BCO_BASELINES:
+      raise ConfigError(f"dpo.bco_baseline={self.bco_baseline!r} is not one of {BCO_BASELINES}")
+
+  @classmethod
+  def from_config(cls, dpo_cfg) -> LossConfig:
+    """From the `dpo` section of a run config (a ConfigDict or a mapping)."""
+    d = dict(dpo_cfg)
+    known = {f.name for f in dataclasses.fields(cls)} - {"losses", "weights"}
+    known |= {"preference_loss", "losses", "loss_weights", "ref_policy_kl_penalty"}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ConfigError(f"unknown config keys: {['dpo.' + k for k in unknown]}")
+
+    def get(key, types, default):
+      v = d.get(key, default)
+      if v is None and default is None:
+        return None
+      if isinstance(v, bool) and bool not in types or not isinstance(v, types):
+        raise ConfigError(f"dpo.{key}={v!r} must be of type {'/'.join(t.__name__ for t in types)}")
+      return v
+
+    num = (int, float)
+    preference_loss = get("preference_loss", (str,), "dpo")
+    losses = get("losses", (tuple, list), ())
+    if losses:
+      if preference_loss != "dpo":
+        raise ConfigError(f"set dpo.preference_loss={preference_loss!r} or "
+                          f"dpo.losses={tuple(losses)}, not both")
+      for i, name in enumerate(losses):
+        if not isinstance(name, str):
+          raise ConfigError(f"dpo.losses[{i}]={name!r} must be a loss name")
+      losses = tuple(losses)
+    else:
+      losses = (preference_loss,)
+    weights = get("loss_weights", (tuple, list), ())
+    for i, w in enumerate(weights):
+      if isinstance(w, bool) or not isinstance(w, num):
+        raise ConfigError(f"dpo.loss_weights[{i}]={w!r} must be a number")
+    weights = tuple(float(w) for w in weights) if weights else (1.0,) * len(losses)
+
+    beta = float(get("beta", num, 0.1))
+    alias = get("ref_policy_kl_penalty", num, None)
+    if alias is not None:
+      if not (math.isfinite(alias) and alias > 0):
+        raise ConfigError(f"dpo.ref_policy_kl_penalty={alias} must be positive")
+      if beta not in (cls.beta, float(alias)):
+        raise ConfigError(f"set dpo.beta={beta} or its NeMo name dpo.ref_policy_kl_penalty="
+                          f"{alias}, not both")
+      beta = float(alias)
+    average = get("preference_average_log_probs", (bool,), False)
+    sft_average = get("sft_average_log_probs", (bool,), None)
+    ld_alpha = get("ld_alpha", num, None)
+    return cls(
+        losses=losses, weights=weights, beta=beta,
+        preference_average_log_probs=average,
+        sft_average_log_probs=average if sft_average is None else sft_average,
+        gt_reward_scale=float(get("gt_reward_scale", num, 1.0)),
+        preference_loss_weight=float(get("preference_loss_weight", num, 1.0)),
+        sft_loss_weight=float(get("sft_loss_weight", num, 0.0)),
+        label_smoothing=float(get("label_smoothing", num, 0.0)),
+        f_divergence_type=get("f_divergence_type", (str,), "reverse_kl"),
+        f_alpha_divergence_coef=float(get("f_alpha_divergence_coef", num, 0.5)),
+        use_weighting=get("use_weighting", (bool,), False),
+        ld_alpha=None if ld_alpha is None else float(ld_alpha),
+        discopop_tau=float(get("discopop_tau", num, 0.05)),
+        reference_free=get("reference_free", (bool,), False),
+        bco_baseline=get("bco_baseline", (str,), "none"))
+
+
+@flax.struct.dataclass
+class PairStats:
+  """Per-pair inputs of the loss; [P, 2] arrays hold [:, 0] chosen and [:, 1] rejected.
+
+  policy_logps / reference_logps: summed response log-probs (LD-DPO-weighted sums when
+    `ld_alpha` is set; zeros for the reference when reference-free).
+  policy_plain_logps: plain sums of the policy (the SFT terms); None = policy_logps.
+  counts: response tokens per sequence.
+  pair_mask: [P], 1 for real pairs.
+  gt_rewards: the data's chosen_reward / rejected_reward (RPO).
+  wpo_logps: mean over response tokens of (log p - log sum_v p_v^2), for WPO; no gradient.
+  """
+
+  policy_logps: Any
+  reference_logps: Any
+  counts: Any
+  pair_mask: Any
+  gt_rewards: Any = None
+  policy_plain_logps: Any = None
+  wpo_logps: Any = None
+
+
+def _scores(logratios, cfg: LossConfig):
+  """TRL's f-divergence score s(l) of a policy/reference log-ratio l (reverse_kl: l)."""
+  kind, alpha = cfg.f_divergence_type, cfg.f_alpha_divergence_coef
+  if kind == "forward_kl":  # f'(t) = 1 - 1/t; the exponent clamped like alpha_divergence.
+    return 1.0 - jnp.exp(jnp.minimum(-logratios, EXP_CLAMP))
+  if kind == "js_divergence":  # f'(t) = log(2t / (t + 1)).
+    return math.log(2.0) + jax.nn.log_sigmoid(logratios)
+  if kind == "alpha_divergence" and abs(alpha - 1.0) >= 1e-6:  # alpha = 1 is reverse_kl.
+    t = jnp.minimum((alpha - 1.0) * logratios, EXP_CLAMP)
+    return (jnp.exp(t) - 1.0) / (alpha - 1.0)
+  return logratios
+
+
+def _smoothed_sigmoid(z, eps):
+  """cDPO: -(1 - eps) log sigmoid(z) - eps log sigmoid(-z); finite for any z."""
+  loss = jax.nn.softplus(-z)
+  return loss if eps == 0 else (1 - eps) * loss + eps * jax.nn.softplus(z)
+
+
+def _masked_sort(x_P, mask_P):
+  """x sorted ascending over real pairs; padding pairs go last (their values are kept finite)."""
+  x_P = jnp.asarray(x_P)
+  return x_P[jnp.argsort(jnp.where(mask_P > 0, x_P, jnp.inf))]
+
+
+def pair_losses(stats: PairStats, cfg: LossConfig) -> dict:
+  """Per-pair loss [P] of every pairwise entry of `cfg.losses` (not 'sft', a token mean).
+
+  For aot/aot_unpaired, entry i is the loss of the i-th smallest values (real pairs first),
+  so only the masked sum is meaningful.
+  """
+  beta, eps = cfg.beta, cfg.label_smoothing
+  counts = jnp.maximum(stats.counts, 1.0)
+  pi, rho = stats.policy_logps, stats.reference_logps
+  if cfg.preference_average_log_probs:
+    pi, rho = pi / counts, rho / counts
+  lr = pi - rho  # Log-ratios: the implicit rewards before beta.
+  s = _scores(lr, cfg)
+  delta = s[:, 0] - s[:, 1]
+  z = beta * delta
+  rew = beta * lr
+  out = {}
+  for name in dict.fromkeys(cfg.losses):
+    if name in ("dpo", "sigmoid"):
+      out[name] = _smoothed_sigmoid(z, eps)
+    elif name == "ipo":  # NeMo: delta itself, not beta * delta.
+      out[name] = (delta - 1.0 / (2 * beta)) ** 2
+    elif name in ("ipo_normalized", "sigmoid_norm"):
+      norm_delta = s[:, 0] / counts[:, 0] - s[:, 1] / counts[:, 1]
+      out[name] = ((norm_delta - 1.0 / (2 * beta)) ** 2 if name == "ipo_normalized"
+                   else jax.nn.softplus(-beta * norm_delta))
+    elif name.startswith("rpo_"):
+      g = cfg.gt_reward_scale * (stats.gt_rewards[:, 0] - stats.gt_rewards[:, 1])
+      if name == "rpo_sq":
+        out[name] = (z - g) ** 2
+      else:
+        lb_c, lb_r = jax.nn.log_sigmoid(z), jax.nn.log_sigmoid(-z)
+        la_c, la_r = jax.nn.log_sigmoid(g), jax.nn.log_sigmoid(-g)
+        if name == "rpo_bwd_kl":  # KL(Bern(sigmoid(g)) || Bern(sigmoid(beta delta))).
+          out[name] = jnp.exp(la_c) * (la_c - lb_c) + jnp.exp(la_r) * (la_r - lb_r)
+        else:  # rpo_fwd_kl: KL(Bern(sigmoid(beta delta)) || Bern(sigmoid(g))).
+          out[name] = jnp.exp(lb_c) * (lb_c - la_c) + jnp.exp(lb_r) * (lb_r - la_r)
+    elif name == "hinge":
+      out[name] = jax.nn.relu(1.0 - z)
+    elif name == "exo_pair":
+      out[name] = (jax.nn.sigmoid(z) * (jax.nn.log_sigmoid(z) - math.log1p(-eps))
+                   + jax.nn.sigmoid(-z) * (jax.nn.log_sigmoid(-z) - math.log(eps)))
+    elif name == "robust":
+      out[name] = ((1 - eps) * jax.nn.softplus(-z) - eps * jax.nn.softplus(z)) / (1 - 2 * eps)
+    elif name == "nca_pair":
+      out[name] = (jax.nn.softplus(-rew[:, 0]) + 0.5 * jax.nn.softplus(rew[:, 0])
+                   + 0.5 * jax.nn.softplus(rew[:, 1]))
+    elif name == "bco_pair":
+      base = 0.0
+      if cfg.bco_baseline == "micro_batch_mean":  # Stand-in for TRL <= 0.28's running mean.
+        m = stats.pair_mask.astype(jnp.float32)
+        base = jax.lax.stop_gradient(
+            jnp.sum((rew[:, 0] + rew[:, 1]) * m) / jnp.maximum(2 * jnp.sum(m), 1.0))
+      out[name] = jax.nn.softplus(-(rew[:, 0] - base)) + jax.nn.softplus(rew[:, 1] - base)
+    elif name == "sppo_hard":
+      out[name] = (lr[:, 0] - 0.5 / beta) ** 2 + (lr[:, 1] + 0.5 / beta) ** 2
+    elif name == "apo_zero":
+      out[name] = jax.nn.sigmoid(-rew[:, 0]) + jax.nn.sigmoid(rew[:, 1])
+    elif name == "apo_down":
+      out[name] = jax.nn.sigmoid(rew[:, 0]) + jax.nn.sigmoid(-(rew[:, 0] - rew[:, 1]))
+    elif name in SORTING_LOSSES:
+      if name == "aot":
+        a, b = pi[:, 0] - pi[:, 1], rho[:, 0] - rho[:, 1]
+      else:
+        a, b = lr[:, 0], lr[:, 1]
+      sorted_delta = _masked_sort(a, stats.pair_mask) - _masked_sort(b, stats.pair_mask)
+      out[name] = _smoothed_sigmoid(beta * sorted_delta, eps)
+    elif name == "discopop":
+      # (1 - m) * -log sigmoid(z) + m * exp(-z), m = sigmoid(z / tau); m * exp(-z) is taken
+      # in log space so that 0 * inf never happens at extreme margins.
+      tau = cfg.discopop_tau
+      out[name] = (jax.nn.sigmoid(-z / tau) * jax.nn.softplus(-z)
+                   + jnp.exp(jax.nn.log_sigmoid(z / tau) - z))
+    elif name == "sft":
+      continue
+    else:  # Unreachable after validation.
+      raise ValueError(name)
+  return out
+
+
+def dpo_loss(stats: PairStats, cfg: LossConfig, *, num_pairs, num_chosen_tokens=None):
+  """The configured loss of one micro-batch, and metric sums.
 
   Args:
-    policy_logps_Px2, reference_logps_Px2: per-sequence log-prob sums, [:, 0] chosen, [:, 1]
-      rejected.
-    pair_mask_P: 1 for real pairs, 0 for padding pairs.
-    beta: the KL penalty (NeMo `ref_policy_kl_penalty`).
-    normalizer: the number of real pairs in the whole global batch, so that the sum of the
-      micro-batch losses is the global mean.
+    stats: per-pair log-prob sums and counts of this micro-batch.
+    cfg: the loss settings.
+    num_pairs: real pairs in the whole global batch, so that the sum of the micro-batch
+      losses is the global mean.
+    num_chosen_tokens: response tokens of the chosen sequences in the whole global batch
+      (only for TRL's token-mean 'sft' entry).
 
   Returns:
-    (loss, metric sums).
+    (loss, metric sums); `finalize_metrics` turns the sums into means.
   """
-  mask = pair_mask_P.astype(jnp.float32)
-  rewards_Px2 = beta * (policy_logps_Px2 - reference_logps_Px2)
-  margin_P = rewards_Px2[:, 0] - rewards_Px2[:, 1]
-  losses_P = jax.nn.softplus(-margin_P)  # = -log sigmoid(margin), finite for any margin.
-  loss = jnp.sum(losses_P * mask) / normalizer
+  mask = stats.pair_mask.astype(jnp.float32)
   msum = lambda x: jnp.sum(x * mask)
+  counts = jnp.maximum(stats.counts, 1.0)
+  plain = stats.policy_logps if stats.policy_plain_logps is None else stats.policy_plain_logps
+
+  weight_P = 1.0
+  if cfg.use_weighting:  # WPO (TRL 1.16): weight = w_c * w_r, w = exp(mean_t(log p - log sum p^2)).
+    weight_P = jax.lax.stop_gradient(jnp.exp(stats.wpo_logps[:, 0] + stats.wpo_logps[:, 1]))
+  per_pair = pair_losses(stats, cfg)
+  pref_pair = jnp.zeros_like(mask)
+  token_pref = jnp.zeros((), jnp.float32)
+  for name, w in zip(cfg.losses, cfg.weights):
+    if name == "sft":  # TRL: -mean over all chosen response tokens of the batch.
+      token_pref = token_pref + w * jnp.sum(-plain[:, 0] * mask)
+    else:
+      pref_pair = pref_pair + w * weight_P * per_pair[name]
+
+  # NeMo's SFT term: minus the chosen log-prob (summed, or averaged over its tokens).
+  sft_pair = -(plain[:, 0] / counts[:, 0] if cfg.sft_average_log_probs else plain[:, 0])
+  total_pair = cfg.preference_loss_weight * pref_pair + cfg.sft_loss_weight * sft_pair
+  loss = msum(total_pair) / num_pairs
+  if cfg.uses_token_sft:
+    loss = loss + cfg.preference_loss_weight * token_pref / num_chosen_tokens
+
+  pi, rho = stats.policy_logps, stats.reference_logps
+  if cfg.preference_average_log_probs:
+    pi, rho = pi / counts, rho / counts
+  rewards_Px2 = jax.lax.stop_gradient(cfg.beta * (pi - rho))
+  pi = jax.lax.stop_gradient(pi)
   metrics = {
-      "loss": msum(losses_P),
+      "loss": msum(jax.lax.stop_gradient(total_pair)),
+      "preference_loss": msum(jax.lax.stop_gradient(pref_pair)),
+      "sft_loss": msum(jax.lax.stop_gradient(sft_pair)),
       "accuracy": msum((rewards_Px2[:, 0] > rewards_Px2[:, 1]).astype(jnp.float32)),
       "rewards_chosen_mean": msum(rewards_Px2[:, 0]),
       "rewards_rejected_mean": msum(rewards_Px2[:, 1]),
-      "rewards_margin_mean": msum(margin_P),
-      "logps_chosen_mean": msum(policy_logps_Px2[:, 0]),
-      "logps_rejected_mean": msum(policy_logps_Px2[:, 1]),
+      "rewards_margin_mean": msum(rewards_Px2[:, 0] - rewards_Px2[:, 1]),
+      "_rewards_all_sq": msum(rewards_Px2[:, 0] ** 2 + rewards_Px2[:, 1] ** 2),
+      "logps_chosen_mean": msum(pi[:, 0]),
+      "logps_rejected_mean": msum(pi[:, 1]),
       "num_pairs": jnp.sum(mask),
   }
+  if cfg.uses_token_sft:
+    token_pref = jax.lax.stop_gradient(token_pref)
+    metrics["_token_preference_loss"] = token_pref
+    metrics["_token_loss"] = cfg.preference_loss_weight * token_pref
+    metrics["_num_chosen_tokens"] = jnp.sum(stats.counts[:, 0] * mask)
   return loss, metrics
 
 
 def finalize_metrics(sums: dict) -> dict:
-  """Sums to means over pairs; other entries pass through as Python floats."""
-  n = max(float(sums["num_pairs"]), 1.0)
-  return {k: float(v) / n if k in PAIR_MEAN_METRICS else float(v) for k, v in sums.items()}
+  """Metric sums (added over micro-batches, devices, batches) to means, in float64.
+
+  rewards_all_std is the unbiased (N - 1) std over the chosen and rejected rewards of all
+  pairs, as NeMo-Aligner's torch.std(cat(chosen, rejected)). Keys starting with '_' are
+  internal sums; the others that are not pair means pass through as Python floats.
+  """
+  sums = {k: float(v) for k, v in sums.items()}
+  n = sums.get("num_pairs", 0.0)
+  out = {}
+  for k, v in sums.items():
+    if k.startswith("_"):
+      continue
+    out[k] = v / max(n, 1.0) if k in PAIR_MEAN_METRICS else v
+  if "_num_chosen_tokens" in sums:
+    tokens = max(sums["_num_chosen_tokens"], 1.0)
+    out["loss"] += sums["_token_loss"] / tokens
+    out["preference_loss"] += sums["_token_preference_loss"] / tokens
+  if "_rewards_all_sq" in sums:
+    m = 2 * n
+    total = sums["rewards_chosen_mean"] + sums["rewards_rejected_mean"]
+    mean = total / max(m, 1.0)
+    out["rewards_all_mean"] = mean
+    var = (sums["_rewards_all_sq"] - m * mean * mean) / (m - 1) if m > 1 else 0.0
+    out["rewards_all_std"] = math.sqrt(max(var, 0.0))
+  return out

@@ -24,11 +24,21 @@ from dpojax.ops import logprob as logprob_lib
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-  """The static part of a step: model architecture and loss settings."""
+  """The static part of a step: model architecture and loss settings.
+
+  `StepConfig(model=..., beta=...)` (no `loss`) still works: it means plain sigmoid DPO.
+  """
 
   model: model_lib.ModelConfig
-  beta: float
+  loss: loss_lib.LossConfig | None = None
   logprob_impl: str = "xla"
+  beta: dataclasses.InitVar[float | None] = None
+
+  def __post_init__(self, beta):
+    if self.loss is None:
+      object.__setattr__(self, "loss", loss_lib.LossConfig(beta=0.1 if beta is None else beta))
+    elif beta is not None and beta != self.loss.beta:
+      raise ValueError(f"StepConfig: beta={beta} disagrees with loss.beta={self.loss.beta}")
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -56,36 +66,106 @@ def init_state(params, tx) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def sequence_logps(params, micro: dict, cfg: StepConfig):
-  """Per-sequence response log-prob sums and token counts, as [P, 2] (chosen, rejected)."""
+def sequence_logps(params, micro: dict, cfg: StepConfig, *, policy: bool = True) -> dict:
+  """Per-sequence statistics of one micro-batch, each [P, 2] (chosen, rejected).
+
+  logps: summed response log-probs; counts: response tokens; ld_logps (LD-DPO, when
+  `ld_alpha` is set): the sum with tokens past the pair's shared length weighted by ld_alpha;
+  wpo_logps (WPO, policy only): mean over tokens of (log p - log sum_v p_v^2), no gradient.
+  """
+  loss_cfg = cfg.loss
   hidden_BxTxD = model_lib.apply(
       params, cfg.model, micro["tokens"], micro["positions"], micro["segment_ids"])
   targets, mask, target_seq = logprob_lib.shift_targets(
       micro["tokens"], micro["segment_ids"], micro["loss_mask"], micro["sequence_ids"])
-  logp_BxT = logprob_lib.logprob(
-      hidden_BxTxD, model_lib.output_weight(params, cfg.model), targets, mask,
-      impl=cfg.logprob_impl)
+  out_weight_VxD = model_lib.output_weight(params, cfg.model)
+  logp_BxT = logprob_lib.logprob(hidden_BxTxD, out_weight_VxD, targets, mask,
+                                 impl=cfg.logprob_impl)
   num_pairs = micro["pair_mask"].shape[0]
-  sums, counts = logprob_lib.sequence_sums(logp_BxT, mask, target_seq, 2 * num_pairs)
-  return sums.reshape(num_pairs, 2), counts.reshape(num_pairs, 2)
+  num_seqs = 2 * num_pairs
+  pairs = lambda x: x.reshape(num_pairs, 2)
+  sums, counts = logprob_lib.sequence_sums(logp_BxT, mask, target_seq, num_seqs)
+  out = {"logps": pairs(sums), "counts": pairs(counts)}
+  if loss_cfg.ld_alpha is not None:
+    weight_BxT = _ld_token_weights(mask, target_seq, counts, loss_cfg.ld_alpha)
+    out["ld_logps"] = pairs(
+        logprob_lib.sequence_sums(logp_BxT * weight_BxT, mask, target_seq, num_seqs)[0])
+  if policy and loss_cfg.use_weighting:
+    aligned_BxT = jax.lax.stop_gradient(
+        logp_BxT - _log_sum_sq_probs(hidden_BxTxD, out_weight_VxD))
+    wpo_sums, _ = logprob_lib.sequence_sums(aligned_BxT, mask, target_seq, num_seqs)
+    out["wpo_logps"] = pairs(wpo_sums / jnp.maximum(counts, 1.0))
+  return out
 
 
-def micro_loss(params, ref_params, micro: dict, cfg: StepConfig, normalizer):
-  policy_Px2, counts_Px2 = sequence_logps(params, micro, cfg)
-  reference_Px2, _ = sequence_logps(jax.lax.stop_gradient(ref_params), micro, cfg)
-  loss, metrics = loss_lib.dpo_loss(policy_Px2, reference_Px2, micro["pair_mask"],
-                                    beta=cfg.beta, normalizer=normalizer)
-  metrics["tokens"] = jnp.sum(counts_Px2 * micro["pair_mask"][:, None])
+def _ld_token_weights(mask_BxT, target_seq_BxT, counts_S, alpha: float):
+  """LD-DPO: 1 on a sequence's first min(n_chosen, n_rejected) response tokens, alpha after.
+
+  A token's rank within its sequence is the row's running count of response tokens minus
+  the count before the sequence's first one (a sequence is one contiguous segment of a row),
+  so this works for padded and packed rows alike.
+  """
+  num_seqs = counts_S.shape[0]
+  running_BxT = jnp.cumsum(mask_BxT.astype(jnp.int32), axis=1)
+  seq_BxT = jnp.where(mask_BxT, target_seq_BxT, num_seqs)
+  first_S = jax.ops.segment_min(
+      jnp.where(mask_BxT, running_BxT, jnp.iinfo(jnp.int32).max).reshape(-1),
+      seq_BxT.reshape(-1), num_segments=num_seqs + 1)
+  rank_BxT = running_BxT - first_S[seq_BxT] + 1
+  shared_S = jnp.repeat(jnp.min(counts_S.reshape(-1, 2), axis=1), 2)
+  shared_BxT = jnp.append(shared_S, 0.0)[seq_BxT]
+  return jnp.where(rank_BxT <= shared_BxT, 1.0, alpha)
+
+
+def _log_sum_sq_probs(hidden_BxTxD, out_weight_VxD):
+  """log sum_v softmax(logits)_v^2 per position (WPO), without gradient.
+
+  Materialises the logits like the XLA logprob path; a fused log-prob kernel should return
+  this alongside the log-probs.
+  """
+  logits_BxTxV = jnp.einsum(
+      "btd,vd->btv", jax.lax.stop_gradient(hidden_BxTxD),
+      jax.lax.stop_gradient(out_weight_VxD).astype(hidden_BxTxD.dtype),
+      preferred_element_type=jnp.float32)
+  lse_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
+  return jax.nn.logsumexp(2.0 * logits_BxTxV, axis=-1) - 2.0 * lse_BxT
+
+
+def micro_loss(params, ref_params, micro: dict, cfg: StepConfig, normalizers: dict):
+  loss_cfg = cfg.loss
+  policy = sequence_logps(params, micro, cfg)
+  key = "ld_logps" if loss_cfg.ld_alpha is not None else "logps"
+  if loss_cfg.reference_free:  # No reference forward at all.
+    reference_Px2 = jnp.zeros_like(policy["logps"])
+  else:
+    reference_Px2 = sequence_logps(
+        jax.lax.stop_gradient(ref_params), micro, cfg, policy=False)[key]
+  stats = loss_lib.PairStats(
+      policy_logps=policy[key], reference_logps=reference_Px2, counts=policy["counts"],
+      pair_mask=micro["pair_mask"],
+      gt_rewards=jnp.stack([micro["chosen_reward"], micro["rejected_reward"]], axis=1),
+      policy_plain_logps=policy["logps"], wpo_logps=policy.get("wpo_logps"))
+  loss, metrics = loss_lib.dpo_loss(stats, loss_cfg, num_pairs=normalizers["pairs"],
+                                    num_chosen_tokens=normalizers.get("chosen_tokens"))
+  metrics["tokens"] = jnp.sum(policy["counts"] * micro["pair_mask"][:, None])
   return loss, metrics
 
 
-def _global_normalizer(batch):
-  return jnp.maximum(jnp.sum(batch["pair_mask"]), 1.0)
+def _global_normalizer(batch, cfg: StepConfig) -> dict:
+  """Counts over the whole global batch that turn micro-batch sums into global means."""
+  out = {"pairs": jnp.maximum(jnp.sum(batch["pair_mask"]), 1.0)}
+  if cfg.loss.uses_token_sft:  # Chosen response tokens (even sequence ids), all micro-batches.
+    flat = lambda k: batch[k].reshape(-1, batch[k].shape[-1])
+    _, mask, seq = logprob_lib.shift_targets(
+        flat("tokens"), flat("segment_ids"), flat("loss_mask"), flat("sequence_ids"))
+    chosen = jnp.sum(mask & (seq >= 0) & (seq % 2 == 0))
+    out["chosen_tokens"] = jnp.maximum(chosen.astype(jnp.float32), 1.0)
+  return out
 
 
 def train_step(state: TrainState, ref_params, batch: dict, *, cfg: StepConfig,
                tx: optax.GradientTransformation, schedule: optax.Schedule):
-  normalizer = _global_normalizer(batch)
+  normalizer = _global_normalizer(batch, cfg)
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
   def body(carry, micro):
@@ -111,7 +191,7 @@ def train_step(state: TrainState, ref_params, batch: dict, *, cfg: StepConfig,
 
 
 def eval_step(params, ref_params, batch: dict, *, cfg: StepConfig):
-  normalizer = _global_normalizer(batch)
+  normalizer = _global_normalizer(batch, cfg)
 
   def body(acc, micro):
     _, metrics = micro_loss(params, ref_params, micro, cfg, normalizer)

@@ -35,6 +35,13 @@ def get_config() -> ml_collections.ConfigDict:
   m.dtype = "float32"  # Compute dtype (bfloat16 on GPU).
   m.remat = "none"  # Activation checkpointing: none | full | dots.
 
+  c.init = ml_collections.ConfigDict()
+  c.init["from"] = ""  # .nemo file, Hugging Face folder or dpojax workdir; "" = random init.
+  c.init.checkpoint_tokenizer = True  # Use the tokenizer stored with init.from, if any.
+
+  c.export = ml_collections.ConfigDict()
+  c.export.to = ""  # After training: write the policy as a .nemo (path ends .nemo) or HF folder.
+
   c.dpo = d = ml_collections.ConfigDict()
   d.beta = 0.1  # KL penalty: implicit reward = beta * (policy logp - reference logp).
   d.ref_policy_kl_penalty = ml_collections.config_dict.placeholder(float)  # NeMo's name for beta.

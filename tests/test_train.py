@@ -120,3 +120,19 @@ def test_default_cli_run_learns(tmp_path):
   assert val[-1]["rewards_chosen_mean"] > val[-1]["rewards_rejected_mean"]
   assert val[-1]["rewards_margin_mean"] > val[1]["rewards_margin_mean"] > 0
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "200"))
+
+
+def test_rpo_reads_rewards_from_jsonl(tmp_path):
+  """rpo_sq at policy = reference is g^2 = (gt_reward_scale * (R_c - R_r))^2 = 9."""
+  rows = [{"prompt": f"Count from {i} to {i + 3}.", "chosen_response": " ".join(
+      str(i + k) for k in range(4)), "rejected_response": "No.", "chosen_reward": 3.0,
+           "rejected_reward": 0.0} for i in range(16)]
+  path = tmp_path / "pairs.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  config = tiny_config()
+  config.data.train_path = config.data.val_path = str(path)
+  config.dpo.preference_loss = "rpo_sq"
+  config.train.max_steps = 1
+  loop.run(config, str(tmp_path / "run"))
+  val0 = read_metrics(str(tmp_path / "run"))[0]
+  assert val0["step"] == 0 and val0["loss"] == pytest.approx(9.0, abs=1e-5)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -69,3 +70,29 @@ class Checkpointer:
 def _save_args(state, data_state):
   return ocp.args.Composite(state=ocp.args.StandardSave(state),
                             data=ocp.args.JsonSave(data_state))
+
+
+def load_params(path: str, init_fn):
+  """Policy parameters from a dpojax workdir (latest step), its checkpoints/ folder, or one
+  step folder; `init_fn(rng)` gives their structure."""
+  path = os.path.abspath(path)
+  for candidate in (os.path.join(path, "checkpoints"), path, os.path.dirname(path)):
+    if os.path.isdir(candidate):
+      manager = ocp.CheckpointManager(candidate, item_names=("state", "data"))
+      step = manager.latest_step()
+      if candidate == os.path.dirname(path) and os.path.basename(path).isdigit():
+        step = int(os.path.basename(path))
+      if step is not None:
+        break
+  else:
+    raise FileNotFoundError(f"init.from={path}: no dpojax checkpoint found")
+  if step is None:
+    raise FileNotFoundError(f"init.from={path}: no dpojax checkpoint found")
+  abstract_params = jax.eval_shape(init_fn, jax.random.key(0))
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(
+          item={"params": abstract_params},
+          restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(restore_type=np.ndarray),
+                                    {"params": abstract_params}),
+          partial_restore=True)))
+  return restored.state["params"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import signal
@@ -9,9 +10,12 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
 
 from dpojax import loss as loss_lib
 from dpojax import model as model_lib
+from dpojax.checkpoint import orbax as orbax_ckpt
 from dpojax.checkpoint.orbax import Checkpointer
 from dpojax.data import pipeline
 from dpojax.data.tokenize import Tokenizer
@@ -37,8 +41,7 @@ def check_config(config):
     section, name = key.split(".")
     if config[section][name] <= 0:
       raise ConfigError(f"{key}={config[section][name]} must be positive")
-  if config.dpo.beta <= 0:
-    raise ConfigError(f"dpo.beta={config.dpo.beta} must be positive")
+  loss_lib.LossConfig.from_config(config.dpo)  # Checks every dpo.* key; names the key.
 
 
 def check_workdir(workdir: str):
@@ -53,11 +56,36 @@ def check_workdir(workdir: str):
     raise ConfigError(f"--workdir={workdir} is not writable ({e.strerror})") from None
 
 
-def build(config):
+def load_pretrained(config, workdir: str):
+  """`init.from`: a .nemo file, a Hugging Face folder, or a dpojax workdir/checkpoint folder.
+
+  Returns None (random init) or a `convert.Loaded` (ModelConfig, host params, tokenizer).
+  """
+  path = config.init.get("from")
+  if not path:
+    return None
+  if not os.path.exists(path):
+    raise ConfigError(f"init.from={path}: no such file or folder")
+  from dpojax import convert  # pylint: disable=g-import-not-at-top
+  if convert.is_checkpoint(path):
+    loaded = convert.load(path, extract_dir=os.path.join(workdir, "init_tokenizer"))
+    arch = {k: getattr(loaded.config, k) for k in convert.ARCHITECTURE_FIELDS}
+    model_cfg = dataclasses.replace(model_lib.ModelConfig.from_dict(config.model), **arch)
+    return convert.Loaded(model_cfg, loaded.params, loaded.tokenizer_path)
+  model_cfg = model_lib.ModelConfig.from_dict(config.model)
+  params = orbax_ckpt.load_params(path, functools.partial(model_lib.init_params, model_cfg))
+  return convert.Loaded(model_cfg, params, None)
+
+
+def build(config, pretrained=None):
   """Everything a run needs before the first step; fails early on bad config or data."""
   check_config(config)
-  tok = Tokenizer(config.data.tokenizer_path)
-  model_cfg = model_lib.ModelConfig.from_dict(config.model)
+  tokenizer_path = config.data.tokenizer_path
+  if pretrained is not None and pretrained.tokenizer_path and config.init.checkpoint_tokenizer:
+    tokenizer_path = pretrained.tokenizer_path
+  tok = Tokenizer(tokenizer_path)
+  model_cfg = (model_lib.ModelConfig.from_dict(config.model) if pretrained is None
+               else pretrained.config)
   if model_cfg.vocab_size < tok.vocab_size:
     raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the "
                       f"tokenizer's {tok.vocab_size} ({tok.path})")
@@ -66,9 +94,21 @@ def build(config):
   val_data = pipeline.PreferenceData(config.data.val_path, tok, opts)
   train_data.require(config.train.global_batch_size, "train.global_batch_size")
   val_data.require(1, "validation pairs")
-  step_cfg = step_lib.StepConfig(model=model_cfg, beta=config.dpo.beta,
+  step_cfg = step_lib.StepConfig(model=model_cfg,
+                                 loss=loss_lib.LossConfig.from_config(config.dpo),
                                  logprob_impl=config.logprob.impl)
   return tok, train_data, val_data, step_cfg
+
+
+def export(config, model_cfg, params, tokenizer_path, init_from):
+  """`export.to`: the aligned policy as a .nemo file or a Hugging Face folder."""
+  from dpojax import convert  # pylint: disable=g-import-not-at-top
+  from dpojax.checkpoint import nemo as nemo_ckpt  # pylint: disable=g-import-not-at-top
+  base = None
+  if init_from and convert.detect_format(init_from) == "nemo":
+    base = nemo_ckpt.read_nemo_config(init_from)
+  convert.save(config.export.to, model_cfg, params, tokenizer_path, base_config=base,
+               overwrite=True)
 
 
 def compile_steps(step_cfg, tx, schedule, state, ref_params, mesh, example_batch):
@@ -120,7 +160,8 @@ class StopRequested:
 def run(config, workdir: str) -> dict:
   """Trains to `train.max_steps` (resuming from `workdir` if it has a checkpoint)."""
   check_workdir(workdir)
-  _, train_data, val_data, step_cfg = build(config)
+  pretrained = load_pretrained(config, workdir)
+  tok, train_data, val_data, step_cfg = build(config, pretrained)
   t = config.train
   mesh = sharding.make_mesh(config.mesh)
   tx, schedule = step_lib.make_optimizer(t)
@@ -137,8 +178,13 @@ def run(config, workdir: str) -> dict:
       step_cfg, tx, schedule, abstract_state, abstract_params, mesh, val_batches[0])
   # Everything is created on the mesh, never gathered on one device. The reference is the
   # initial policy in its own buffers (the train state is donated).
-  params = jax.jit(model_lib.init_params, static_argnums=0, out_shardings=ref_sh)(
-      step_cfg.model, key)
+  if pretrained is None:
+    params = jax.jit(model_lib.init_params, static_argnums=0, out_shardings=ref_sh)(
+        step_cfg.model, key)
+  else:
+    dtype = jnp.dtype(step_cfg.model.param_dtype)
+    params = jax.device_put(jax.tree.map(lambda x: np.asarray(x, dtype), pretrained.params),
+                            ref_sh)
   ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=ref_sh)(params)
   state = jax.jit(lambda p: step_lib.init_state(p, tx), out_shardings=state_sh)(params)
   del params
@@ -192,4 +238,9 @@ def run(config, workdir: str) -> dict:
           "run again with the same --workdir to resume.")
   ckpt.close()
   writer.close()
+  if config.export.to and stop.signal is None:
+    host_params = multihost_utils.process_allgather(state.params, tiled=True)
+    if lead:
+      export(config, step_cfg.model, host_params, tok.path, config.init.get("from"))
+      say(f"Exported the policy to {config.export.to}")
   return {"state": state, "val": last_val, "step": step}

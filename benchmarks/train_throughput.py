@@ -1,0 +1,118 @@
+"""DPO training throughput against the matmul peak measured in the same process.
+
+  python benchmarks/train_throughput.py                 # fixed-length pairs, live reference
+  python benchmarks/train_throughput.py --devices=8     # the same on 8 emulated CPU devices
+
+Model (issue 10): Llama-style, vocab 1000, hidden 256, FFN 688 (swiglu), 4 layers, 8 heads,
+4 query groups, tied embeddings, rmsnorm, rope, fp32: N = 3,158,272 parameters. Work per
+token is 8N FLOPs with a live reference (6N policy forward+backward, 2N reference forward).
+"""
+
+import argparse
+import dataclasses
+import os
+import statistics
+import time
+
+
+def parse():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--devices", type=int, default=1, help="emulated CPU devices (data parallel)")
+  p.add_argument("--pairs", type=int, default=8, help="pairs per step")
+  p.add_argument("--micro_pairs", type=int, default=8, help="pairs per micro-batch")
+  p.add_argument("--seq", type=int, default=256)
+  p.add_argument("--prompt", type=int, default=64)
+  p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--remat", default="none")
+  p.add_argument("--logprob_impl", default="xla")
+  p.add_argument("--dtype", default="float32")
+  return p.parse_args()
+
+
+ARGS = parse()
+if ARGS.devices > 1:  # Must precede the jax import.
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             f" --xla_force_host_platform_device_count={ARGS.devices}")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dpojax import model as model_lib  # noqa: E402
+from dpojax.data import pipeline  # noqa: E402
+from dpojax.train import loop, sharding  # noqa: E402
+from dpojax.train import step as step_lib  # noqa: E402
+
+MODEL = model_lib.ModelConfig(
+    vocab_size=1000, hidden_size=256, ffn_hidden_size=688, num_layers=4,
+    num_attention_heads=8, num_query_groups=4, activation="swiglu", normalization="rmsnorm",
+    position_embedding_type="rope", share_embeddings_and_output_weights=True)
+
+
+def timed(fn):
+  t = time.perf_counter()
+  fn()
+  return time.perf_counter() - t
+
+
+def matmul_peak(n=2048, repeats=5):
+  """Best fp32 FLOP/s of an n x n x n product (jitted, warm)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  f = jax.jit(jnp.matmul)
+  f(a, b).block_until_ready()
+  return 2 * n ** 3 / min(timed(lambda: f(a, b).block_until_ready()) for _ in range(repeats))
+
+
+def synthetic_batch(rng):
+  def seq(prompt):
+    return np.concatenate([prompt, rng.integers(3, MODEL.vocab_size, ARGS.seq - ARGS.prompt)])
+
+  pairs = []
+  for _ in range(ARGS.pairs):
+    prompt = rng.integers(3, MODEL.vocab_size, ARGS.prompt)
+    pairs.append({"chosen": seq(prompt), "rejected": seq(prompt), "prompt_len": ARGS.prompt,
+                  "chosen_reward": None, "rejected_reward": None})
+  return pipeline.collate(pairs, micro_batch_size=ARGS.micro_pairs, seq_len=ARGS.seq,
+                          opts=pipeline.DataOptions(max_seq_length=ARGS.seq))
+
+
+def main():
+  cfg = dataclasses.replace(MODEL, remat=ARGS.remat, dtype=ARGS.dtype)
+  train_cfg = ml_collections.ConfigDict(dict(
+      learning_rate=1e-4, warmup_steps=1, max_steps=1000, min_lr_ratio=0.1, weight_decay=0.0,
+      adam_b1=0.9, adam_b2=0.98, adam_eps=1e-8, grad_clip=1.0))
+  step_cfg = step_lib.StepConfig(model=cfg, beta=0.1, logprob_impl=ARGS.logprob_impl)
+  tx, schedule = step_lib.make_optimizer(train_cfg)
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
+  batch = synthetic_batch(np.random.default_rng(0))
+  params = model_lib.init_params(cfg, jax.random.key(0))
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  state = step_lib.init_state(params, tx)
+  train_fn, _, state_sh, ref_sh = loop.compile_steps(step_cfg, tx, schedule, state, params,
+                                                     mesh, batch)
+  ref = jax.device_put(jax.device_get(params), ref_sh)
+  state = jax.device_put(jax.device_get(state), state_sh)
+  gbatch = sharding.global_batch(batch, mesh)
+  times = []
+  for i in range(ARGS.warmup + ARGS.steps):
+    t = time.perf_counter()
+    state, metrics = train_fn(state, ref, gbatch)
+    jax.block_until_ready(metrics)
+    if i >= ARGS.warmup:
+      times.append(time.perf_counter() - t)
+  step = statistics.median(times)
+  tokens = 2 * ARGS.pairs * ARGS.seq
+  flops = 8 * n_params * tokens / step
+  peak = matmul_peak()
+  print(f"devices={jax.device_count()} params={n_params:,} pairs/step={ARGS.pairs} "
+        f"seq={ARGS.seq} remat={ARGS.remat} logprob={ARGS.logprob_impl}")
+  print(f"step_time_s={step:.4f} pairs/s={ARGS.pairs / step:.2f} tokens/s={tokens / step:.0f}")
+  print(f"model_flops/s(8N)={flops / 1e9:.1f}G matmul_peak={peak / 1e9:.1f}G "
+        f"ratio={flops / peak:.1%}")
+
+
+if __name__ == "__main__":
+  main()

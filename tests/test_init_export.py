@@ -1,0 +1,67 @@
+"""init.from (a .nemo, an HF folder, a dpojax workdir) and export.to at the end of a run."""
+
+import os
+
+import jax
+import numpy as np
+
+from dpojax import convert
+from dpojax.train import loop
+
+from conftest import TESTDATA, tiny_config
+
+STORIES = os.path.join(TESTDATA, "stories260k")
+
+
+def stories_config(init_from):
+  config = tiny_config()
+  config.init["from"] = init_from
+  config.train.max_steps = 2
+  config.eval.interval = 2
+  config.checkpoint.interval = 2
+  return config
+
+
+def assert_trees_equal(a, b):
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+def test_init_from_nemo_trains_and_exports_hf_and_back(tmp_path):
+  config = stories_config(os.path.join(STORIES, "nemo", "stories260k-mcore-torch_dist.nemo"))
+  config.export.to = str(tmp_path / "aligned_hf")
+  out = loop.run(config, str(tmp_path / "run"))
+  # The checkpoint's architecture and tokenizer replaced the config's (vocab 512, 5 layers).
+  loaded = convert.load(config.export.to)
+  assert loaded.config.vocab_size == 512 and loaded.config.num_layers == 5
+  assert loaded.tokenizer_path and os.path.isfile(loaded.tokenizer_path)
+  assert_trees_equal(loaded.params, jax.device_get(out["state"].params))
+  # Training moved the weights away from the initial checkpoint.
+  initial = convert.load(os.path.join(STORIES, "hf"))
+  assert not np.array_equal(loaded.params["embedding"], initial.params["embedding"])
+
+
+def test_init_from_hf_exports_nemo(tmp_path):
+  config = stories_config(os.path.join(STORIES, "hf"))
+  config.export.to = str(tmp_path / "aligned.nemo")
+  out = loop.run(config, str(tmp_path / "run"))
+  loaded = convert.load(config.export.to, extract_dir=str(tmp_path / "x"))
+  assert_trees_equal(loaded.params, jax.device_get(out["state"].params))
+
+
+def test_init_from_dpojax_workdir(tmp_path):
+  first = loop.run(tiny_config(), str(tmp_path / "first"))
+  config = tiny_config()
+  config.init["from"] = str(tmp_path / "first")
+  config.train.max_steps = 1
+  config.eval.at_start = True
+  second = loop.run(config, str(tmp_path / "second"))
+  # At step 0 of the second run, policy = reference = the first run's final params.
+  assert second["val"] is not None
+  import json
+  with open(tmp_path / "second" / "metrics.jsonl") as f:
+    val0 = json.loads(f.readline())
+  assert val0["step"] == 0 and abs(val0["loss"] - np.log(2)) < 1e-6
+  with open(tmp_path / "first" / "metrics.jsonl") as f:
+    last_val_first = [json.loads(l) for l in f if '"val"' in l][-1]
+  # Same params, so the same policy log-probs on the same validation pairs.
+  assert abs(val0["logps_chosen_mean"] - last_val_first["logps_chosen_mean"]) < 1e-4

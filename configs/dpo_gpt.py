@@ -45,7 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.dpo = d = ml_collections.ConfigDict()
   d.beta = 0.1  # KL penalty: implicit reward = beta * (policy logp - reference logp).
   d.ref_policy_kl_penalty = ml_collections.config_dict.placeholder(float)  # NeMo's name for beta.
-  d.preference_loss = "dpo"  # NeMo dpo|ipo|rpo_sq|rpo_bwd_kl|rpo_fwd_kl or a TRL name (docs/losses.md).
+  d.preference_loss = "dpo"  # dpo|ipo|rpo_sq|rpo_bwd_kl|rpo_fwd_kl or a TRL name: docs/losses.md.
   d.losses = ()  # Weighted list instead of preference_loss, e.g. ('sigmoid', 'bco_pair', 'sft').
   d.loss_weights = ()  # One weight per dpo.losses entry; () = 1.0 each.
   d.preference_average_log_probs = False  # Average log-ratios over response tokens (else sum).
@@ -57,13 +57,15 @@ def get_config() -> ml_collections.ConfigDict:
   d.f_divergence_type = "reverse_kl"  # reverse_kl | forward_kl | js_divergence | alpha_divergence.
   d.f_alpha_divergence_coef = 0.5  # alpha for alpha_divergence.
   d.use_weighting = False  # WPO: weight each pair by its policy's mean token probability.
-  d.ld_alpha = ml_collections.config_dict.placeholder(float)  # LD-DPO weight past the shared length.
+  d.ld_alpha = ml_collections.config_dict.placeholder(float)  # LD-DPO: weight past shared length.
   d.discopop_tau = 0.05  # DiscoPOP temperature.
   d.reference_free = False  # Reference log-probs = 0 (no reference forward pass).
   d.bco_baseline = "none"  # bco_pair reward baseline: none | micro_batch_mean.
 
   c.logprob = ml_collections.ConfigDict()
   c.logprob.impl = "xla"  # Per-token log-prob implementation.
+  c.logprob.token_block = 0  # Tokens per logits tile; 0 = impl default (chunked 1024, kernels 64).
+  c.logprob.vocab_block = 0  # Vocab rows per tile; 0 = impl default (chunked 4096, kernels 128).
 
   c.train = t = ml_collections.ConfigDict()
   t.max_steps = 200  # Optimizer steps.

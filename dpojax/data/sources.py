@@ -1,23 +1,54 @@
-"""JSONL preference pairs: a random-access source and record validation.
+"""JSONL preference pairs: a random-access source, format detection and record validation.
 
-The source keeps an index of line offsets, not the file, so Grain can read any record by
-index. Every error names the file, the 1-based line and the field.
+Three input shapes (`data.format`; `auto` detects from the first JSON object of the file):
+  nemo:    {"prompt", "chosen_response", "rejected_response"[, "chosen_reward", "rejected_reward"]}
+           (NeMo-Aligner); the prompt may be a list of chat messages, a response one message.
+  trl:     {"prompt", "chosen", "rejected"} (TRL); each may be a list of chat messages
+           ({"role": "system"|"user"|"assistant", "content": str}).
+  hh-rlhf: {"chosen", "rejected"}, whole "\\n\\nHuman: ...\\n\\nAssistant: ..." dialogues; the
+           prompt is the shared dialogue up to and including the last "\\n\\nAssistant:".
+Every record is normalized to {prompt, chosen, rejected, chosen_reward, rejected_reward, line,
+dialogue}: prompt is a string or a message list; chosen/rejected are response strings.
+
+Random access: the source keeps an index of line offsets (numpy arrays, 16 bytes a line), not
+the file. A gzipped file (`.gz`) is decompressed once, streaming, into a cache file
+(`data.cache_dir`, default ~/.cache/dpojax) keyed by the .gz path, size and mtime, and indexed
+like a plain file; errors still name the .gz file and its (identical) line numbers.
 """
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import math
 import os
+import tempfile
 from typing import Any
 
-# NeMo-Aligner's format: the prompt and the two responses, without the prompt.
+import numpy as np
+
+FORMATS = ("auto", "nemo", "trl", "hh-rlhf")
 NEMO_FIELDS = ("prompt", "chosen_response", "rejected_response")
+TRL_FIELDS = ("prompt", "chosen", "rejected")
+HH_FIELDS = ("chosen", "rejected")
 REWARD_FIELDS = ("chosen_reward", "rejected_reward")
+ROLES = ("system", "user", "assistant")
+HH_ASSISTANT = "\n\nAssistant:"
+# How many leading records `auto` looks at for one that names its format.
+DETECT_LINES = 100
 
 
 class DataError(ValueError):
   """Bad input data; the message names file, line and field."""
+
+
+class RecordError(DataError):
+  """One bad record; `reason` groups skipped records in the on_error=skip summary."""
+
+  def __init__(self, message: str, reason: str):
+    super().__init__(message)
+    self.reason = reason
 
 
 def where(path: str, line: int, field: str | None = None) -> str:
@@ -25,66 +56,216 @@ def where(path: str, line: int, field: str | None = None) -> str:
   return f"{loc}: field '{field}'" if field else loc
 
 
-def validate_record(obj: Any, path: str, line: int) -> dict:
-  """Checks one parsed line; returns the pair with rewards as floats or None."""
+def _fail(path, line, field, problem, reason):
+  raise RecordError(f"{where(path, line, field)}: {problem}", reason)
+
+
+def detect_format(obj: Any) -> str | None:
+  """The format whose fields a parsed record has, or None."""
   if not isinstance(obj, dict):
-    raise DataError(f"{where(path, line)}: expected a JSON object, got {type(obj).__name__}")
-  for field in NEMO_FIELDS:
-    if field not in obj:
-      raise DataError(f"{where(path, line, field)}: missing (expected fields {list(NEMO_FIELDS)})")
-    value = obj[field]
-    if not isinstance(value, str):
-      raise DataError(
-          f"{where(path, line, field)}: expected a string, got {type(value).__name__}")
-    if field != "prompt" and not value.strip():
-      raise DataError(f"{where(path, line, field)}: empty response")
-  record = {f: obj[f] for f in NEMO_FIELDS}
+    return None
+  if "chosen_response" in obj or "rejected_response" in obj:
+    return "nemo"
+  if "prompt" in obj and ("chosen" in obj or "rejected" in obj):
+    return "trl"
+  if "chosen" in obj and "rejected" in obj:
+    return "hh-rlhf"
+  return None
+
+
+def _check_messages(value, path, line, field, roles=ROLES) -> list[dict]:
+  if not value:
+    _fail(path, line, field, "empty message list", "empty field")
+  out = []
+  for i, m in enumerate(value):
+    f = f"{field}[{i}]"
+    if not isinstance(m, dict):
+      _fail(path, line, f, f"expected a message object, got {type(m).__name__}", "wrong type")
+    if m.get("role") not in roles:
+      _fail(path, line, f"{f}.role", f"expected one of {list(roles)}, got {m.get('role')!r}",
+            "wrong type")
+    if not isinstance(m.get("content"), str):
+      _fail(path, line, f"{f}.content",
+            f"expected a string, got {type(m.get('content')).__name__}", "wrong type")
+    out.append({"role": m["role"], "content": m["content"]})
+  return out
+
+
+def _prompt(obj, path, line) -> str | list[dict]:
+  if "prompt" not in obj:
+    _fail(path, line, "prompt", "missing", "missing field")
+  value = obj["prompt"]
+  if isinstance(value, list):
+    messages = _check_messages(value, path, line, "prompt")
+    if messages[-1]["role"] != "user":
+      _fail(path, line, "prompt", "the last prompt message must have role 'user'", "wrong type")
+    return messages
+  if not isinstance(value, str):
+    _fail(path, line, "prompt", f"expected a string or a message list, got "
+          f"{type(value).__name__}", "wrong type")
+  if not value.strip():
+    _fail(path, line, "prompt", "empty prompt", "empty field")
+  return value
+
+
+def _response(obj, path, line, field) -> str:
+  if field not in obj:
+    _fail(path, line, field, "missing", "missing field")
+  value = obj[field]
+  if isinstance(value, dict):  # NeMo: one message.
+    value = _check_messages([value], path, line, field, roles=("assistant",))[0]["content"]
+  elif isinstance(value, list):  # TRL: a list holding one assistant message.
+    messages = _check_messages(value, path, line, field, roles=("assistant",))
+    if len(messages) != 1:
+      _fail(path, line, field, f"expected one assistant message, got {len(messages)}",
+            "wrong type")
+    value = messages[0]["content"]
+  elif not isinstance(value, str):
+    _fail(path, line, field, f"expected a string, got {type(value).__name__}", "wrong type")
+  if not value.strip():
+    _fail(path, line, field, "empty response", "empty field")
+  return value
+
+
+def _split_dialogue(obj, path, line, field) -> tuple[str, str]:
+  if field not in obj:
+    _fail(path, line, field, "missing", "missing field")
+  value = obj[field]
+  if not isinstance(value, str):
+    _fail(path, line, field, f"expected a string, got {type(value).__name__}", "wrong type")
+  cut = value.rfind(HH_ASSISTANT)
+  if cut < 0:
+    _fail(path, line, field, f"no {HH_ASSISTANT!r} turn in the dialogue", "wrong type")
+  cut += len(HH_ASSISTANT)
+  if not value[cut:].strip():
+    _fail(path, line, field, "empty response after the last '\\n\\nAssistant:'", "empty field")
+  return value[:cut], value[cut:]
+
+
+def validate_record(obj: Any, path: str, line: int, fmt: str) -> dict:
+  """Checks one parsed line of format `fmt`; returns the normalized pair."""
+  if not isinstance(obj, dict):
+    _fail(path, line, None, f"expected a JSON object, got {type(obj).__name__}", "not an object")
+  record = {"dialogue": fmt == "hh-rlhf"}
+  if fmt == "nemo":
+    record["prompt"] = _prompt(obj, path, line)
+    record["chosen"] = _response(obj, path, line, "chosen_response")
+    record["rejected"] = _response(obj, path, line, "rejected_response")
+    sides = ("chosen_response", "rejected_response")
+  elif fmt == "trl":
+    record["prompt"] = _prompt(obj, path, line)
+    record["chosen"] = _response(obj, path, line, "chosen")
+    record["rejected"] = _response(obj, path, line, "rejected")
+    sides = ("chosen", "rejected")
+  elif fmt == "hh-rlhf":
+    prompt, record["chosen"] = _split_dialogue(obj, path, line, "chosen")
+    rejected_prompt, record["rejected"] = _split_dialogue(obj, path, line, "rejected")
+    if prompt != rejected_prompt:
+      _fail(path, line, "rejected", "the dialogue before the last '\\n\\nAssistant:' differs "
+            "from the chosen one (no shared prompt)", "prompts differ")
+    record["prompt"] = prompt
+    sides = ("chosen", "rejected")
+  else:
+    raise ValueError(f"data.format={fmt!r} is not one of {FORMATS[1:]}")
+  if record["chosen"] == record["rejected"]:
+    _fail(path, line, sides[1], f"identical to '{sides[0]}'", "chosen equals rejected")
   for field in REWARD_FIELDS:
     value = obj.get(field)
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                               or not math.isfinite(value)):
-      raise DataError(f"{where(path, line, field)}: expected a finite number, got {value!r}")
+      _fail(path, line, field, f"expected a finite number, got {value!r}", "bad reward")
     record[field] = None if value is None else float(value)
+  record["line"] = line
   return record
 
 
-class JsonlSource:
-  """Random access to the non-blank lines of a JSONL file (Grain's RandomAccessDataSource)."""
+def default_cache_dir() -> str:
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "dpojax")
 
-  def __init__(self, path: str):
+
+def decompressed_path(path: str, cache_dir: str = "") -> str:
+  """A cached, decompressed copy of a .gz file (written once, atomically)."""
+  st = os.stat(path)
+  key = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode())
+  cache_dir = cache_dir or default_cache_dir()
+  os.makedirs(cache_dir, exist_ok=True)
+  name = os.path.basename(path)[:-len(".gz")]
+  out = os.path.join(cache_dir, f"{key.hexdigest()[:16]}-{name}")
+  if not os.path.exists(out):
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp-")
+    try:
+      with os.fdopen(fd, "wb") as dst, gzip.open(path, "rb") as src:
+        while chunk := src.read(1 << 20):
+          dst.write(chunk)
+    except (OSError, EOFError) as e:
+      os.unlink(tmp)
+      raise DataError(f"{path}: cannot decompress ({e})") from None
+    os.replace(tmp, out)  # Atomic: concurrent processes write the same bytes.
+  return out
+
+
+class JsonlSource:
+  """Random access to the non-blank lines of a (gzipped) JSONL file, validated on read.
+
+  `source[i]` parses and validates line i and returns the normalized record; `raw(i)` returns
+  the parsed JSON value; both raise RecordError naming file, line and field.
+  """
+
+  def __init__(self, path: str, fmt: str = "auto", cache_dir: str = ""):
     if not os.path.isfile(path):
       raise DataError(f"{path}: no such data file")
+    if fmt not in FORMATS:
+      raise DataError(f"data.format={fmt!r} is not one of {FORMATS}")
     self.path = path
-    offsets, lines = [], []
-    with open(path, "rb") as f:
+    self._file = decompressed_path(path, cache_dir) if path.endswith(".gz") else path
+    starts, ends, lines = [], [], []
+    with open(self._file, "rb") as f:
       pos, number = 0, 0
       for raw in f:
         number += 1
         if raw.strip():
-          offsets.append(pos)
+          starts.append(pos)
+          ends.append(pos + len(raw))
           lines.append(number)
         pos += len(raw)
-    self._offsets = offsets
-    self._lines = lines
+    self._starts = np.asarray(starts, np.int64)
+    self._ends = np.asarray(ends, np.int64)
+    self._lines = np.asarray(lines, np.int64)
+    self.format = self._detect() if fmt == "auto" else fmt
+
+  def _detect(self) -> str:
+    for i in range(min(len(self), DETECT_LINES)):
+      try:
+        fmt = detect_format(self.raw(i))
+      except RecordError:
+        continue
+      if fmt:
+        return fmt
+    raise DataError(
+        f"{self.path}: cannot detect data.format from the first {DETECT_LINES} records: none "
+        f"has the fields of nemo {list(NEMO_FIELDS)}, trl {list(TRL_FIELDS)} or hh-rlhf "
+        f"{list(HH_FIELDS)}; set data.format")
 
   def __len__(self) -> int:
-    return len(self._offsets)
+    return len(self._starts)
 
   def line_number(self, index: int) -> int:
-    return self._lines[index]
+    return int(self._lines[index])
+
+  def raw(self, index: int) -> Any:
+    start, end = int(self._starts[index]), int(self._ends[index])
+    with open(self._file, "rb") as f:
+      f.seek(start)
+      data = f.read(end - start)
+    try:
+      return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise RecordError(f"{where(self.path, self.line_number(index))}: invalid JSON ({e})",
+                        "invalid JSON") from None
 
   def __getitem__(self, index: int) -> dict:
-    with open(self.path, "rb") as f:
-      f.seek(self._offsets[index])
-      raw = f.readline()
-    line = self._lines[index]
-    try:
-      obj = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise DataError(f"{where(self.path, line)}: invalid JSON ({e})") from None
-    record = validate_record(obj, self.path, line)
-    record["line"] = line
-    return record
+    return validate_record(self.raw(index), self.path, self.line_number(index), self.format)
 
   def __repr__(self) -> str:
-    return f"JsonlSource({self.path!r}, {len(self)} records)"
+    return f"JsonlSource({self.path!r}, {self.format}, {len(self)} records)"

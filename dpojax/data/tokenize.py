@@ -1,21 +1,28 @@
-"""Prompt templates and SentencePiece tokenization of preference pairs.
+"""SentencePiece tokenization of preference pairs, and fitting them to data.max_seq_length.
 
-The prompt and each response are tokenized separately and concatenated, so the prompt's
-tokens are always a prefix of the sequence and no token straddles the prompt/response
-boundary (NeMo instead tokenizes prompt+response and asserts the prefix property, which
-fails for tokenizers that merge across the boundary).
+Choice: the prompt and each response are tokenized separately and concatenated (each text
+part between template markers is its own SentencePiece call, as NeMo's tokenizer does around
+special tokens). So the prompt's tokens are always an exact prefix of both sequences, no token
+straddles the prompt/response boundary, and the loss mask is exact. NeMo instead tokenizes
+prompt+response jointly and asserts the prefix property, which fails when the tokenizer merges
+across the boundary. A response part that starts with one space loses it when the tokenizer
+adds SentencePiece's dummy-prefix space, which stands for it ("Assistant:" + " Sure" ->
+"▁Sure", as joint tokenization gives).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import numpy as np
 import sentencepiece as spm
 
+from dpojax.data import templates
 from dpojax.data.sources import DataError
 
-TEMPLATES = ("plain",)
+TEMPLATES = templates.TEMPLATES
+TRUNCATIONS = ("drop", "truncate_prompt_left", "truncate_response_right")
 
 
 class Tokenizer:
@@ -32,6 +39,14 @@ class Tokenizer:
     self.vocab_size = self.sp.vocab_size()
     self.bos_id = self.sp.bos_id()
     self.eos_id = self.sp.eos_id()
+    # SentencePiece prepends "▁" to every encoded text unless the model turns it off.
+    self.dummy_prefix = self.sp.encode("a", out_type=str)[0].startswith("\u2581")
+    self._specials = {}
+
+  @property
+  def sha256(self) -> str:
+    with open(self.path, "rb") as f:
+      return hashlib.sha256(f.read()).hexdigest()
 
   def encode(self, text: str) -> list[int]:
     return self.sp.encode(text) if text else []
@@ -39,18 +54,95 @@ class Tokenizer:
   def decode(self, ids) -> str:
     return self.sp.decode([int(i) for i in ids])
 
+  def special(self, marker: templates.Special) -> list[int]:
+    """BOS/EOS ids, a marker's own piece id if the vocabulary has it, else its text's ids."""
+    if marker not in self._specials:
+      if marker == templates.BOS:
+        ids = [self.bos_id] if self.bos_id >= 0 else []
+      elif marker == templates.EOS:
+        ids = [self.eos_id] if self.eos_id >= 0 else []
+      else:
+        i = self.sp.piece_to_id(marker.name)
+        whole = i != self.sp.unk_id() and self.sp.id_to_piece(i) == marker.name
+        ids = [i] if whole else self.encode(marker.name)
+      self._specials[marker] = ids
+    return self._specials[marker]
+
+  def encode_parts(self, parts: list, response: bool = False) -> list[int]:
+    """Ids of template parts: runs of text are encoded together, markers by `special`."""
+    ids, text, first = [], "", True
+
+    def flush():
+      nonlocal text, first
+      if text:
+        if response and first and self.dummy_prefix and text.startswith(" "):
+          text = text[1:]
+        ids.extend(self.encode(text))
+      first, text = False, ""
+
+    for part in parts:
+      if isinstance(part, str):
+        text += part
+      else:
+        flush()
+        ids.extend(self.special(part))
+        first = False
+    flush()
+    return ids
+
 
 def tokenize_pair(record: dict, tok: Tokenizer, *, template: str = "plain",
                   add_bos: bool = True, append_eos: bool = True) -> dict:
-  """Returns token ids of both sequences and the prompt length they share."""
-  if template not in TEMPLATES:
-    raise ValueError(f"data.template={template!r} is not one of {TEMPLATES}")
-  prompt = ([tok.bos_id] if add_bos and tok.bos_id >= 0 else []) + tok.encode(record["prompt"])
-  eos = [tok.eos_id] if append_eos and tok.eos_id >= 0 else []
+  """Token ids of both sequences and the prompt length they share.
+
+  Returns {"chosen", "rejected": int32 arrays (prompt + response [+ EOS]), "prompt_len",
+  "line", "chosen_reward", "rejected_reward"}.
+  """
+  prompt_parts, response_parts = templates.render(record, template)
+  prompt = tok.special(templates.BOS) if add_bos else []
+  prompt = prompt + tok.encode_parts(prompt_parts)
+  eos = tok.special(templates.EOS) if append_eos else []
   out = {"prompt_len": len(prompt), "line": record.get("line", -1)}
   for side in ("chosen", "rejected"):
-    response = tok.encode(record[f"{side}_response"]) + eos
+    response = tok.encode_parts(response_parts[side], response=True) + eos
     out[side] = np.asarray(prompt + response, np.int32)
   out["chosen_reward"] = record.get("chosen_reward")
   out["rejected_reward"] = record.get("rejected_reward")
   return out
+
+
+def fit_pair(pair: dict, max_len: int, truncation: str, keep_prefix: int = 0):
+  """Fits a tokenized pair to `max_len` tokens per sequence.
+
+  Returns (pair or None, status) with status "ok", "truncated", or why it was dropped:
+  "too long" (truncation=drop, or nothing left to cut), "identical after truncation".
+  truncate_prompt_left cuts prompt tokens after the first `keep_prefix` (BOS) and keeps at
+  least one prompt token; truncate_response_right cuts each response's end (EOS included)
+  and keeps at least one response token.
+  """
+  if truncation not in TRUNCATIONS:
+    raise ValueError(f"data.truncation={truncation!r} is not one of {TRUNCATIONS}")
+  p = pair["prompt_len"]
+  longest = max(len(pair["chosen"]), len(pair["rejected"]))
+  if longest <= max_len:
+    return pair, "ok"
+  if truncation == "drop":
+    return None, "too long"
+  out = dict(pair)
+  if truncation == "truncate_prompt_left":
+    cut = longest - max_len
+    keep = min(keep_prefix, p - 1)
+    if p - cut < max(keep, 0) + 1:
+      return None, "too long"
+    for side in ("chosen", "rejected"):
+      ids = pair[side]
+      out[side] = np.concatenate([ids[:keep], ids[keep + cut:]])
+    out["prompt_len"] = p - cut
+  else:
+    if p >= max_len:
+      return None, "too long"
+    for side in ("chosen", "rejected"):
+      out[side] = pair[side][:max_len]
+    if np.array_equal(out["chosen"], out["rejected"]):
+      return None, "identical after truncation"
+  return out, "truncated"

@@ -81,6 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.grad_clip = 1.0  # Global-norm gradient clipping; 0 disables it.
   t.seed = 0  # Seed for init and data order.
   t.log_interval = 25  # Steps between train metric records.
+  t.max_consecutive_nonfinite = 5  # Stop after this many non-finite steps in a row.
 
   c.data = dt = ml_collections.ConfigDict()
   dt.train_path = os.path.join(_ASSETS, "toy_prefs_train.jsonl")  # JSONL[.gz], or a dir from `python -m dpojax.pack`.
@@ -113,6 +114,7 @@ def get_config() -> ml_collections.ConfigDict:
   ck.max_to_keep = 3  # Checkpoints kept.
   ck.async_save = True  # Write checkpoints in the background.
   ck.keep_best = True  # Also keep the best checkpoint by validation loss under <workdir>/best.
+  ck.on_error = "stop"  # A checkpoint write fails (disk full...): stop | continue.
 
   c.mesh = mesh = ml_collections.ConfigDict()
   mesh.data = -1  # Data-parallel replicas; -1 = the devices the other axes leave.
@@ -124,4 +126,7 @@ def get_config() -> ml_collections.ConfigDict:
   dist.num_processes = 0  # 0 = from DPOJAX_NUM_PROCESSES.
   dist.process_id = -1  # -1 = from DPOJAX_PROCESS_ID.
   dist.cpu_collectives = "gloo"  # CPU collectives for multi-process CPU runs.
+
+  c.debug = ml_collections.ConfigDict()
+  c.debug.inject_nonfinite_at = ()  # Steps whose loss is forced to NaN (tests the guard).
   return c

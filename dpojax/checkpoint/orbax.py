@@ -42,8 +42,8 @@ class Checkpointer:
 
   def save_if_best(self, step: int, state, data_state: dict, val_loss: float) -> bool:
     """Keeps `state` under <workdir>/best if its validation loss is the lowest so far."""
-    if self.best is None:
-      return False
+    if self.best is None or step in self.best.all_steps():
+      return False  # A resumed run recomputes a validation it had already kept.
     previous = self.best.best_step()
     self.best.save(step, args=_save_args(state, data_state),
                    metrics={"val_loss": float(val_loss)}, force=True)

@@ -111,7 +111,27 @@ def export(config, model_cfg, params, tokenizer_path, init_from):
                overwrite=True)
 
 
-def compile_steps(step_cfg, tx, schedule, state, ref_params, mesh, example_batch):
+def guarded_train_step(state, ref_params, batch, *, inject_nonfinite_at=(), **step_kwargs):
+  """train_step that refuses non-finite updates: when the loss or the gradient norm is not
+  finite, parameters and optimizer state stay as they were (the step counter still moves, as
+  the batch was consumed) and `nonfinite` is 1. `inject_nonfinite_at` (debug) poisons the
+  loss at those steps so that this path can be tested."""
+  new, metrics = step_lib.train_step(state, ref_params, batch, **step_kwargs)
+  loss = metrics["loss"]
+  if inject_nonfinite_at:
+    hit = jnp.any(state.step + 1 == jnp.asarray(inject_nonfinite_at))
+    loss = jnp.where(hit, jnp.nan, loss)
+  ok = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
+  keep = lambda n, o: jnp.where(ok, n, o)
+  new = new.replace(params=jax.tree.map(keep, new.params, state.params),
+                    opt_state=jax.tree.map(keep, new.opt_state, state.opt_state))
+  metrics["loss"] = loss
+  metrics["nonfinite"] = 1.0 - ok.astype(jnp.float32)
+  return new, metrics
+
+
+def compile_steps(step_cfg, tx, schedule, state, ref_params, mesh, example_batch,
+                  inject_nonfinite_at=()):
   """Jits the train and eval steps once, with explicit shardings; the state is donated.
 
   `state` and `ref_params` may be abstract (jax.ShapeDtypeStruct trees)."""
@@ -120,7 +140,8 @@ def compile_steps(step_cfg, tx, schedule, state, ref_params, mesh, example_batch
   batch_sh = sharding.batch_shardings(example_batch, mesh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   train = jax.jit(
-      functools.partial(step_lib.train_step, cfg=step_cfg, tx=tx, schedule=schedule),
+      functools.partial(guarded_train_step, cfg=step_cfg, tx=tx, schedule=schedule,
+                        inject_nonfinite_at=tuple(inject_nonfinite_at)),
       in_shardings=(state_sh, ref_sh, batch_sh), out_shardings=(state_sh, replicated),
       donate_argnums=(0,))
   evaluate = jax.jit(functools.partial(step_lib.eval_step, cfg=step_cfg),
@@ -134,6 +155,41 @@ def evaluate(eval_fn, params, ref_params, batches, mesh) -> dict:
     sums = eval_fn(params, ref_params, sharding.global_batch(batch, mesh))
     total = sums if total is None else jax.tree.map(jnp.add, total, sums)
   return loss_lib.finalize_metrics(jax.device_get(total))
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive non-finite steps."""
+
+
+def describe_pairs(host_batch) -> str:
+  """Source lines of the real pairs in a batch, for the non-finite log line."""
+  ids = host_batch.get("pair_index", host_batch.get("line"))
+  if ids is None:
+    return "unknown"
+  ids = np.asarray(ids)
+  mask = np.asarray(host_batch["pair_mask"]).reshape(ids.shape) > 0
+  return ",".join(str(int(i)) for i in ids[mask])
+
+
+def save_checkpoint(ckpt, step, state, data_state, config, say):
+  """A checkpoint that cannot be written leaves the previous one restorable (Orbax writes to a
+  temporary folder and renames when complete); training stops or continues by config."""
+  try:
+    ckpt.save(step, state, data_state)
+    if not config.checkpoint.async_save:
+      ckpt.wait()
+  except OSError as e:
+    message = (f"checkpoint of step {step} could not be written to {ckpt.directory} "
+               f"({e.strerror or e}); the last complete checkpoint is step "
+               f"{ckpt.latest_step()}")
+    if config.checkpoint.on_error == "continue":
+      say(f"WARNING: {message}; continuing (checkpoint.on_error=continue)")
+      return
+    raise CheckpointWriteError(message + "; stopping (checkpoint.on_error=stop)") from e
+
+
+class CheckpointWriteError(RuntimeError):
+  """A checkpoint could not be written."""
 
 
 class StopRequested:
@@ -160,6 +216,9 @@ class StopRequested:
 def run(config, workdir: str) -> dict:
   """Trains to `train.max_steps` (resuming from `workdir` if it has a checkpoint)."""
   check_workdir(workdir)
+  if jax.process_index() == 0:  # What generate/evaluate need to rebuild the run.
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
   pretrained = load_pretrained(config, workdir)
   tok, train_data, val_data, step_cfg = build(config, pretrained)
   t = config.train
@@ -175,7 +234,8 @@ def run(config, workdir: str) -> dict:
       val_data, global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
       max_batches=config.eval.max_batches)
   train_fn, eval_fn, state_sh, ref_sh = compile_steps(
-      step_cfg, tx, schedule, abstract_state, abstract_params, mesh, val_batches[0])
+      step_cfg, tx, schedule, abstract_state, abstract_params, mesh, val_batches[0],
+      inject_nonfinite_at=config.debug.inject_nonfinite_at)
   # Everything is created on the mesh, never gathered on one device. The reference is the
   # initial policy in its own buffers (the train state is donated).
   if pretrained is None:
@@ -199,7 +259,8 @@ def run(config, workdir: str) -> dict:
     if jax.process_index() == 0:
       print(f"Resumed from {ckpt.directory} at step {start}", flush=True)
   lead = jax.process_index() == 0
-  writer = MetricWriter(workdir, resume_step=start, enabled=lead)
+  # Records past the checkpoint we start from are redone; with no checkpoint, all of them.
+  writer = MetricWriter(workdir, resume_step=start if start else -1, enabled=lead)
   say = functools.partial(print, flush=True) if lead else lambda *a, **k: None
   say(f"Training on {len(train_data)} pairs ({len(val_data)} val) for {t.max_steps} steps, "
         f"{sum(x.size for x in jax.tree.leaves(abstract_params)):,} parameters, mesh "
@@ -215,24 +276,37 @@ def run(config, workdir: str) -> dict:
   if start == 0 and config.eval.at_start:
     last_val = validate(0)
   tick, tick_step = time.perf_counter(), start
-  step = start
+  step, nonfinite_total, nonfinite_run = start, 0, 0
   with StopRequested() as stop:
     while step < t.max_steps and stop.signal is None:
-      batch = sharding.global_batch(next(train_iter), mesh)
-      state, metrics = train_fn(state, ref_params, batch)
+      host_batch = next(train_iter)
+      state, metrics = train_fn(state, ref_params, sharding.global_batch(host_batch, mesh))
       step += 1
+      if float(metrics["nonfinite"]):  # One scalar per step: the guard needs to know now.
+        nonfinite_total, nonfinite_run = nonfinite_total + 1, nonfinite_run + 1
+        say(f"Step {step}: non-finite loss or gradient; update skipped "
+            f"(pairs: {describe_pairs(host_batch)})")
+        if nonfinite_run >= t.max_consecutive_nonfinite:
+          ckpt.close()
+          raise NonFiniteError(
+              f"{nonfinite_run} consecutive non-finite steps (train.max_consecutive_nonfinite="
+              f"{t.max_consecutive_nonfinite}) at step {step}; stopping. The last good "
+              f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}.")
+      else:
+        nonfinite_run = 0
       if step % t.log_interval == 0 or step == t.max_steps:
         metrics = loss_lib.finalize_metrics(jax.device_get(metrics))
         now = time.perf_counter()
         metrics["step_time"] = (now - tick) / (step - tick_step)
         metrics["consumed_samples"] = step * t.global_batch_size
+        metrics["nonfinite_steps"] = nonfinite_total
         tick, tick_step = now, step
         writer.write(step, "train", metrics)
       if step % config.eval.interval == 0 or step == t.max_steps:
         last_val = validate(step)
       if (step % config.checkpoint.interval == 0 or step == t.max_steps
           or stop.signal is not None):
-        ckpt.save(step, state, train_iter.get_state())
+        save_checkpoint(ckpt, step, state, train_iter.get_state(), config, say)
     if stop.signal is not None:
       say(f"Received signal {stop.signal}: saved step {step} to {ckpt.directory}; "
           "run again with the same --workdir to resume.")

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor")
@@ -99,16 +100,24 @@ def batch_shardings(batch: dict, mesh: Mesh) -> dict:
   return {k: row if np.ndim(v) == 3 else replicated for k, v in batch.items()}
 
 
-def global_batch(host_batch: dict, mesh: Mesh) -> dict:
-  """Places a host batch (the whole global batch, same on every process) on the mesh: each
-  process copies only the shards that its own devices hold."""
-  shardings = batch_shardings(host_batch, mesh)
+def global_batch(local_batch: dict, mesh: Mesh) -> dict:
+  """Places this process's block of a batch on the mesh as global arrays.
 
-  def place(x, sharding):
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-  return {k: place(v, shardings[k]) for k, v in host_batch.items()}
+  The data pipeline gives each process its block of rows (axis 1) of every micro-batch, in
+  process order; row arrays are assembled from the blocks. The small per-pair arrays are
+  gathered from all processes and replicated.
+  """
+  shardings = batch_shardings(local_batch, mesh)
+  out = {}
+  for k, v in local_batch.items():
+    v = np.asarray(v)
+    if np.ndim(v) == 3:
+      out[k] = jax.make_array_from_process_local_data(shardings[k], v)
+    else:
+      if jax.process_count() > 1:
+        v = np.concatenate(list(multihost_utils.process_allgather(v)), axis=1)
+      out[k] = jax.make_array_from_callback(v.shape, shardings[k], lambda i, v=v: v[i])
+  return out
 
 
 def maybe_initialize_distributed(dist_cfg) -> None:

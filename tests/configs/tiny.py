@@ -1,0 +1,33 @@
+"""The default config shrunk for tests: a tiny model, short runs, synchronous checkpoints.
+
+Usable from the command line too: --config=tests/configs/tiny.py.
+"""
+
+import importlib.util
+import os
+
+_DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs",
+                        "dpo_gpt.py")
+
+
+def get_config():
+  spec = importlib.util.spec_from_file_location("dpo_gpt", _DEFAULT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  c.model.hidden_size = 32
+  c.model.num_layers = 1
+  c.model.num_attention_heads = 2
+  c.model.num_query_groups = 1
+  c.model.ffn_hidden_size = 64
+  c.data.max_seq_length = 48
+  c.train.global_batch_size = 8
+  c.train.micro_batch_size = 4
+  c.train.max_steps = 6
+  c.train.warmup_steps = 2
+  c.train.log_interval = 1
+  c.eval.interval = 3
+  c.eval.max_batches = 2
+  c.checkpoint.interval = 3
+  c.checkpoint.async_save = False
+  return c

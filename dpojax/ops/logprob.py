@@ -9,7 +9,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("xla",)
+from dpojax.ops import logprob_chunked
+
+IMPLEMENTATIONS = ("xla", "chunked", "pallas", "triton")
+# What `auto` picks per backend. GPU: pending H100 measurements (BUILD.md); chunked is the
+# one measured to save memory without losing time on CPU (benchmarks/logprob.py).
+AUTO = {"cpu": "chunked", "gpu": "chunked", "tpu": "chunked"}
 
 
 def shift_targets(tokens_BxT, segment_ids_BxT, loss_mask_BxT, sequence_ids_BxT):
@@ -26,16 +31,73 @@ def shift_targets(tokens_BxT, segment_ids_BxT, loss_mask_BxT, sequence_ids_BxT):
   return targets, mask, pad(sequence_ids_BxT, -1)
 
 
-def logprob(hidden_BxTxD, out_weight_VxD, targets_BxT, mask_BxT, impl: str = "xla"):
-  """log softmax(hidden @ out_weight.T)[target] per token, 0 where the mask is false (fp32)."""
-  if impl != "xla":
-    raise ValueError(f"logprob.impl={impl!r} is not one of {IMPLEMENTATIONS}")
-  logits_BxTxV = jnp.einsum(
-      "btd,vd->btv", hidden_BxTxD, out_weight_VxD.astype(hidden_BxTxD.dtype),
+def resolve_impl(impl: str) -> str:
+  """`auto` -> the backend's default; anything else must be a known implementation."""
+  if impl == "auto":
+    return AUTO.get(jax.default_backend(), "chunked")
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"logprob.impl={impl!r} is not one of {('auto',) + IMPLEMENTATIONS}")
+  return impl
+
+
+def xla_logprob(hidden_NxD, out_weight_VxD, targets_N, mask_N):
+  """The reference: full fp32 logits, autodiff for the gradient."""
+  logits_NxV = jnp.einsum(
+      "nd,vd->nv", hidden_NxD, out_weight_VxD.astype(hidden_NxD.dtype),
       preferred_element_type=jnp.float32)
-  lse_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
-  target_logit_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], -1)[..., 0]
-  return jnp.where(mask_BxT, target_logit_BxT - lse_BxT, 0.0)
+  lse_N = jax.nn.logsumexp(logits_NxV, axis=-1)
+  target_logit_N = jnp.take_along_axis(logits_NxV, targets_N[:, None], -1)[:, 0]
+  return jnp.where(mask_N, target_logit_N - lse_N, 0.0)
+
+
+def logprob(hidden_BxTxD, out_weight_VxD, targets_BxT, mask_BxT, impl: str = "auto", *,
+            token_block: int | None = None, vocab_block: int | None = None, mesh=None,
+            vocab_axis: str = "tensor", token_axes=None):
+  """log softmax(hidden @ out_weight.T)[target] per token, 0 where the mask is false (fp32).
+
+  hidden is [..., D] (any leading token axes; targets and mask have those axes), out_weight
+  [V, D]; the product runs in hidden's dtype with fp32 accumulation. Every implementation
+  is differentiable in hidden and out_weight for any per-token cotangent, with exactly zero
+  gradient from masked tokens:
+    xla      full [tokens, V] fp32 logits (the reference; 2 x tokens x V x 4 bytes with grad);
+    chunked  pure-JAX streaming over token x vocab tiles (ops/logprob_chunked.py); with
+             `mesh` and out_weight rows split over `vocab_axis`, the vocab-parallel variant;
+    pallas   a Pallas kernel (Triton on GPU, interpreted elsewhere: slow, for tests);
+    triton   a jax-triton kernel, GPU only.
+  token_block / vocab_block override the implementation's tile sizes (None or 0: its default).
+  With `mesh`, chunked runs vocab-parallel: out_weight's rows split over `vocab_axis`, the
+  token axis over `token_axes` (see logprob_chunked.logprob_vocab_parallel).
+  """
+  impl = resolve_impl(impl)
+  lead = targets_BxT.shape
+  if hidden_BxTxD.shape[:-1] != lead or mask_BxT.shape != lead:
+    raise ValueError(f"logprob: hidden {hidden_BxTxD.shape}, targets {lead} and mask "
+                     f"{mask_BxT.shape} must share their leading (token) axes")
+  if out_weight_VxD.shape[-1] != hidden_BxTxD.shape[-1]:
+    raise ValueError(f"logprob: out_weight {out_weight_VxD.shape} and hidden "
+                     f"{hidden_BxTxD.shape} disagree on D")
+  blocks = {k: v for k, v in (("token_block", token_block), ("vocab_block", vocab_block)) if v}
+  if mesh is not None and mesh.shape.get(vocab_axis, 1) > 1 and impl != "xla":
+    # xla needs nothing: GSPMD partitions its full-logits einsum by itself.
+    if impl != "chunked":
+      raise ValueError(f"logprob.impl={impl!r}: only 'chunked' and 'xla' support a vocab "
+                       f"sharded over mesh axis {vocab_axis!r}")
+    return logprob_chunked.logprob_vocab_parallel(
+        hidden_BxTxD, out_weight_VxD, targets_BxT, mask_BxT, mesh=mesh, vocab_axis=vocab_axis,
+        token_axes=token_axes, **blocks)
+  h_NxD = hidden_BxTxD.reshape(-1, hidden_BxTxD.shape[-1])
+  args = (h_NxD, out_weight_VxD, targets_BxT.reshape(-1), mask_BxT.reshape(-1).astype(bool))
+  if impl == "xla":
+    logp_N = xla_logprob(*args)
+  elif impl == "chunked":
+    logp_N = logprob_chunked.chunked_logprob(*args, **blocks)
+  elif impl == "pallas":
+    from dpojax.ops import logprob_pallas  # pylint: disable=g-import-not-at-top
+    logp_N = logprob_pallas.pallas_logprob(*args, **blocks)
+  else:
+    from dpojax.ops import logprob_triton  # pylint: disable=g-import-not-at-top
+    logp_N = logprob_triton.triton_logprob(*args, **blocks)
+  return logp_N.reshape(lead)
 
 
 def sequence_sums(values_BxT, mask_BxT, sequence_BxT, num_sequences: int):

@@ -95,6 +95,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.seed = 0  # Seed for init and data order.
   t.log_interval = 25  # Steps between train metric records.
   t.max_consecutive_nonfinite = 5  # Stop after this many non-finite steps in a row.
+  t.peak_flops = 0.0  # MFU denominator in FLOP/s; 0 = measure a matmul at start; -1 = no MFU.
 
   c.data = dt = ml_collections.ConfigDict()
   dt.train_path = os.path.join(_ASSETS, "toy_prefs_train.jsonl")  # JSONL[.gz], or a dir from `python -m dpojax.pack`.

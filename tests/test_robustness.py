@@ -17,6 +17,7 @@ import pytest
 from dpojax.checkpoint.orbax import Checkpointer
 from dpojax.train import loop
 
+from dpojax.train.metrics import TIMING_METRICS
 from conftest import ROOT, TINY_CONFIG, tiny_config
 
 
@@ -28,8 +29,8 @@ def metrics(workdir):
 def assert_same_records(a, b):
   assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
   for ra, rb in zip(a, b):
-    assert {k: v for k, v in ra.items() if k != "step_time"} == {
-        k: v for k, v in rb.items() if k != "step_time"}, ra["step"]
+    assert {k: v for k, v in ra.items() if k not in TIMING_METRICS} == {
+        k: v for k, v in rb.items() if k not in TIMING_METRICS}, ra["step"]
 
 
 def final_params(workdir):

@@ -19,8 +19,10 @@ from dpojax.checkpoint import orbax as orbax_ckpt
 from dpojax.checkpoint.orbax import Checkpointer
 from dpojax.data import pipeline
 from dpojax.data.tokenize import Tokenizer
+from dpojax.ops import logprob as logprob_lib
 from dpojax.train import sharding
 from dpojax.train import step as step_lib
+from dpojax.train import metrics as metrics_lib
 from dpojax.train.metrics import MetricWriter
 
 
@@ -42,6 +44,7 @@ def check_config(config):
     if config[section][name] <= 0:
       raise ConfigError(f"{key}={config[section][name]} must be positive")
   loss_lib.LossConfig.from_config(config.dpo)  # Checks every dpo.* key; names the key.
+  logprob_lib.resolve_impl(config.logprob.impl)  # Names logprob.impl if it is unknown.
 
 
 def check_workdir(workdir: str):
@@ -192,6 +195,19 @@ class CheckpointWriteError(RuntimeError):
   """A checkpoint could not be written."""
 
 
+def matmul_peak_flops(n: int = 2048, repeats: int = 3) -> float:
+  """Best FLOP/s of an n^3 float32 product on the first device (the MFU denominator)."""
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(jnp.matmul)
+  f(a, a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n ** 3 / best
+
+
 class StopRequested:
   """SIGTERM/SIGINT: finish the current step, checkpoint, and leave cleanly."""
 
@@ -253,9 +269,11 @@ def run(config, workdir: str) -> dict:
                       async_save=config.checkpoint.async_save,
                       keep_best=config.checkpoint.keep_best)
   start = ckpt.latest_step() or 0
+  consumed = 0
   if start:
     state, data_state = ckpt.restore(start, state)
-    train_iter.set_state(data_state)
+    train_iter.set_state(data_state["iterator"])
+    consumed = data_state["consumed_samples"]
     if jax.process_index() == 0:
       print(f"Resumed from {ckpt.directory} at step {start}", flush=True)
   lead = jax.process_index() == 0
@@ -266,10 +284,18 @@ def run(config, workdir: str) -> dict:
         f"{sum(x.size for x in jax.tree.leaves(abstract_params)):,} parameters, mesh "
         f"{dict(mesh.shape)}, {jax.process_count()} process(es)")
 
+  def data_state():
+    return {"iterator": train_iter.get_state(), "consumed_samples": consumed}
+
+  n_params = sum(x.size for x in jax.tree.leaves(abstract_params))
+  peak = t.peak_flops if t.peak_flops != 0 else matmul_peak_flops()
+  throughput = metrics_lib.Throughput(8 * n_params, peak)
+  bar = metrics_lib.progress_bar(t.max_steps, start, lead)
+
   def validate(step):
     metrics = evaluate(eval_fn, state.params, ref_params, val_batches, mesh)
     writer.write(step, "val", metrics)
-    ckpt.save_if_best(step, state, train_iter.get_state(), metrics["loss"])
+    ckpt.save_if_best(step, state, data_state(), metrics["loss"])
     return metrics
 
   last_val = None
@@ -282,7 +308,13 @@ def run(config, workdir: str) -> dict:
       host_batch = next(train_iter)
       state, metrics = train_fn(state, ref_params, sharding.global_batch(host_batch, mesh))
       step += 1
-      if float(metrics["nonfinite"]):  # One scalar per step: the guard needs to know now.
+      # Two scalars per step: the guard must know now, and packed steps vary in pairs.
+      nonfinite, pairs = jax.device_get((metrics["nonfinite"], metrics["num_pairs"]))
+      local_tokens = int(np.sum(np.asarray(host_batch["segment_ids"]) > 0))
+      throughput.add(int(pairs), local_tokens * jax.process_count())
+      consumed += int(pairs)
+      bar.update(1)
+      if float(nonfinite):  # One scalar per step: the guard needs to know now.
         nonfinite_total, nonfinite_run = nonfinite_total + 1, nonfinite_run + 1
         say(f"Step {step}: non-finite loss or gradient; update skipped "
             f"(pairs: {describe_pairs(host_batch)})")
@@ -298,18 +330,20 @@ def run(config, workdir: str) -> dict:
         metrics = loss_lib.finalize_metrics(jax.device_get(metrics))
         now = time.perf_counter()
         metrics["step_time"] = (now - tick) / (step - tick_step)
-        metrics["consumed_samples"] = step * t.global_batch_size
+        metrics["consumed_samples"] = consumed
         metrics["nonfinite_steps"] = nonfinite_total
+        metrics.update(throughput.report())
         tick, tick_step = now, step
         writer.write(step, "train", metrics)
       if step % config.eval.interval == 0 or step == t.max_steps:
         last_val = validate(step)
       if (step % config.checkpoint.interval == 0 or step == t.max_steps
           or stop.signal is not None):
-        save_checkpoint(ckpt, step, state, train_iter.get_state(), config, say)
+        save_checkpoint(ckpt, step, state, data_state(), config, say)
     if stop.signal is not None:
       say(f"Received signal {stop.signal}: saved step {step} to {ckpt.directory}; "
           "run again with the same --workdir to resume.")
+  bar.close()
   ckpt.close()
   writer.close()
   if config.export.to and stop.signal is None:

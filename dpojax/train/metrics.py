@@ -5,9 +5,19 @@ from __future__ import annotations
 import json
 import os
 
+import sys
+import time
+
+import tqdm
 from tensorboardX import SummaryWriter
 
 METRICS_FILE = "metrics.jsonl"
+# Wall-clock figures: they differ between otherwise identical runs.
+TIMING_METRICS = ("step_time", "pairs_per_s", "tokens_per_s", "model_flops_per_s", "mfu")
+# The console line keeps to these; metrics.jsonl and TensorBoard get everything.
+CONSOLE_METRICS = ("loss", "accuracy", "rewards_margin_mean", "rewards_chosen_mean",
+                   "rewards_rejected_mean", "grad_norm", "learning_rate", "pairs_per_s",
+                   "tokens_per_s", "mfu", "nonfinite_steps")
 
 
 def truncate_after(path: str, step: int):
@@ -44,11 +54,48 @@ class MetricWriter:
     for k, v in metrics.items():
       self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
     self._tb.flush()
-    shown = " ".join(f"{k}={float(v):.4g}" for k, v in metrics.items())
-    print(f"[{split}] step {step}: {shown}", flush=True)
+    shown = " ".join(f"{k}={float(v):.4g}" for k, v in metrics.items()
+                     if k in CONSOLE_METRICS)
+    tqdm.tqdm.write(f"[{split}] step {step}: {shown}", file=sys.stdout)
+    sys.stdout.flush()
 
   def close(self):
     if not self.enabled:
       return
     self._jsonl.close()
     self._tb.close()
+
+
+class Throughput:
+  """Pairs/s, tokens/s and model FLOP utilisation over a logging interval.
+
+  FLOPs per token are `flops_per_token` (8N with a live reference: 6N for the policy forward
+  and backward, 2N for the reference forward; 6N with precomputed reference log-probs).
+  """
+
+  def __init__(self, flops_per_token: float, peak_flops: float):
+    self.flops_per_token, self.peak = flops_per_token, peak_flops
+    self.reset()
+
+  def reset(self):
+    self.pairs = self.tokens = 0
+    self.start = time.perf_counter()
+
+  def add(self, pairs: int, tokens: int):
+    self.pairs += pairs
+    self.tokens += tokens
+
+  def report(self) -> dict:
+    dt = max(time.perf_counter() - self.start, 1e-9)
+    out = {"pairs_per_s": self.pairs / dt, "tokens_per_s": self.tokens / dt,
+           "model_flops_per_s": self.flops_per_token * self.tokens / dt}
+    if self.peak > 0:
+      out["mfu"] = out["model_flops_per_s"] / self.peak
+    self.reset()
+    return out
+
+
+def progress_bar(total: int, initial: int, enabled: bool):
+  """A tqdm bar (ETA, steps/s) on terminals; nothing in logs that are files."""
+  return tqdm.tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                   disable=not (enabled and sys.stdout.isatty()), leave=False)

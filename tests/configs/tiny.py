@@ -26,6 +26,7 @@ def get_config():
   c.train.max_steps = 6
   c.train.warmup_steps = 2
   c.train.log_interval = 1
+  c.train.peak_flops = -1.0  # No start-up matmul measurement in tests.
   c.eval.interval = 3
   c.eval.max_batches = 2
   c.checkpoint.interval = 3

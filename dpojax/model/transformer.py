@@ -4,6 +4,12 @@ Params in, hidden states out. Packed rows work because attention is causal AND r
 to tokens of the same segment, and positions come from the batch (they restart per sequence).
 Layers are scanned, so every per-layer parameter has a leading `layers` axis (the layout
 megatron-core's distributed checkpoints use too).
+
+Decoding (`init_cache` and `decode`) runs the same modules on the same parameter tree with a
+KV cache passed in and returned explicitly: each call writes its T tokens' keys and values at
+cache slots [index, index + T) and attends over every slot so far that shares its segment, so
+one function does both the prompt prefill (T = prompt length) and each decode step (T = 1).
+Rows of different lengths are left-padded (segment 0) with per-row positions.
 """
 
 from __future__ import annotations
@@ -139,11 +145,21 @@ def attention_mask(segment_ids_BxT):
   return (causal[None] & same)[:, None]
 
 
+def cached_attention_mask(segment_ids_BxT, segment_ids_BxS, index):
+  """[B, 1, T, S]: query t sits in slot index + t and sees slots up to its own, same segment."""
+  t, s = segment_ids_BxT.shape[1], segment_ids_BxS.shape[1]
+  causal_TxS = jnp.arange(s)[None, :] <= index + jnp.arange(t)[:, None]
+  same = segment_ids_BxT[:, :, None] == segment_ids_BxS[:, None, :]
+  return (causal_TxS[None] & same)[:, None]
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT):
+  def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxS, kv=None, index=None):
+    """Without `kv`, S = T. With `kv` ({"key", "value"}: [B, S, G, K] cache of this layer), this
+    chunk's keys and values go to slots [index, index + T) and attention spans all S slots."""
     cfg = self.cfg
     d, n, g, k = cfg.hidden_size, cfg.num_attention_heads, cfg.groups, cfg.head_dim
     dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
@@ -161,14 +177,19 @@ class Attention(nn.Module):
     if cfg.position_embedding_type == "rope":
       q_BxTxNxK = apply_rope(q_BxTxNxK, positions_BxT, cfg.rotary_dim, cfg.rotary_base)
       k_BxTxGxK = apply_rope(k_BxTxGxK, positions_BxT, cfg.rotary_dim, cfg.rotary_base)
+    if kv is not None:
+      write = lambda cache, new: jax.lax.dynamic_update_slice_in_dim(
+          cache, new.astype(cache.dtype), index, axis=1)
+      kv = {"key": write(kv["key"], k_BxTxGxK), "value": write(kv["value"], v_BxTxGxK)}
+      k_BxTxGxK, v_BxTxGxK = kv["key"].astype(dt), kv["value"].astype(dt)  # Now [B, S, G, K].
     # XLA implementation: handles GQA (n a multiple of g) and an arbitrary boolean mask.
     o_BxTxNxK = jax.nn.dot_product_attention(
-        q_BxTxNxK, k_BxTxGxK, v_BxTxGxK, mask=mask_Bx1xTxT, implementation="xla")
+        q_BxTxNxK, k_BxTxGxK, v_BxTxGxK, mask=mask_Bx1xTxS, implementation="xla")
     w_o = self.param("out", out_init, (n, k, d), pdt).astype(dt)
     y = jnp.einsum("btnk,nkd->btd", o_BxTxNxK, w_o)
     if cfg.bias:
       y = y + self.param("out_bias", nn.initializers.zeros, (d,), pdt).astype(dt)
-    return y
+    return y, kv
 
 
 class Mlp(nn.Module):
@@ -206,20 +227,24 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT):
-    x_BxTxD = x_BxTxD + Attention(self.cfg, name="attention")(
-        Norm(self.cfg, name="input_norm")(x_BxTxD), positions_BxT, mask_Bx1xTxT)
+  def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxS, kv=None, index=None):
+    y_BxTxD, kv = Attention(self.cfg, name="attention")(
+        Norm(self.cfg, name="input_norm")(x_BxTxD), positions_BxT, mask_Bx1xTxS, kv, index)
+    x_BxTxD = x_BxTxD + y_BxTxD
     x_BxTxD = x_BxTxD + Mlp(self.cfg, name="mlp")(Norm(self.cfg, name="pre_mlp_norm")(x_BxTxD))
-    return x_BxTxD, None
+    return x_BxTxD, kv  # The scan stacks each layer's updated cache (None without one).
 
 
 class Transformer(nn.Module):
-  """Returns final-norm hidden states [B, T, D]; the output layer lives in `output_weight`."""
+  """Returns final-norm hidden states [B, T, D]; the output layer lives in `output_weight`.
+
+  With a `cache` (see `init_cache`) it returns (hidden states, updated cache) instead.
+  """
 
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT):
+  def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT, cache=None):
     cfg = self.cfg
     dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
     init = nn.initializers.normal(cfg.init_method_std)
@@ -236,11 +261,26 @@ class Transformer(nn.Module):
     if cfg.remat != "none":
       policy = None if cfg.remat == "full" else jax.checkpoint_policies.dots_saveable
       block = nn.remat(Block, policy=policy, prevent_cse=False)
+    if cache is None:
+      layers = nn.scan(
+          block, variable_axes={"params": 0}, split_rngs={"params": True},
+          in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers)(cfg, name="layers")
+      x_BxTxD, _ = layers(x_BxTxD, positions_BxT, attention_mask(segment_ids_BxT))
+      return Norm(cfg, name="final_norm")(x_BxTxD)
+    # Same module names, so the same parameters; the layer caches are scanned over axis 0.
     layers = nn.scan(
         block, variable_axes={"params": 0}, split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers)(cfg, name="layers")
-    x_BxTxD, _ = layers(x_BxTxD, positions_BxT, attention_mask(segment_ids_BxT))
-    return Norm(cfg, name="final_norm")(x_BxTxD)
+        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+        length=cfg.num_layers)(cfg, name="layers")
+    index = cache["index"]
+    segment_ids_BxS = jax.lax.dynamic_update_slice_in_dim(
+        cache["segment_ids"], segment_ids_BxT.astype(jnp.int32), index, axis=1)
+    x_BxTxD, kv = layers(x_BxTxD, positions_BxT, cached_attention_mask(
+        segment_ids_BxT, segment_ids_BxS, index), {"key": cache["key"], "value": cache["value"]},
+        index)
+    new_cache = {"key": kv["key"], "value": kv["value"], "segment_ids": segment_ids_BxS,
+                 "index": index + tokens_BxT.shape[1]}
+    return Norm(cfg, name="final_norm")(x_BxTxD), new_cache
 
 
 def output_weight(params: Any, cfg: ModelConfig):
@@ -262,3 +302,23 @@ def _init(cfg: ModelConfig, rng: jax.Array):
 def apply(params: Any, cfg: ModelConfig, tokens_BxT, positions_BxT, segment_ids_BxT):
   """Pure forward: hidden states [B, T, D]."""
   return Transformer(cfg).apply({"params": params}, tokens_BxT, positions_BxT, segment_ids_BxT)
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, max_length: int) -> dict:
+  """An empty KV cache of `max_length` slots: key/value [L, B, S, G, K] in the compute dtype,
+  the segment id of each written slot [B, S] (0 = empty or padding), and the next slot."""
+  shape = (cfg.num_layers, batch_size, max_length, cfg.groups, cfg.head_dim)
+  return {"key": jnp.zeros(shape, _dtype(cfg.dtype)), "value": jnp.zeros(shape, _dtype(cfg.dtype)),
+          "segment_ids": jnp.zeros((batch_size, max_length), jnp.int32),
+          "index": jnp.zeros((), jnp.int32)}
+
+
+def decode(params: Any, cfg: ModelConfig, cache: dict, tokens_BxT, positions_BxT,
+           segment_ids_BxT):
+  """Pure cached forward: (hidden states [B, T, D], cache advanced by T slots).
+
+  The T tokens take slots [cache["index"], cache["index"] + T), which must fit the cache.
+  Feeding a sequence in pieces gives the hidden states `apply` gives for the whole of it.
+  """
+  return Transformer(cfg).apply({"params": params}, tokens_BxT, positions_BxT, segment_ids_BxT,
+                                cache)

@@ -121,6 +121,10 @@ def test_default_cli_run_learns(tmp_path):
   assert val[-1]["rewards_chosen_mean"] > val[-1]["rewards_rejected_mean"]
   assert val[-1]["rewards_margin_mean"] > val[1]["rewards_margin_mean"] > 0
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "200"))
+  from PIL import Image
+  curves = Image.open(os.path.join(workdir, "curves.png"))
+  assert curves.size == (1500, 800)
+  assert len(curves.convert("RGB").getcolors(maxcolors=1 << 20)) > 10  # Not blank.
 
 
 def test_rpo_reads_rewards_from_jsonl(tmp_path):

@@ -15,6 +15,7 @@ from jax.experimental import multihost_utils
 
 from dpojax import loss as loss_lib
 from dpojax import model as model_lib
+from dpojax import workdir as workdir_lib
 from dpojax.checkpoint import orbax as orbax_ckpt
 from dpojax.checkpoint.orbax import Checkpointer
 from dpojax.data import pipeline
@@ -232,11 +233,10 @@ class StopRequested:
 def run(config, workdir: str) -> dict:
   """Trains to `train.max_steps` (resuming from `workdir` if it has a checkpoint)."""
   check_workdir(workdir)
-  if jax.process_index() == 0:  # What generate/evaluate need to rebuild the run.
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
   pretrained = load_pretrained(config, workdir)
   tok, train_data, val_data, step_cfg = build(config, pretrained)
+  if jax.process_index() == 0:  # What generate/evaluate need to rebuild the run.
+    workdir_lib.write_config(workdir, config, step_cfg.model, tok.path)
   t = config.train
   mesh = sharding.make_mesh(config.mesh)
   tx, schedule = step_lib.make_optimizer(t)
@@ -346,6 +346,12 @@ def run(config, workdir: str) -> dict:
   bar.close()
   ckpt.close()
   writer.close()
+  if lead:
+    from dpojax import plot  # pylint: disable=g-import-not-at-top (matplotlib loads here only)
+    try:
+      say(f"Wrote {plot.plot_metrics(workdir)}")
+    except (OSError, ValueError) as e:
+      say(f"WARNING: training curves not drawn ({e})")
   if config.export.to and stop.signal is None:
     host_params = multihost_utils.process_allgather(state.params, tiled=True)
     if lead:

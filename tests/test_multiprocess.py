@@ -41,16 +41,29 @@ SCRIPT = textwrap.dedent("""
 
 
 def launch(workdir, nproc):
-  addr = f"localhost:{portpicker.pick_unused_port()}"
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  # 127.0.0.1, not localhost (which may resolve to ::1 first), and no proxy variables: gRPC
+  # would route the coordinator connection through a proxy and hang distributed.initialize.
+  addr = f"127.0.0.1:{portpicker.pick_unused_port()}"
+  env = {k: v for k, v in os.environ.items() if "_proxy" not in k.lower()}
+  env.update(JAX_PLATFORMS="cpu", NO_GRPC_PROXY="*")
   env.pop("XLA_FLAGS", None)
+  os.makedirs(workdir, exist_ok=True)
+  logs = [(open(f"{workdir}.{i}.out", "w+"), open(f"{workdir}.{i}.err", "w+")) for i in range(nproc)]
+  # Files, not pipes: a process blocked on a full pipe would stall the others at a barrier.
   procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, workdir, addr, str(nproc), str(i)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True) for i in range(nproc)]
-  outs = [p.communicate(timeout=600) for p in procs]
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-4000:]
-  return outs[0][0]
+                            cwd=ROOT, env=env, stdout=out, stderr=err, text=True)
+           for i, (out, err) in enumerate(logs)]
+  codes = [p.wait(timeout=600) for p in procs]
+  texts = []
+  for out, err in logs:
+    out.seek(0), err.seek(0)
+    texts.append((out.read(), err.read()))
+    out.close(), err.close()
+  # Every process's tail: the first to fail is not always the one that timed out.
+  report = "\n".join(f"--- process {i} exit {c}:\n{e[-3000:]}"
+                      for i, (c, (_, e)) in enumerate(zip(codes, texts)))
+  assert codes == [0] * nproc, report
+  return texts[0][0]
 
 
 def read(workdir):

@@ -62,6 +62,19 @@ def get_config() -> ml_collections.ConfigDict:
   d.reference_free = False  # Reference log-probs = 0 (no reference forward pass).
   d.bco_baseline = "none"  # bco_pair reward baseline: none | micro_batch_mean.
 
+  c.lora = lo = ml_collections.ConfigDict()
+  lo.enabled = False  # Train LoRA adapters only; the base stays frozen (NeMo peft_scheme=lora).
+  lo.targets = ("attention_qkv",)  # attention_qkv|_dense, mlp_fc1|_fc2, attention, mlp, all.
+  lo.rank = 32  # Adapter rank r (NeMo adapter_dim).
+  lo.alpha = ml_collections.config_dict.placeholder(float)  # Scale = alpha / rank; None = rank.
+  lo.dropout = 0.0  # Training dropout on the adapter output (NeMo's 'post' position).
+
+  c.reference = rf = ml_collections.ConfigDict()
+  rf.mode = "auto"  # auto (lora_base with LoRA, else copy) | copy | lora_base | precomputed | none.
+  rf.sync_steps = 0  # TR-DPO: every this many steps ref <- alpha*policy + (1-alpha)*ref; 0 = off.
+  rf.sync_alpha = 0.6  # TR-DPO mixing weight alpha (1.0 = hard copy of the policy).
+  rf.cache_dir = ""  # precomputed: reference log-prob cache; "" = ~/.cache/dpojax/reference.
+
   c.logprob = ml_collections.ConfigDict()
   c.logprob.impl = "auto"  # auto (chunked on CPU) | xla (full logits) | chunked | pallas | triton.
   c.logprob.token_block = 0  # Tokens per logits tile; 0 = impl default (chunked 1024, kernels 64).

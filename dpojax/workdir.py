@@ -168,11 +168,25 @@ def load_policy(path: str, *, config_path: str | None = None,
     return Model(cfg, params, tokenizer, None)
   config, init = resolve(*workdir_config(path, config_path), extract_dir)
   cfg = model_config(config)
+  lora_cfg = None
+  if config.get("lora", {}).get("enabled", False):  # The checkpoint holds adapters only.
+    from dpojax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
+    lora_cfg = lora_lib.LoraConfig.from_config(config.lora)
+    init_fn = functools.partial(lora_lib.init, cfg, lora_cfg)
+  else:
+    init_fn = functools.partial(model_lib.init_params, cfg)
   try:
-    params = orbax_ckpt.load_params(path, functools.partial(model_lib.init_params, cfg))
+    params = orbax_ckpt.load_params(path, init_fn)
   except FileNotFoundError as e:
     raise WorkdirError(str(e).replace("init.from=", "--checkpoint=")) from None
-  return Model(cfg, params, config.data.get("tokenizer_path"), config, init)
+  model = Model(cfg, params, config.data.get("tokenizer_path"), config, init)
+  if lora_cfg is not None:  # Adapters merged into the base they were trained on.
+    import tempfile  # pylint: disable=g-import-not-at-top
+    base = load_reference(model, extract_dir=os.path.join(extract_dir, "base") if extract_dir
+                          else tempfile.mkdtemp(prefix="dpojax-base-"))
+    import jax  # pylint: disable=g-import-not-at-top
+    model = model._replace(params=jax.device_get(lora_lib.merge(base, params, cfg, lora_cfg)))
+  return model
 
 
 def load_reference(policy: Model, *, extract_dir: str) -> dict:

@@ -65,3 +65,31 @@ def test_init_from_dpojax_workdir(tmp_path):
     last_val_first = [json.loads(l) for l in f if '"val"' in l][-1]
   # Same params, so the same policy log-probs on the same validation pairs.
   assert abs(val0["logps_chosen_mean"] - last_val_first["logps_chosen_mean"]) < 1e-4
+
+
+def test_lora_run_checkpoints_adapters_and_exports_them_merged(tmp_path):
+  config = stories_config(os.path.join(STORIES, "hf"))
+  config.lora.enabled, config.lora.targets, config.lora.rank = True, ("all",), 4
+  config.train.learning_rate = 1e-2
+  config.export.to = str(tmp_path / "aligned_hf")
+  run = str(tmp_path / "run")
+  out = loop.run(config, run)
+  adapters = jax.device_get(out["state"].params)
+  assert set(adapters["layers"]) == {"attention", "mlp"}  # Only adapters were trained.
+  initial = convert.load(os.path.join(STORIES, "hf"))
+  exported = convert.load(config.export.to)
+  # Untargeted weights are the base's, bit for bit; targeted ones moved by B @ A.
+  assert_trees_equal(exported.params["embedding"], initial.params["embedding"])
+  assert_trees_equal(exported.params["final_norm"], initial.params["final_norm"])
+  assert not np.array_equal(exported.params["layers"]["attention"]["query"],
+                            initial.params["layers"]["attention"]["query"])
+  # The workdir loads as the same merged policy (generate/evaluate use this path).
+  from dpojax import workdir as workdir_lib
+  policy = workdir_lib.load_policy(run, extract_dir=str(tmp_path / "x"))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6),
+               policy.params, exported.params)
+  # The checkpoint holds adapters and their Adam moments: a fraction of the full model.
+  step_dir = os.path.join(run, "checkpoints", "2")
+  on_disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(step_dir) for f in fs)
+  full = sum(np.asarray(x).nbytes for x in jax.tree.leaves(initial.params))
+  assert on_disk < full, (on_disk, full)

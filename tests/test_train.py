@@ -73,6 +73,51 @@ def test_resume_continues_exactly(uninterrupted, tmp_path):
                straight["state"].params, resumed["state"].params)
 
 
+
+def assert_same_records(a, b, tol):
+  assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
+  for ra, rb in zip(a, b):
+    for key in ra:
+      if key not in TIMING_METRICS and key != "split":
+        assert rb[key] == pytest.approx(ra[key], abs=tol, rel=tol), (ra["step"], key)
+
+
+def test_precomputed_reference_run_matches_copy(uninterrupted, tmp_path):
+  """reference.mode=precomputed: the same losses and metrics as the live copy, from a table
+  computed once and cached on disk."""
+  straight_dir, straight = uninterrupted
+  config = tiny_config()
+  config.reference.mode = "precomputed"
+  config.reference.cache_dir = str(tmp_path / "cache")
+  out = loop.run(config, str(tmp_path / "run"))
+  assert_same_records(read_metrics(straight_dir), read_metrics(str(tmp_path / "run")), 1e-5)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5),
+               straight["state"].params, out["state"].params)
+  assert len([f for f in os.listdir(tmp_path / "cache") if f.endswith(".npy")]) == 2
+
+
+def test_tr_dpo_reference_sync_resumes_exactly(tmp_path):
+  """The synced reference lives in the train state: it is checkpointed, and a resumed run
+  continues exactly; the sync moved it away from the initial policy."""
+  config = tiny_config()
+  config.reference.sync_steps, config.reference.sync_alpha = 2, 0.5
+  config.train.max_steps, config.eval.interval, config.checkpoint.interval = 4, 2, 2
+  straight = loop.run(config, str(tmp_path / "straight"))
+  config.train.max_steps = 2
+  loop.run(config, str(tmp_path / "resumed"))
+  config.train.max_steps = 4
+  resumed = loop.run(config, str(tmp_path / "resumed"))
+  assert_same_records(read_metrics(str(tmp_path / "straight")),
+                      read_metrics(str(tmp_path / "resumed")), 1e-6)
+  for part in ("params", "ref"):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6),
+                 getattr(straight["state"], part), getattr(resumed["state"], part))
+  init = model_lib.init_params(model_lib.ModelConfig.from_dict(config.model),
+                               jax.random.key(config.train.seed))
+  moved = jax.tree.map(lambda r, p: float(np.max(np.abs(np.asarray(r) - np.asarray(p)))),
+                       straight["state"].ref, init)
+  assert max(jax.tree.leaves(moved)) > 1e-4
+
 def test_gradient_accumulation_equals_one_big_batch():
   config = tiny_config()
   _, train_data, _, step_cfg = loop.build(config)

@@ -162,6 +162,7 @@ def collate_rows(rows: list, fetch, *, micro_rows: int, pack_size: int, pairs_pe
       np.zeros((n, pack_size), np.int32) for _ in range(4))
   sequence_ids = np.full((n, pack_size), -1, np.int32)
   pair_mask = np.zeros((a_count, num_pairs), np.float32)
+  pair_index = np.full((a_count, num_pairs), -1, np.int32)
   rewards = np.zeros((a_count, num_pairs, 2), np.float32)
   for r, row in enumerate(rows):
     a, r_in = divmod(r, micro_rows)
@@ -186,6 +187,7 @@ def collate_rows(rows: list, fetch, *, micro_rows: int, pack_size: int, pairs_pe
         rewards[a, slot, side] = default_rewards[side] if reward is None else reward
         offset = end
       pair_mask[a, slot] = 1.0
+      pair_index[a, slot] = pair.get("index", -1)
   shape = (a_count, micro_rows, pack_size)
   batch = {"tokens": tokens.reshape(shape), "positions": positions.reshape(shape),
            "segment_ids": segment_ids.reshape(shape), "loss_mask": loss_mask.reshape(shape),
@@ -193,4 +195,5 @@ def collate_rows(rows: list, fetch, *, micro_rows: int, pack_size: int, pairs_pe
   batch["pair_mask"] = pair_mask
   batch["chosen_reward"] = rewards[..., 0]
   batch["rejected_reward"] = rewards[..., 1]
+  batch["pair_index"] = pair_index
   return batch

@@ -36,7 +36,7 @@ from dpojax.data.sources import FORMATS, DataError, JsonlSource, RecordError, wh
 from dpojax.data.tokenize import TEMPLATES, TRUNCATIONS, Tokenizer, fit_pair, tokenize_pair
 
 BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_mask", "sequence_ids")
-PAIR_KEYS = ("pair_mask", "chosen_reward", "rejected_reward")
+PAIR_KEYS = ("pair_mask", "chosen_reward", "rejected_reward", "pair_index")
 ON_ERROR = ("raise", "skip")
 PACKED_FORMAT = "dpojax-packed-v1"
 
@@ -228,10 +228,10 @@ class PreferenceData:
               "rejected": np.asarray(a["tokens"][start + n_c:start + n_c + n_r]),
               "prompt_len": int(self.prompt_len[i]), "line": int(a["line"][i]),
               "chosen_reward": None if np.isnan(rewards[0]) else rewards[0],
-              "rejected_reward": None if np.isnan(rewards[1]) else rewards[1]}
+              "rejected_reward": None if np.isnan(rewards[1]) else rewards[1], "index": i}
     pair, _ = fit_pair(self._tokenize(int(self.indices[i])), self.opts.max_seq_length,
                        self.opts.truncation, self._keep_prefix)
-    return pair
+    return dict(pair, index=i)  # Its place in this split: the key of per-pair tables.
 
   def require(self, num_pairs: int, what: str):
     if len(self) < num_pairs:
@@ -254,11 +254,13 @@ def collate(pairs: list[dict], *, micro_batch_size: int, seq_len: int, opts: Dat
   out = {k: np.zeros((rows, seq_len), np.int32) for k in BATCH_KEYS}
   out["sequence_ids"][:] = -1
   pair_mask = np.zeros(n, np.float32)
+  pair_index = np.full(n, -1, np.int32)
   rewards = np.zeros((n, 2), np.float32)
   for p, pair in enumerate(pairs):
     if pair is None:
       continue
     pair_mask[p] = 1.0
+    pair_index[p] = pair.get("index", -1)
     for side, name in enumerate(("chosen", "rejected")):
       ids = pair[name]
       r, length = 2 * p + side, len(ids)
@@ -277,6 +279,7 @@ def collate(pairs: list[dict], *, micro_batch_size: int, seq_len: int, opts: Dat
   batch["pair_mask"] = pair_mask.reshape(a, micro_batch_size)
   batch["chosen_reward"] = rewards[:, 0].reshape(a, micro_batch_size)
   batch["rejected_reward"] = rewards[:, 1].reshape(a, micro_batch_size)
+  batch["pair_index"] = pair_index.reshape(a, micro_batch_size)
   return batch
 
 

@@ -15,6 +15,7 @@ from jax.experimental import multihost_utils
 
 from dpojax import loss as loss_lib
 from dpojax import model as model_lib
+from dpojax import reference
 from dpojax import workdir as workdir_lib
 from dpojax.checkpoint import orbax as orbax_ckpt
 from dpojax.checkpoint.orbax import Checkpointer
@@ -101,6 +102,7 @@ def build(config, pretrained=None):
   step_cfg = step_lib.StepConfig(model=model_cfg,
                                  loss=loss_lib.LossConfig.from_config(config.dpo),
                                  logprob_impl=config.logprob.impl)
+  step_cfg = reference.step_config(config, step_cfg)  # lora.* and reference.* (checked).
   return tok, train_data, val_data, step_cfg
 
 
@@ -148,8 +150,10 @@ def compile_steps(step_cfg, tx, schedule, state, ref_params, mesh, example_batch
                         inject_nonfinite_at=tuple(inject_nonfinite_at)),
       in_shardings=(state_sh, ref_sh, batch_sh), out_shardings=(state_sh, replicated),
       donate_argnums=(0,))
+  # TR-DPO keeps the reference in the state: evaluation then takes the whole state.
+  eval_sh = state_sh if getattr(state, "ref", None) is not None else state_sh.params
   evaluate = jax.jit(functools.partial(step_lib.eval_step, cfg=step_cfg),
-                     in_shardings=(state_sh.params, ref_sh, batch_sh), out_shardings=replicated)
+                     in_shardings=(eval_sh, ref_sh, batch_sh), out_shardings=replicated)
   return train, evaluate, state_sh, ref_sh
 
 
@@ -242,28 +246,48 @@ def run(config, workdir: str) -> dict:
   tx, schedule = step_lib.make_optimizer(t)
   key = jax.random.key(t.seed)
   abstract_params = jax.eval_shape(functools.partial(model_lib.init_params, step_cfg.model), key)
-  abstract_state = jax.eval_shape(lambda p: step_lib.init_state(p, tx), abstract_params)
+  ref_cfg = reference.ReferenceConfig.from_config(config)
+  sync, precomputed = ref_cfg.sync_steps > 0, step_cfg.reference == "precomputed"
+  abstract = reference.abstract_split(step_cfg, abstract_params, sync=sync)
+  abstract_state = jax.eval_shape(lambda p, r: step_lib.init_state(p, tx, ref=r),
+                                  abstract.trainable, abstract.state_ref)
   train_iter = iter(pipeline.train_dataset(
       train_data, global_batch_size=t.global_batch_size,
       micro_batch_size=t.micro_batch_size, seed=t.seed))
   val_batches = pipeline.eval_batches(
       val_data, global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
       max_batches=config.eval.max_batches)
+  example = val_batches[0]
+  if precomputed:  # Shapes only: the tables come once the weights exist.
+    example = reference.add_ref_logps(example, np.zeros((len(val_data), 2), np.float32))
   train_fn, eval_fn, state_sh, ref_sh = compile_steps(
-      step_cfg, tx, schedule, abstract_state, abstract_params, mesh, val_batches[0],
+      step_cfg, tx, schedule, abstract_state, abstract.frozen, mesh, example,
       inject_nonfinite_at=config.debug.inject_nonfinite_at)
-  # Everything is created on the mesh, never gathered on one device. The reference is the
-  # initial policy in its own buffers (the train state is donated).
+  # Everything is created on the mesh, never gathered on one device.
+  params_sh = sharding.tree_shardings(abstract_params, mesh)
   if pretrained is None:
-    params = jax.jit(model_lib.init_params, static_argnums=0, out_shardings=ref_sh)(
+    params = jax.jit(model_lib.init_params, static_argnums=0, out_shardings=params_sh)(
         step_cfg.model, key)
   else:
     dtype = jnp.dtype(step_cfg.model.param_dtype)
     params = jax.device_put(jax.tree.map(lambda x: np.asarray(x, dtype), pretrained.params),
-                            ref_sh)
-  ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=ref_sh)(params)
-  state = jax.jit(lambda p: step_lib.init_state(p, tx), out_shardings=state_sh)(params)
-  del params
+                            params_sh)
+  tables = None
+  if precomputed:  # One forward pass over both splits (or the disk cache), before training.
+    tables = reference.precompute_tables(
+        step_cfg, ref_cfg, params, {"train": train_data, "val": val_data},
+        pairs_per_batch=t.global_batch_size, micro_batch_size=t.micro_batch_size, mesh=mesh)
+    val_batches = [reference.add_ref_logps(b, tables["val"]) for b in val_batches]
+  # copy: the reference is the initial policy in its own buffers (the state is donated);
+  # LoRA: the frozen tree holds `params` itself as the base.
+  parts = reference.split(step_cfg, params, sync=sync, mesh=mesh)
+  ref_params = parts.frozen
+  state = jax.jit(lambda p, r: step_lib.init_state(p, tx, ref=r), out_shardings=state_sh)(
+      parts.trainable, parts.state_ref)
+  del params, parts
+  sync_fn = jax.jit(functools.partial(reference.sync_state, cfg=step_cfg,
+                                      alpha=ref_cfg.sync_alpha),
+                    in_shardings=(state_sh, ref_sh), out_shardings=state_sh, donate_argnums=0)
 
   ckpt = Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
                       async_save=config.checkpoint.async_save,
@@ -289,11 +313,12 @@ def run(config, workdir: str) -> dict:
 
   n_params = sum(x.size for x in jax.tree.leaves(abstract_params))
   peak = t.peak_flops if t.peak_flops != 0 else matmul_peak_flops()
-  throughput = metrics_lib.Throughput(8 * n_params, peak)
+  throughput = metrics_lib.Throughput(metrics_lib.flops_per_token(
+      n_params, reference=step_cfg.reference, lora=step_cfg.lora is not None), peak)
   bar = metrics_lib.progress_bar(t.max_steps, start, lead)
 
   def validate(step):
-    metrics = evaluate(eval_fn, state.params, ref_params, val_batches, mesh)
+    metrics = evaluate(eval_fn, state if sync else state.params, ref_params, val_batches, mesh)
     writer.write(step, "val", metrics)
     ckpt.save_if_best(step, state, data_state(), metrics["loss"])
     return metrics
@@ -306,8 +331,12 @@ def run(config, workdir: str) -> dict:
   with StopRequested() as stop:
     while step < t.max_steps and stop.signal is None:
       host_batch = next(train_iter)
+      if precomputed:
+        host_batch = reference.add_ref_logps(host_batch, tables["train"])
       state, metrics = train_fn(state, ref_params, sharding.global_batch(host_batch, mesh))
       step += 1
+      if sync and step % ref_cfg.sync_steps == 0:  # TR-DPO, after the optimizer step.
+        state = sync_fn(state, ref_params)
       # Two scalars per step: the guard must know now, and packed steps vary in pairs.
       nonfinite, pairs = jax.device_get((metrics["nonfinite"], metrics["num_pairs"]))
       local_tokens = int(np.sum(np.asarray(host_batch["segment_ids"]) > 0))
@@ -353,7 +382,11 @@ def run(config, workdir: str) -> dict:
     except (OSError, ValueError) as e:
       say(f"WARNING: training curves not drawn ({e})")
   if config.export.to and stop.signal is None:
-    host_params = multihost_utils.process_allgather(state.params, tiled=True)
+    policy = state.params
+    if step_cfg.lora is not None:  # Adapters folded into the base.
+      policy = jax.jit(functools.partial(reference.policy_params, step_cfg))(
+          state.params, ref_params)
+    host_params = multihost_utils.process_allgather(policy, tiled=True)
     if lead:
       export(config, step_cfg.model, host_params, tok.path, config.init.get("from"))
       say(f"Exported the policy to {config.export.to}")

@@ -66,11 +66,18 @@ class MetricWriter:
     self._tb.close()
 
 
+def flops_per_token(n_params: int, *, reference: str = "copy", lora: bool = False) -> float:
+  """Model FLOPs per trained token (the 6N rule): 2N for the policy forward, 4N for its
+  backward (2N with LoRA: no weight gradients of the frozen base), 2N for a reference forward
+  (none when it is precomputed or absent)."""
+  policy = (4 if lora else 6) * n_params
+  return float(policy + (2 * n_params if reference in ("copy", "lora_base") else 0))
+
+
 class Throughput:
   """Pairs/s, tokens/s and model FLOP utilisation over a logging interval.
 
-  FLOPs per token are `flops_per_token` (8N with a live reference: 6N for the policy forward
-  and backward, 2N for the reference forward; 6N with precomputed reference log-probs).
+  FLOPs per token are `flops_per_token` (see the function of that name).
   """
 
   def __init__(self, flops_per_token: float, peak_flops: float):

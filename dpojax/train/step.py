@@ -3,7 +3,17 @@
 `train_step(state, ref_params, batch)` runs A micro-batches in a `lax.scan`, summing
 gradients and metric sums; each micro-batch loss is its pair-loss sum divided by the number
 of pairs in the whole global batch, so accumulation equals one big batch exactly.
-The reference parameters are an argument, never part of the state: no optimizer, no gradient.
+
+The frozen weights are the second argument, never trained (no optimizer, no gradient). What
+it holds depends on `StepConfig.reference` and `StepConfig.lora` (`dpojax.reference.split`
+builds it):
+  no LoRA:  copy -> the reference params tree; precomputed / none -> {} (unused).
+  LoRA:     {"base": base params} (+ "reference": a separate tree for mode copy); the trained
+            `state.params` are the adapters; lora_base's reference is the base, adapters off.
+precomputed reads the reference log-probs from the batch (`ref_logps_chosen`/`_rejected`
+[A, P]); none uses 0.
+With TR-DPO sync the reference lives in `state.ref` (it evolves, so it is checkpointed with
+the state) and takes precedence over the copy in the second argument.
 """
 
 from __future__ import annotations
@@ -19,7 +29,10 @@ import optax
 
 from dpojax import loss as loss_lib
 from dpojax import model as model_lib
+from dpojax.model import lora as lora_lib
 from dpojax.ops import logprob as logprob_lib
+
+REFERENCE_MODES = ("copy", "lora_base", "precomputed", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,18 +46,33 @@ class StepConfig:
   loss: loss_lib.LossConfig | None = None
   logprob_impl: str = "xla"
   beta: dataclasses.InitVar[float | None] = None
+  lora: lora_lib.LoraConfig | None = None  # Train adapters on a frozen base.
+  reference: str = "copy"  # One of REFERENCE_MODES; loss.reference_free means "none".
+  seed: int = 0  # LoRA dropout stream (folded with the step and micro-batch index).
 
   def __post_init__(self, beta):
     if self.loss is None:
       object.__setattr__(self, "loss", loss_lib.LossConfig(beta=0.1 if beta is None else beta))
     elif beta is not None and beta != self.loss.beta:
       raise ValueError(f"StepConfig: beta={beta} disagrees with loss.beta={self.loss.beta}")
+    if self.reference not in REFERENCE_MODES:
+      raise ValueError(f"reference.mode={self.reference!r} is not one of {REFERENCE_MODES}")
+    if self.loss.reference_free:  # One switch for "no reference": mode none.
+      if self.reference not in ("copy", "none"):
+        raise ValueError(f"dpo.reference_free=True contradicts reference.mode="
+                         f"{self.reference!r}; use reference.mode=none")
+      object.__setattr__(self, "reference", "none")
+    elif self.reference == "none":
+      object.__setattr__(self, "loss", dataclasses.replace(self.loss, reference_free=True))
+    if self.reference == "lora_base" and self.lora is None:
+      raise ValueError("reference.mode=lora_base needs lora.enabled=True")
 
 
 class TrainState(flax.struct.PyTreeNode):
   step: jax.Array
-  params: Any
+  params: Any  # What is trained: the policy, or its LoRA adapters.
   opt_state: Any
+  ref: Any = None  # TR-DPO only: the evolving reference (None otherwise: not a leaf).
 
 
 def make_optimizer(train_cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -62,20 +90,24 @@ def make_optimizer(train_cfg) -> tuple[optax.GradientTransformation, optax.Sched
   return optax.chain(*chain), schedule
 
 
-def init_state(params, tx) -> TrainState:
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+def init_state(params, tx, ref=None) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    ref=ref)
 
 
-def sequence_logps(params, micro: dict, cfg: StepConfig, *, policy: bool = True) -> dict:
+def sequence_logps(params, micro: dict, cfg: StepConfig, *, policy: bool = True,
+                   adapters=None, dropout_rng=None) -> dict:
   """Per-sequence statistics of one micro-batch, each [P, 2] (chosen, rejected).
 
   logps: summed response log-probs; counts: response tokens; ld_logps (LD-DPO, when
   `ld_alpha` is set): the sum with tokens past the pair's shared length weighted by ld_alpha;
   wpo_logps (WPO, policy only): mean over tokens of (log p - log sum_v p_v^2), no gradient.
+  With `adapters` (LoRA), `params` is the base and the model is the adapted one.
   """
   loss_cfg = cfg.loss
-  hidden_BxTxD = model_lib.apply(
-      params, cfg.model, micro["tokens"], micro["positions"], micro["segment_ids"])
+  hidden_BxTxD = lora_lib.apply(
+      params, adapters, cfg.model, cfg.lora, micro["tokens"], micro["positions"],
+      micro["segment_ids"], dropout_rng=dropout_rng)
   targets, mask, target_seq = logprob_lib.shift_targets(
       micro["tokens"], micro["segment_ids"], micro["loss_mask"], micro["sequence_ids"])
   out_weight_VxD = model_lib.output_weight(params, cfg.model)
@@ -131,15 +163,40 @@ def _log_sum_sq_probs(hidden_BxTxD, out_weight_VxD):
   return jax.nn.logsumexp(2.0 * logits_BxTxV, axis=-1) - 2.0 * lse_BxT
 
 
-def micro_loss(params, ref_params, micro: dict, cfg: StepConfig, normalizers: dict):
-  loss_cfg = cfg.loss
-  policy = sequence_logps(params, micro, cfg)
-  key = "ld_logps" if loss_cfg.ld_alpha is not None else "logps"
-  if loss_cfg.reference_free:  # No reference forward at all.
-    reference_Px2 = jnp.zeros_like(policy["logps"])
+def reference_key(cfg: StepConfig) -> str:
+  """The per-sequence statistic the loss compares: LD-DPO's weighted sum or the plain sum."""
+  return "ld_logps" if cfg.loss.ld_alpha is not None else "logps"
+
+
+def reference_logps(ref_params, micro: dict, cfg: StepConfig):
+  """[P, 2] reference statistics of one micro-batch, by `cfg.reference` (no gradient)."""
+  key = reference_key(cfg)
+  if cfg.reference == "none":  # No reference forward at all.
+    return jnp.zeros(micro["pair_mask"].shape + (2,), jnp.float32)
+  if cfg.reference == "precomputed":
+    if "ref_logps_chosen" not in micro:
+      raise KeyError("reference.mode=precomputed: the batch has no 'ref_logps_chosen' / "
+                     "'ref_logps_rejected' (add them with dpojax.reference.add_ref_logps)")
+    return jnp.stack([micro["ref_logps_chosen"], micro["ref_logps_rejected"]],
+                     axis=1).astype(jnp.float32)
+  if cfg.reference == "lora_base":  # The base with its adapters off.
+    tree = ref_params["base"]
   else:
-    reference_Px2 = sequence_logps(
-        jax.lax.stop_gradient(ref_params), micro, cfg, policy=False)[key]
+    tree = ref_params["reference"] if cfg.lora is not None else ref_params
+  return sequence_logps(jax.lax.stop_gradient(tree), micro, cfg, policy=False)[key]
+
+
+def micro_loss(params, ref_params, micro: dict, cfg: StepConfig, normalizers: dict,
+               dropout_rng=None):
+  """(loss, metric sums) of one micro-batch; `params` are trained, `ref_params` frozen."""
+  loss_cfg = cfg.loss
+  if cfg.lora is not None:
+    policy = sequence_logps(jax.lax.stop_gradient(ref_params["base"]), micro, cfg,
+                            adapters=params, dropout_rng=dropout_rng)
+  else:
+    policy = sequence_logps(params, micro, cfg)
+  key = reference_key(cfg)
+  reference_Px2 = reference_logps(ref_params, micro, cfg)
   stats = loss_lib.PairStats(
       policy_logps=policy[key], reference_logps=reference_Px2, counts=policy["counts"],
       pair_mask=micro["pair_mask"],
@@ -163,14 +220,31 @@ def _global_normalizer(batch, cfg: StepConfig) -> dict:
   return out
 
 
+def frozen_tree(state_ref, ref_params, cfg: StepConfig):
+  """The step's frozen tree with the TR-DPO reference from the state, when there is one."""
+  if state_ref is None:
+    return ref_params
+  return state_ref if cfg.lora is None else {**ref_params, "reference": state_ref}
+
+
+def _dropout_rng(cfg: StepConfig, step):
+  if cfg.lora is None or cfg.lora.dropout == 0:
+    return None
+  return jax.random.fold_in(jax.random.key(cfg.seed), step)
+
+
 def train_step(state: TrainState, ref_params, batch: dict, *, cfg: StepConfig,
                tx: optax.GradientTransformation, schedule: optax.Schedule):
   normalizer = _global_normalizer(batch, cfg)
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+  ref_params = frozen_tree(state.ref, ref_params, cfg)
+  rng = _dropout_rng(cfg, state.step)
 
-  def body(carry, micro):
+  def body(carry, xs):
+    micro, index = xs
     grads_acc, metrics_acc = carry
-    (_, metrics), grads = grad_fn(state.params, ref_params, micro, cfg, normalizer)
+    micro_rng = None if rng is None else jax.random.fold_in(rng, index)
+    (_, metrics), grads = grad_fn(state.params, ref_params, micro, cfg, normalizer, micro_rng)
     grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
     metrics_acc = jax.tree.map(jnp.add, metrics_acc, metrics)
     return (grads_acc, metrics_acc), None
@@ -180,7 +254,9 @@ def train_step(state: TrainState, ref_params, batch: dict, *, cfg: StepConfig,
       lambda: micro_loss(state.params, ref_params, first, cfg, normalizer)[1])
   zeros_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
   zeros_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-  (grads, metrics), _ = jax.lax.scan(body, (zeros_grads, zeros_metrics), batch)
+  num_micro = jax.tree.leaves(batch)[0].shape[0]
+  (grads, metrics), _ = jax.lax.scan(body, (zeros_grads, zeros_metrics),
+                                     (batch, jnp.arange(num_micro)))
 
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -191,6 +267,9 @@ def train_step(state: TrainState, ref_params, batch: dict, *, cfg: StepConfig,
 
 
 def eval_step(params, ref_params, batch: dict, *, cfg: StepConfig):
+  """Metric sums over the batch; `params` may be the TrainState (TR-DPO: its `ref` is used)."""
+  if isinstance(params, TrainState):
+    params, ref_params = params.params, frozen_tree(params.ref, ref_params, cfg)
   normalizer = _global_normalizer(batch, cfg)
 
   def body(acc, micro):

@@ -1,5 +1,6 @@
 """dpojax.checkpoint.hf: the real stories260K Llama folder, round trips, transformers parity."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -113,7 +114,8 @@ def logits(cfg, params, tokens_BxT):
 
 
 def test_logits_match_transformers_llama(stories, tmp_path):
-  """Against LlamaForCausalLM in float64 (the exact answer) and in float32.
+  """Against LlamaForCausalLM in float64 (the exact answer) and in float32; and our own
+  forward in float64 against its float64, within 1e-5 absolute.
 
   Our fp32 logits are within 2e-6 of the logit scale (max |logit| about 22, so about 4e-5
   absolute): HF's own fp32 run is 1.2e-5 from its fp64 one, and its eager and sdpa paths differ
@@ -143,6 +145,15 @@ def test_logits_match_transformers_llama(stories, tmp_path):
     assert np.abs(ours - fp64).max() <= 2e-6 * scale, (folder, np.abs(ours - fp64).max())
     assert np.abs(ours - fp32).max() <= 2e-6 * scale, (folder, np.abs(ours - fp32).max())
     assert (ours.argmax(-1) == fp64.argmax(-1)).mean() == 1.0
+    # The same forward in float64 (x64): the conversion is exact, within 1e-5 absolute.
+    with jax.enable_x64(True):
+      cfg64 = dataclasses.replace(cfg, dtype="float64", param_dtype="float64")
+      ours64 = np.asarray(logits(cfg64, jax.tree.map(lambda x: np.asarray(x, np.float64),
+                                                     params), tokens))
+    assert ours64.dtype == np.float64
+    print(f"{os.path.basename(folder)}: max |logit diff| fp32 {np.abs(ours - fp32).max():.2e}, "
+          f"fp64 {np.abs(ours64 - fp64).max():.2e} (scale {scale:.1f})")
+    assert np.abs(ours64 - fp64).max() <= 1e-5, (folder, np.abs(ours64 - fp64).max())
 
 
 def test_errors_name_file_line_and_field(stories, tmp_path):

@@ -99,6 +99,10 @@ def _dtype(name: str):
   return jnp.dtype(name)
 
 
+def _at_least_f32(dtype):
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 class Norm(nn.Module):
   cfg: ModelConfig
 
@@ -106,17 +110,18 @@ class Norm(nn.Module):
   def __call__(self, x):
     cfg = self.cfg
     d = x.shape[-1]
-    x32 = x.astype(jnp.float32)
+    f32 = _at_least_f32(x.dtype)  # Statistics in fp32 (fp64 in x64 reference runs).
+    x32 = x.astype(f32)
     pdt = _dtype(cfg.param_dtype)
     if cfg.normalization == "rmsnorm":
       scale = self.param("scale", nn.initializers.ones, (d,), pdt)
       y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + cfg.layernorm_epsilon)
-      y = y * scale.astype(jnp.float32)
+      y = y * scale.astype(f32)
     else:
       one_plus = cfg.normalization == "layernorm1p"
       init = nn.initializers.zeros if one_plus else nn.initializers.ones
-      scale = self.param("scale", init, (d,), pdt).astype(jnp.float32)
-      bias = self.param("bias", nn.initializers.zeros, (d,), pdt).astype(jnp.float32)
+      scale = self.param("scale", init, (d,), pdt).astype(f32)
+      bias = self.param("bias", nn.initializers.zeros, (d,), pdt).astype(f32)
       mean = jnp.mean(x32, -1, keepdims=True)
       var = jnp.mean(jnp.square(x32 - mean), -1, keepdims=True)
       y = (x32 - mean) * jax.lax.rsqrt(var + cfg.layernorm_epsilon)
@@ -126,9 +131,10 @@ class Norm(nn.Module):
 
 def apply_rope(x_BxTxNxK, positions_BxT, rotary_dim: int, base: float):
   """Rotate-half RoPE on the first `rotary_dim` channels of each head (NeMo/HF convention)."""
-  x = x_BxTxNxK.astype(jnp.float32)
-  inv_freq = 1.0 / (base ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
-  freqs_BxTxR2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq
+  f32 = _at_least_f32(x_BxTxNxK.dtype)
+  x = x_BxTxNxK.astype(f32)
+  inv_freq = 1.0 / (base ** (jnp.arange(0, rotary_dim, 2, dtype=f32) / rotary_dim))
+  freqs_BxTxR2 = positions_BxT[..., None].astype(f32) * inv_freq
   emb = jnp.concatenate([freqs_BxTxR2, freqs_BxTxR2], -1)[:, :, None, :]
   x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
   x1, x2 = jnp.split(x_rot, 2, axis=-1)

@@ -120,6 +120,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.eval = e = ml_collections.ConfigDict()
   e.interval = 25  # Steps between validations (and at the end).
+  e.interval_epochs = 0.0  # If > 0: validate every this fraction of an epoch (overrides interval).
   e.max_batches = -1  # Validation batches per evaluation; -1 = the whole file.
   e.at_start = True  # Validate before the first step.
 

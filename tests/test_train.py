@@ -118,6 +118,19 @@ def test_tr_dpo_reference_sync_resumes_exactly(tmp_path):
                        straight["state"].ref, init)
   assert max(jax.tree.leaves(moved)) > 1e-4
 
+
+def test_eval_interval_as_a_fraction_of_an_epoch(tmp_path):
+  config = tiny_config()
+  config.train.max_steps = 5
+  config.eval.interval_epochs = 0.01
+  workdir = str(tmp_path / "run")
+  loop.run(config, workdir)
+  train_data = loop.build(config)[1]
+  epoch_steps = len(train_data) / config.train.global_batch_size  # Padded: pairs / batch.
+  every = round(0.01 * epoch_steps)
+  assert every == 2, (len(train_data), epoch_steps)
+  assert [r["step"] for r in read_metrics(workdir) if r["split"] == "val"] == [0, 2, 4, 5]
+
 def test_gradient_accumulation_equals_one_big_batch():
   config = tiny_config()
   _, train_data, _, step_cfg = loop.build(config)

@@ -283,6 +283,13 @@ def collate(pairs: list[dict], *, micro_batch_size: int, seq_len: int, opts: Dat
   return batch
 
 
+def steps_per_epoch(data: PreferenceData, global_batch_size: int, seed: int) -> float:
+  """Optimizer steps in one pass over `data` (epochs run into each other, so a fraction):
+  pairs / batch padded, rows of the first epoch's packing / batch packed."""
+  units = RowStream(data, seed).rows_in_epoch(0) if data.packed else len(data)
+  return units / global_batch_size
+
+
 # --- packed batches ------------------------------------------------------------------------
 class RowStream:
   """The endless stream of packed rows: epoch e is packed (or, for a fixed packing, its rows

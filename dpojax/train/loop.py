@@ -45,6 +45,8 @@ def check_config(config):
     section, name = key.split(".")
     if config[section][name] <= 0:
       raise ConfigError(f"{key}={config[section][name]} must be positive")
+  if config.eval.get("interval_epochs", 0.0) < 0:
+    raise ConfigError(f"eval.interval_epochs={config.eval.interval_epochs} must be >= 0")
   loss_lib.LossConfig.from_config(config.dpo)  # Checks every dpo.* key; names the key.
   logprob_lib.resolve_impl(config.logprob.impl)  # Names logprob.impl if it is unknown.
 
@@ -323,6 +325,12 @@ def run(config, workdir: str) -> dict:
     ckpt.save_if_best(step, state, data_state(), metrics["loss"])
     return metrics
 
+  eval_interval = config.eval.interval
+  if config.eval.get("interval_epochs", 0.0) > 0:  # A fraction of an epoch, in whole steps.
+    epoch_steps = pipeline.steps_per_epoch(train_data, t.global_batch_size, t.seed)
+    eval_interval = max(1, round(config.eval.interval_epochs * epoch_steps))
+    say(f"Validating every {eval_interval} steps ({config.eval.interval_epochs} of an epoch "
+        f"of {epoch_steps:.1f} steps)")
   last_val = None
   if start == 0 and config.eval.at_start:
     last_val = validate(0)
@@ -364,7 +372,7 @@ def run(config, workdir: str) -> dict:
         metrics.update(throughput.report())
         tick, tick_step = now, step
         writer.write(step, "train", metrics)
-      if step % config.eval.interval == 0 or step == t.max_steps:
+      if step % eval_interval == 0 or step == t.max_steps:
         last_val = validate(step)
       if (step % config.checkpoint.interval == 0 or step == t.max_steps
           or stop.signal is not None):

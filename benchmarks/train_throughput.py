@@ -25,6 +25,7 @@ def parse():
   p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--remat", default="none")
+  p.add_argument("--attention_block", type=int, default=32, help="0 = dense T x T attention")
   p.add_argument("--logprob_impl", default="xla")
   p.add_argument("--dtype", default="float32")
   return p.parse_args()
@@ -80,7 +81,8 @@ def synthetic_batch(rng):
 
 
 def main():
-  cfg = dataclasses.replace(MODEL, remat=ARGS.remat, dtype=ARGS.dtype)
+  cfg = dataclasses.replace(MODEL, remat=ARGS.remat, dtype=ARGS.dtype,
+                            attention_block=ARGS.attention_block)
   train_cfg = ml_collections.ConfigDict(dict(
       learning_rate=1e-4, warmup_steps=1, max_steps=1000, min_lr_ratio=0.1, weight_decay=0.0,
       adam_b1=0.9, adam_b2=0.98, adam_eps=1e-8, grad_clip=1.0))

@@ -34,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.param_dtype = "float32"  # Master parameter dtype.
   m.dtype = "float32"  # Compute dtype (bfloat16 on GPU).
   m.remat = "none"  # Activation checkpointing: none | full | dots.
+  m.attention_block = 32  # Causal attention in query tiles that skip later keys; 0 = dense.
 
   c.init = ml_collections.ConfigDict()
   c.init["from"] = ""  # .nemo file, Hugging Face folder or dpojax workdir; "" = random init.

@@ -138,6 +138,26 @@ def test_packed_row_equals_separate_rows():
   np.testing.assert_allclose(packed[0, 7:12], alone_b[0], atol=1e-5)
 
 
+
+def test_tiled_causal_attention_equals_one_block():
+  """attention_block: query tiles that skip the keys after them give the dense result, on a
+  packed row with padding; a length the tile does not divide falls back to one block."""
+  cfg = dataclasses.replace(BASE, num_query_groups=2)
+  tiled = dataclasses.replace(cfg, attention_block=4)
+  params = model_lib.init_params(cfg, jax.random.key(3))
+  rng = np.random.default_rng(5)
+  seg = np.asarray([1] * 6 + [2] * 7 + [3] * 5 + [0] * 2)[None]
+  pos = np.concatenate([np.arange(6), np.arange(7), np.arange(5), [0, 0]])[None]
+  tokens = jnp.asarray(rng.integers(0, 37, size=(1, 20)))
+  np.testing.assert_allclose(apply(params, tiled, tokens, pos, seg),
+                             apply(params, cfg, tokens, pos, seg), atol=1e-6)
+  q = jnp.asarray(rng.normal(size=(2, 20, 4, 8)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(2, 20, 2, 8)), jnp.float32) for _ in range(2))
+  mask = model_lib.attention_mask(jnp.asarray(np.repeat(seg, 2, 0)))
+  dense = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+  for block in (4, 5, 7):  # 7 does not divide 20: one block.
+    np.testing.assert_allclose(model_lib.attend(q, k, v, mask, block), dense, atol=1e-6)
+
 def test_gqa_equals_mha_with_repeated_kv_heads():
   gqa = dataclasses.replace(BASE, num_query_groups=2)
   mha = dataclasses.replace(BASE, num_query_groups=None)

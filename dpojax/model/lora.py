@@ -170,7 +170,7 @@ def _block(cfg, lcfg, p, ad, x_BxTxD, positions_BxT, mask_Bx1xTxT, rng):
   if cfg.position_embedding_type == "rope":
     q = transformer.apply_rope(q, positions_BxT, cfg.rotary_dim, cfg.rotary_base)
     k = transformer.apply_rope(k, positions_BxT, cfg.rotary_dim, cfg.rotary_base)
-  o = jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xTxT, implementation="xla")
+  o = transformer.attend(q, k, v, mask_Bx1xTxT, cfg.attention_block)
   y = jnp.einsum("btnk,nkd->btd", o, att["out"].astype(dt))
   if cfg.bias:
     y = y + att["out_bias"].astype(dt)

@@ -52,6 +52,9 @@ class ModelConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"  # Compute dtype.
   remat: str = "none"
+  # Query tile of causal attention: each tile skips the keys after it (1.5x faster attention
+  # at T=256 on CPU with 32); 0 = one T x T block. At most 16 tiles (larger tiles if needed).
+  attention_block: int = 0
 
   def __post_init__(self):
     _check_choice("activation", self.activation, ACTIVATIONS)
@@ -159,6 +162,27 @@ def cached_attention_mask(segment_ids_BxT, segment_ids_BxS, index):
   return (causal_TxS[None] & same)[:, None]
 
 
+def attend(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS, block: int = 0):
+  """Softmax attention (XLA; GQA when N is a multiple of G; any boolean mask).
+
+  With `block` > 0 and S = T (causal self-attention), queries go in tiles and tile i attends
+  to keys [0, end of tile i) only: the masked-out upper triangle is never computed.
+  """
+  t = q_BxTxNxK.shape[1]
+  if block > 0 and t == k_BxSxGxK.shape[1]:
+    block = max(block, -(-t // 16))  # Bounded unrolling for long rows.
+  if block <= 0 or t != k_BxSxGxK.shape[1] or t <= block or t % block:
+    return jax.nn.dot_product_attention(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask=mask_Bx1xTxS,
+                                        implementation="xla")
+  tiles = []
+  for start in range(0, t, block):
+    end = start + block
+    tiles.append(jax.nn.dot_product_attention(
+        q_BxTxNxK[:, start:end], k_BxSxGxK[:, :end], v_BxSxGxK[:, :end],
+        mask=mask_Bx1xTxS[:, :, start:end, :end], implementation="xla"))
+  return jnp.concatenate(tiles, axis=1)
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
 
@@ -188,9 +212,8 @@ class Attention(nn.Module):
           cache, new.astype(cache.dtype), index, axis=1)
       kv = {"key": write(kv["key"], k_BxTxGxK), "value": write(kv["value"], v_BxTxGxK)}
       k_BxTxGxK, v_BxTxGxK = kv["key"].astype(dt), kv["value"].astype(dt)  # Now [B, S, G, K].
-    # XLA implementation: handles GQA (n a multiple of g) and an arbitrary boolean mask.
-    o_BxTxNxK = jax.nn.dot_product_attention(
-        q_BxTxNxK, k_BxTxGxK, v_BxTxGxK, mask=mask_Bx1xTxS, implementation="xla")
+    block = cfg.attention_block if kv is None else 0  # The cache path is already causal-short.
+    o_BxTxNxK = attend(q_BxTxNxK, k_BxTxGxK, v_BxTxGxK, mask_Bx1xTxS, block)
     w_o = self.param("out", out_init, (n, k, d), pdt).astype(dt)
     y = jnp.einsum("btnk,nkd->btd", o_BxTxNxK, w_o)
     if cfg.bias:

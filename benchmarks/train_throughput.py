@@ -2,10 +2,17 @@
 
   python benchmarks/train_throughput.py                 # fixed-length pairs, live reference
   python benchmarks/train_throughput.py --devices=8     # the same on 8 emulated CPU devices
+  python benchmarks/train_throughput.py --reference=precomputed   # 6N per token
+  python benchmarks/train_throughput.py --data=hh       # HH-RLHF lengths: padded vs packed
 
 Model (issue 10): Llama-style, vocab 1000, hidden 256, FFN 688 (swiglu), 4 layers, 8 heads,
 4 query groups, tied embeddings, rmsnorm, rope, fp32: N = 3,158,272 parameters. Work per
-token is 8N FLOPs with a live reference (6N policy forward+backward, 2N reference forward).
+token is 8N FLOPs with a live reference (6N policy forward+backward, 2N reference forward),
+6N with precomputed reference log-probs (the batch carries them; the precompute pass is not
+timed). --data=hh tokenizes HH-RLHF harmless-base test pairs (any SentencePiece model; default
+the google test model, vocab 1000 like the benchmark model), max length --hh_max_len, and times
+the same token budget per step padded (pairs of rows of --hh_max_len) and packed (rows of
+2 x --hh_max_len, first_fit_decreasing): pairs/s counts real pairs.
 """
 
 import argparse
@@ -13,6 +20,9 @@ import dataclasses
 import os
 import statistics
 import time
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse():
@@ -28,6 +38,13 @@ def parse():
   p.add_argument("--attention_block", type=int, default=32, help="0 = dense T x T attention")
   p.add_argument("--logprob_impl", default="xla")
   p.add_argument("--dtype", default="float32")
+  p.add_argument("--reference", default="copy", choices=("copy", "precomputed"))
+  p.add_argument("--data", default="fixed", choices=("fixed", "hh"))
+  p.add_argument("--hh_path", default=os.path.join(
+      ROOT, "..", "shared", "data", "hh-rlhf", "harmless-base", "test.jsonl.gz"))
+  p.add_argument("--hh_tokenizer", default=os.path.join(
+      ROOT, "..", "shared", "data", "tokenizers", "sentencepiece-test", "test_model.model"))
+  p.add_argument("--hh_max_len", type=int, default=512)
   return p.parse_args()
 
 
@@ -43,7 +60,9 @@ import numpy as np  # noqa: E402
 
 from dpojax import model as model_lib  # noqa: E402
 from dpojax.data import pipeline  # noqa: E402
+from dpojax import reference  # noqa: E402
 from dpojax.train import loop, sharding  # noqa: E402
+from dpojax.train import metrics as metrics_lib  # noqa: E402
 from dpojax.train import step as step_lib  # noqa: E402
 
 MODEL = model_lib.ModelConfig(
@@ -80,40 +99,78 @@ def synthetic_batch(rng):
                           opts=pipeline.DataOptions(max_seq_length=ARGS.seq))
 
 
+def hh_batches(packing):
+  """Global batches of HH-RLHF pairs with the same token budget per step, padded or packed."""
+  from dpojax.data.tokenize import Tokenizer  # noqa: E402
+  opts = pipeline.DataOptions(max_seq_length=ARGS.hh_max_len, template="plain",
+                              truncation="drop", on_error="skip", packing=packing,
+                              pack_size=2 * ARGS.hh_max_len)
+  data = pipeline.PreferenceData(ARGS.hh_path, Tokenizer(ARGS.hh_tokenizer), opts)
+  it = iter(pipeline.train_dataset(data, global_batch_size=ARGS.pairs,
+                                   micro_batch_size=ARGS.micro_pairs, seed=0))
+  return [next(it) for _ in range(ARGS.warmup + ARGS.steps)]
+
+
+def run(step_cfg, batches, params, tx, schedule, mesh):
+  """Median step time and the mean real pairs per step."""
+  if step_cfg.reference == "precomputed":  # The table a precompute pass would give.
+    copy_cfg = dataclasses.replace(step_cfg, reference="copy")
+    for b in batches:
+      stats = np.asarray(reference.reference_stats(params, b, cfg=copy_cfg))
+      b["ref_logps_chosen"], b["ref_logps_rejected"] = stats[..., 0], stats[..., 1]
+  ref_params = params if step_cfg.reference == "copy" else {}
+  state = step_lib.init_state(params, tx)
+  train_fn, _, state_sh, ref_sh = loop.compile_steps(step_cfg, tx, schedule, state,
+                                                     ref_params, mesh, batches[0])
+  ref = jax.device_put(jax.device_get(ref_params), ref_sh)
+  state = jax.device_put(jax.device_get(state), state_sh)
+  times, pairs = [], []
+  for i, batch in enumerate(batches):
+    gbatch = sharding.global_batch(batch, mesh)
+    t = time.perf_counter()
+    state, metrics = train_fn(state, ref, gbatch)
+    jax.block_until_ready(metrics)
+    if i >= ARGS.warmup:
+      times.append(time.perf_counter() - t)
+      pairs.append(float(np.sum(batch["pair_mask"])))
+  return statistics.median(times), statistics.mean(pairs), sum(pairs) / sum(times)
+
+
 def main():
   cfg = dataclasses.replace(MODEL, remat=ARGS.remat, dtype=ARGS.dtype,
                             attention_block=ARGS.attention_block)
   train_cfg = ml_collections.ConfigDict(dict(
       learning_rate=1e-4, warmup_steps=1, max_steps=1000, min_lr_ratio=0.1, weight_decay=0.0,
       adam_b1=0.9, adam_b2=0.98, adam_eps=1e-8, grad_clip=1.0))
-  step_cfg = step_lib.StepConfig(model=cfg, beta=0.1, logprob_impl=ARGS.logprob_impl)
+  step_cfg = step_lib.StepConfig(model=cfg, beta=0.1, logprob_impl=ARGS.logprob_impl,
+                                 reference=ARGS.reference)
   tx, schedule = step_lib.make_optimizer(train_cfg)
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
-  batch = synthetic_batch(np.random.default_rng(0))
   params = model_lib.init_params(cfg, jax.random.key(0))
   n_params = sum(x.size for x in jax.tree.leaves(params))
-  state = step_lib.init_state(params, tx)
-  train_fn, _, state_sh, ref_sh = loop.compile_steps(step_cfg, tx, schedule, state, params,
-                                                     mesh, batch)
-  ref = jax.device_put(jax.device_get(params), ref_sh)
-  state = jax.device_put(jax.device_get(state), state_sh)
-  gbatch = sharding.global_batch(batch, mesh)
-  times = []
-  for i in range(ARGS.warmup + ARGS.steps):
-    t = time.perf_counter()
-    state, metrics = train_fn(state, ref, gbatch)
-    jax.block_until_ready(metrics)
-    if i >= ARGS.warmup:
-      times.append(time.perf_counter() - t)
-  step = statistics.median(times)
-  tokens = 2 * ARGS.pairs * ARGS.seq
-  flops = 8 * n_params * tokens / step
+  flops_per_token = metrics_lib.flops_per_token(n_params, reference=ARGS.reference)
   peak = matmul_peak()
   print(f"devices={jax.device_count()} params={n_params:,} pairs/step={ARGS.pairs} "
-        f"seq={ARGS.seq} remat={ARGS.remat} logprob={ARGS.logprob_impl}")
-  print(f"step_time_s={step:.4f} pairs/s={ARGS.pairs / step:.2f} tokens/s={tokens / step:.0f}")
-  print(f"model_flops/s(8N)={flops / 1e9:.1f}G matmul_peak={peak / 1e9:.1f}G "
-        f"ratio={flops / peak:.1%}")
+        f"remat={ARGS.remat} logprob={ARGS.logprob_impl} reference={ARGS.reference} "
+        f"attention_block={ARGS.attention_block} matmul_peak={peak / 1e9:.1f}G")
+  if ARGS.data == "fixed":
+    rng = np.random.default_rng(0)
+    runs = {f"fixed {ARGS.seq}": [synthetic_batch(rng) for _ in range(ARGS.warmup + ARGS.steps)]}
+  else:
+    runs = {f"hh padded {ARGS.hh_max_len}": hh_batches("none"),
+            f"hh packed {2 * ARGS.hh_max_len}": hh_batches("first_fit_decreasing")}
+  results = {}
+  for name, batches in runs.items():
+    step, pairs, pairs_per_s = run(step_cfg, batches, params, tx, schedule, mesh)
+    tokens = np.mean([np.sum(b["segment_ids"] > 0) for b in batches[ARGS.warmup:]])
+    flops = flops_per_token * tokens / step
+    results[name] = pairs_per_s
+    print(f"{name}: step_time_s={step:.4f} pairs/step={pairs:.1f} pairs/s={pairs_per_s:.2f} "
+          f"tokens/s={tokens / step:.0f} model_flops/s({flops_per_token / n_params:.0f}N)="
+          f"{flops / 1e9:.1f}G ratio={flops / peak:.1%}")
+  if ARGS.data == "hh":
+    padded, packed = results.values()
+    print(f"packed/padded pairs/s: {packed / padded:.2f}x")
 
 
 if __name__ == "__main__":

@@ -152,6 +152,8 @@ def test_logits_match_transformers_llama(stories, tmp_path):
                                                      params), tokens))
     assert ours64.dtype == np.float64
     print(f"{os.path.basename(folder)}: max |logit diff| fp32 {np.abs(ours - fp32).max():.2e}, "
+          f"ours fp32 vs HF fp64 {np.abs(ours - fp64).max():.2e}, HF fp32 vs fp64 "
+          f"{np.abs(fp32 - fp64).max():.2e}, "
           f"fp64 {np.abs(ours64 - fp64).max():.2e} (scale {scale:.1f})")
     assert np.abs(ours64 - fp64).max() <= 1e-5, (folder, np.abs(ours64 - fp64).max())
 

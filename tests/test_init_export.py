@@ -93,3 +93,14 @@ def test_lora_run_checkpoints_adapters_and_exports_them_merged(tmp_path):
   on_disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(step_dir) for f in fs)
   full = sum(np.asarray(x).nbytes for x in jax.tree.leaves(initial.params))
   assert on_disk < full, (on_disk, full)
+  # A LoRA workdir is a valid init.from: training continues from the merged policy.
+  second = stories_config(run)
+  second.train.max_steps, second.eval.at_start = 1, True
+  loop.run(second, str(tmp_path / "second"))
+  import json  # pylint: disable=g-import-not-at-top
+  with open(tmp_path / "second" / "metrics.jsonl") as f:
+    val0 = json.loads(f.readline())
+  with open(os.path.join(run, "metrics.jsonl")) as f:
+    last_val = [json.loads(l) for l in f if '"val"' in l][-1]
+  assert val0["step"] == 0 and abs(val0["loss"] - np.log(2)) < 1e-6
+  assert abs(val0["logps_chosen_mean"] - last_val["logps_chosen_mean"]) < 1e-4

@@ -80,6 +80,13 @@ def load_pretrained(config, workdir: str):
     model_cfg = dataclasses.replace(model_lib.ModelConfig.from_dict(config.model), **arch)
     return convert.Loaded(model_cfg, loaded.params, loaded.tokenizer_path)
   model_cfg = model_lib.ModelConfig.from_dict(config.model)
+  source = workdir_lib.find_config(path)
+  if source and workdir_lib.read_config(source).get("lora", {}).get("enabled", False):
+    # A LoRA run checkpoints adapters only: its policy is the adapters merged into its base.
+    policy = workdir_lib.load_policy(path, extract_dir=os.path.join(workdir, "init_tokenizer"))
+    arch = {k: getattr(policy.config, k) for k in convert.ARCHITECTURE_FIELDS}
+    return convert.Loaded(dataclasses.replace(model_cfg, **arch), policy.params,
+                          policy.tokenizer_path)
   params = orbax_ckpt.load_params(path, functools.partial(model_lib.init_params, model_cfg))
   return convert.Loaded(model_cfg, params, None)
 
@@ -307,7 +314,8 @@ def run(config, workdir: str) -> dict:
   writer = MetricWriter(workdir, resume_step=start if start else -1, enabled=lead)
   say = functools.partial(print, flush=True) if lead else lambda *a, **k: None
   say(f"Training on {len(train_data)} pairs ({len(val_data)} val) for {t.max_steps} steps, "
-        f"{sum(x.size for x in jax.tree.leaves(abstract_params)):,} parameters, mesh "
+        f"{sum(x.size for x in jax.tree.leaves(abstract_params)):,} parameters "
+        f"({sum(x.size for x in jax.tree.leaves(abstract.trainable)):,} trained), mesh "
         f"{dict(mesh.shape)}, {jax.process_count()} process(es)")
 
   def data_state():

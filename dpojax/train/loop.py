@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import os
 import signal
+import tempfile
 import time
 
 import jax
@@ -55,12 +56,19 @@ def check_workdir(workdir: str):
   """Fails before any compilation if the workdir cannot be written."""
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_probe")
-    with open(probe, "w") as f:
-      f.write("ok")
+    # A probe of this process's own: the processes of a run share the workdir, and one
+    # removing a common probe under another's feet would fail that one.
+    fd, probe = tempfile.mkstemp(prefix=".write_probe.", dir=workdir)
+    os.close(fd)
     os.remove(probe)
   except OSError as e:
     raise ConfigError(f"--workdir={workdir} is not writable ({e.strerror})") from None
+
+
+def _extract_dir(workdir: str) -> str:
+  """Where init.from's tokenizer is unpacked: one folder per process (they share the workdir)."""
+  index = jax.process_index()
+  return os.path.join(workdir, "init_tokenizer" if index == 0 else f"init_tokenizer.{index}")
 
 
 def load_pretrained(config, workdir: str):
@@ -75,7 +83,7 @@ def load_pretrained(config, workdir: str):
     raise ConfigError(f"init.from={path}: no such file or folder")
   from dpojax import convert  # pylint: disable=g-import-not-at-top
   if convert.is_checkpoint(path):
-    loaded = convert.load(path, extract_dir=os.path.join(workdir, "init_tokenizer"))
+    loaded = convert.load(path, extract_dir=_extract_dir(workdir))
     arch = {k: getattr(loaded.config, k) for k in convert.ARCHITECTURE_FIELDS}
     model_cfg = dataclasses.replace(model_lib.ModelConfig.from_dict(config.model), **arch)
     return convert.Loaded(model_cfg, loaded.params, loaded.tokenizer_path)
@@ -83,7 +91,7 @@ def load_pretrained(config, workdir: str):
   source = workdir_lib.find_config(path)
   if source and workdir_lib.read_config(source).get("lora", {}).get("enabled", False):
     # A LoRA run checkpoints adapters only: its policy is the adapters merged into its base.
-    policy = workdir_lib.load_policy(path, extract_dir=os.path.join(workdir, "init_tokenizer"))
+    policy = workdir_lib.load_policy(path, extract_dir=_extract_dir(workdir))
     arch = {k: getattr(policy.config, k) for k in convert.ARCHITECTURE_FIELDS}
     return convert.Loaded(dataclasses.replace(model_cfg, **arch), policy.params,
                           policy.tokenizer_path)

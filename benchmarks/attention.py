@@ -18,14 +18,10 @@ import jax
 import jax.numpy as jnp
 
 from dpojax import model as model_lib
-from dpojax.model import transformer
 from dpojax.ops import logprob as lp
 
-MODEL = transformer.ModelConfig(
-    vocab_size=1000, hidden_size=256, ffn_hidden_size=688, num_layers=4,
-    num_attention_heads=8, num_query_groups=4, activation="swiglu", normalization="rmsnorm",
-    position_embedding_type="rope", share_embeddings_and_output_weights=True,
-    max_position_embeddings=8192)
+from common import MODEL  # benchmarks/common.py
+
 
 
 def main():

@@ -25,15 +25,13 @@ import ml_collections
 import numpy as np
 
 from dpojax import reference
-from dpojax.data import pipeline
 from dpojax.model import lora
 from dpojax.model import transformer
 from dpojax.train import step as step_lib
 
-MODEL = transformer.ModelConfig(
-    vocab_size=1000, hidden_size=256, ffn_hidden_size=688, num_layers=4,
-    num_attention_heads=8, num_query_groups=4, activation="swiglu", normalization="rmsnorm",
-    position_embedding_type="rope", share_embeddings_and_output_weights=True)
+import common  # benchmarks/common.py
+from common import MODEL
+
 
 
 def parse():
@@ -53,16 +51,8 @@ def parse():
 
 
 def synthetic_batch(args, rng):
-  def seq(prompt):
-    return np.concatenate([prompt, rng.integers(3, MODEL.vocab_size, args.seq - args.prompt)])
-
-  pairs = []
-  for _ in range(args.pairs):
-    prompt = rng.integers(3, MODEL.vocab_size, args.prompt)
-    pairs.append({"chosen": seq(prompt), "rejected": seq(prompt), "prompt_len": args.prompt,
-                  "chosen_reward": None, "rejected_reward": None})
-  return pipeline.collate(pairs, micro_batch_size=args.micro_pairs, seq_len=args.seq,
-                          opts=pipeline.DataOptions(max_seq_length=args.seq))
+  return common.synthetic_batch(rng, pairs=args.pairs, seq=args.seq, prompt=args.prompt,
+                                micro_pairs=args.micro_pairs)
 
 
 def mb(n):

@@ -54,7 +54,6 @@ if ARGS.devices > 1:  # Must precede the jax import.
                              f" --xla_force_host_platform_device_count={ARGS.devices}")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -65,38 +64,13 @@ from dpojax.train import loop, sharding  # noqa: E402
 from dpojax.train import metrics as metrics_lib  # noqa: E402
 from dpojax.train import step as step_lib  # noqa: E402
 
-MODEL = model_lib.ModelConfig(
-    vocab_size=1000, hidden_size=256, ffn_hidden_size=688, num_layers=4,
-    num_attention_heads=8, num_query_groups=4, activation="swiglu", normalization="rmsnorm",
-    position_embedding_type="rope", share_embeddings_and_output_weights=True)
-
-
-def timed(fn):
-  t = time.perf_counter()
-  fn()
-  return time.perf_counter() - t
-
-
-def matmul_peak(n=2048, repeats=5):
-  """Best fp32 FLOP/s of an n x n x n product (jitted, warm)."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-  f = jax.jit(jnp.matmul)
-  f(a, b).block_until_ready()
-  return 2 * n ** 3 / min(timed(lambda: f(a, b).block_until_ready()) for _ in range(repeats))
+import common  # noqa: E402  (benchmarks/common.py)
+from common import MODEL, matmul_peak  # noqa: E402
 
 
 def synthetic_batch(rng):
-  def seq(prompt):
-    return np.concatenate([prompt, rng.integers(3, MODEL.vocab_size, ARGS.seq - ARGS.prompt)])
-
-  pairs = []
-  for _ in range(ARGS.pairs):
-    prompt = rng.integers(3, MODEL.vocab_size, ARGS.prompt)
-    pairs.append({"chosen": seq(prompt), "rejected": seq(prompt), "prompt_len": ARGS.prompt,
-                  "chosen_reward": None, "rejected_reward": None})
-  return pipeline.collate(pairs, micro_batch_size=ARGS.micro_pairs, seq_len=ARGS.seq,
-                          opts=pipeline.DataOptions(max_seq_length=ARGS.seq))
+  return common.synthetic_batch(rng, pairs=ARGS.pairs, seq=ARGS.seq, prompt=ARGS.prompt,
+                                micro_pairs=ARGS.micro_pairs)
 
 
 def hh_batches(packing):

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpojax.data import templates
-from dpojax.data.sources import DataError, where
+from dpojax.data.sources import DataError, jsonl_records, where
 from dpojax.model import transformer
 
 # Template markers that end a response (besides EOS), used as default stop ids.
@@ -205,13 +205,7 @@ def read_prompts(path: str) -> list[str | list[dict]]:
   except OSError as e:
     raise DataError(f"--input={path}: cannot read ({e.strerror})") from None
   with f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{where(path, line_no)}: not valid JSON ({e.msg})") from None
+    for line_no, obj in jsonl_records(f, path):
       if not isinstance(obj, dict) or "prompt" not in obj:
         raise DataError(f"{where(path, line_no, 'prompt')}: missing")
       value = obj["prompt"]

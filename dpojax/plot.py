@@ -12,9 +12,10 @@ the caller's matplotlib backend alone.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+
+from dpojax.data import sources
 
 CURVES_FILE = "curves.png"
 METRICS_FILE = "metrics.jsonl"  # As dpojax.train.metrics writes it.
@@ -36,13 +37,7 @@ def read_metrics(path: str) -> dict[str, dict[str, tuple[list, list]]]:
   record. Errors name the file and line."""
   records: dict[str, dict[int, dict]] = {}
   with open(path) as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        r = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+    for line_no, r in sources.jsonl_records(f, path):
       if not isinstance(r, dict) or not isinstance(r.get("step"), int) or "split" not in r:
         raise ValueError(f"{path}:{line_no}: expected an object with integer 'step' and 'split'")
       records.setdefault(str(r["split"]), {})[r["step"]] = r

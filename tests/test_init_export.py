@@ -49,7 +49,7 @@ def test_init_from_hf_exports_nemo(tmp_path):
 
 
 def test_init_from_dpojax_workdir(tmp_path):
-  first = loop.run(tiny_config(), str(tmp_path / "first"))
+  loop.run(tiny_config(), str(tmp_path / "first"))
   config = tiny_config()
   config.init["from"] = str(tmp_path / "first")
   config.train.max_steps = 1

@@ -3,7 +3,6 @@ reductions over micro-batches, and short trainings with each NeMo loss."""
 
 import json
 import math
-import os
 
 import jax
 import jax.numpy as jnp

@@ -56,6 +56,18 @@ def where(path: str, line: int, field: str | None = None) -> str:
   return f"{loc}: field '{field}'" if field else loc
 
 
+def jsonl_records(f, path: str):
+  """(line number, parsed value) of each non-blank line of the open text file `f`; a line that
+  is not JSON raises DataError naming path:line."""
+  for line_no, line in enumerate(f, 1):
+    if not line.strip():
+      continue
+    try:
+      yield line_no, json.loads(line)
+    except json.JSONDecodeError as e:
+      raise DataError(f"{where(path, line_no)}: not valid JSON ({e.msg})") from None
+
+
 def _fail(path, line, field, problem, reason):
   raise RecordError(f"{where(path, line, field)}: {problem}", reason)
 

@@ -1,0 +1,47 @@
+"""What the benchmark scripts share: issue 10's benchmark model, its synthetic pairs and the
+in-process matmul peak. Import after any XLA_FLAGS are set (this imports jax)."""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpojax.data import pipeline
+from dpojax.model import transformer
+
+# Llama-style, vocab 1000, hidden 256, FFN 688 (swiglu), 4 layers, 8 heads, 4 query groups,
+# tied embeddings, rmsnorm, rope, fp32: N = 3,158,272 parameters.
+MODEL = transformer.ModelConfig(
+    vocab_size=1000, hidden_size=256, ffn_hidden_size=688, num_layers=4,
+    num_attention_heads=8, num_query_groups=4, activation="swiglu", normalization="rmsnorm",
+    position_embedding_type="rope", share_embeddings_and_output_weights=True,
+    max_position_embeddings=8192)
+
+
+def synthetic_batch(rng, *, pairs, seq, prompt, micro_pairs):
+  """`pairs` fixed-length pairs (a shared prompt, random responses) as one padded batch."""
+  def sequence(prompt_ids):
+    return np.concatenate([prompt_ids, rng.integers(3, MODEL.vocab_size, seq - prompt)])
+
+  items = []
+  for _ in range(pairs):
+    prompt_ids = rng.integers(3, MODEL.vocab_size, prompt)
+    items.append({"chosen": sequence(prompt_ids), "rejected": sequence(prompt_ids),
+                  "prompt_len": prompt, "chosen_reward": None, "rejected_reward": None})
+  return pipeline.collate(items, micro_batch_size=micro_pairs, seq_len=seq,
+                          opts=pipeline.DataOptions(max_seq_length=seq))
+
+
+def matmul_peak(n=2048, repeats=5):
+  """Best fp32 FLOP/s of an n x n x n product (jitted, warm)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  f = jax.jit(jnp.matmul)
+  f(a, b).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    f(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * n ** 3 / best

@@ -1,14 +1,11 @@
 """What the benchmark scripts share: issue 10's benchmark model, its synthetic pairs and the
 in-process matmul peak. Import after any XLA_FLAGS are set (this imports jax)."""
 
-import time
-
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from dpojax.data import pipeline
 from dpojax.model import transformer
+from dpojax.train import loop
 
 # Llama-style, vocab 1000, hidden 256, FFN 688 (swiglu), 4 layers, 8 heads, 4 query groups,
 # tied embeddings, rmsnorm, rope, fp32: N = 3,158,272 parameters.
@@ -34,14 +31,5 @@ def synthetic_batch(rng, *, pairs, seq, prompt, micro_pairs):
 
 
 def matmul_peak(n=2048, repeats=5):
-  """Best fp32 FLOP/s of an n x n x n product (jitted, warm)."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-  f = jax.jit(jnp.matmul)
-  f(a, b).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    f(a, b).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2 * n ** 3 / best
+  """Best fp32 FLOP/s of an n x n x n product, as the training loop measures it for MFU."""
+  return loop.matmul_peak_flops(n, repeats)

@@ -17,7 +17,7 @@ from conftest import ROOT
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
 
 SCRIPT = textwrap.dedent("""
-    import json, sys
+    import dataclasses, json, sys
     import jax, jax.numpy as jnp, numpy as np
     import ml_collections
     sys.path.insert(0, "tests")
@@ -40,9 +40,10 @@ SCRIPT = textwrap.dedent("""
     def train(shape, devices):
       mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(zip(sharding.AXES, shape))),
                                 devices)
-      params = model_lib.init_params(step_cfg.model, jax.random.key(0))
+      cfg = dataclasses.replace(step_cfg, mesh=mesh)  # As the loop does.
+      params = model_lib.init_params(cfg.model, jax.random.key(0))
       state = step_lib.init_state(params, tx)
-      fn, _, state_sh, ref_sh = loop.compile_steps(step_cfg, tx, schedule, state, params, mesh,
+      fn, _, state_sh, ref_sh = loop.compile_steps(cfg, tx, schedule, state, params, mesh,
                                                    batches[0])
       ref = jax.device_put(jax.tree.map(jnp.copy, params), ref_sh)
       state = jax.device_put(state, state_sh)
@@ -50,12 +51,12 @@ SCRIPT = textwrap.dedent("""
       for b in batches:
         state, m = fn(state, ref, sharding.global_batch(b, mesh))
         metrics.append({k: float(v) for k, v in m.items()})
-      return state, metrics
+      return state, metrics, bool(step_lib._vocab_parallel(cfg))
 
-    single, single_metrics = train((1, 1, 1), jax.devices()[:1])
+    single, single_metrics, _ = train((1, 1, 1), jax.devices()[:1])
     out = {"devices": jax.device_count(), "cases": {}}
     for shape in %(meshes)s:
-      state, metrics = train(tuple(shape), jax.devices())
+      state, metrics, vocab_parallel = train(tuple(shape), jax.devices())
       diff = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
                           state.params,
                           single.params)
@@ -64,7 +65,8 @@ SCRIPT = textwrap.dedent("""
              for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
              if leaf.size >= 4096}
       out["cases"][str(tuple(shape))] = {
-          "max_param_diff": max(jax.tree.leaves(diff)), "metrics": metrics, "shards": big}
+          "max_param_diff": max(jax.tree.leaves(diff)), "metrics": metrics, "shards": big,
+          "vocab_parallel": vocab_parallel}
     out["single_metrics"] = single_metrics
     print("RESULT" + json.dumps(out))
 """)
@@ -86,6 +88,8 @@ def test_sharded_training_equals_single_device(sharded_runs, shape):
   assert sharded_runs["devices"] == 8
   case = sharded_runs["cases"][str(tuple(shape))]
   assert case["max_param_diff"] <= 1e-5
+  # A tensor axis (2 or 4, dividing the vocab of 384) runs the vocab-parallel log-probs.
+  assert case["vocab_parallel"] == (shape[2] > 1)
   for got, want in zip(case["metrics"], sharded_runs["single_metrics"]):
     for key in want:
       np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5, err_msg=key)

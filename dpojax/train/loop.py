@@ -118,7 +118,9 @@ def build(config, pretrained=None):
   val_data.require(1, "validation pairs")
   step_cfg = step_lib.StepConfig(model=model_cfg,
                                  loss=loss_lib.LossConfig.from_config(config.dpo),
-                                 logprob_impl=config.logprob.impl)
+                                 logprob_impl=config.logprob.impl,
+                                 logprob_token_block=config.logprob.token_block,
+                                 logprob_vocab_block=config.logprob.vocab_block)
   step_cfg = reference.step_config(config, step_cfg)  # lora.* and reference.* (checked).
   return tok, train_data, val_data, step_cfg
 
@@ -260,6 +262,7 @@ def run(config, workdir: str) -> dict:
     workdir_lib.write_config(workdir, config, step_cfg.model, tok.path)
   t = config.train
   mesh = sharding.make_mesh(config.mesh)
+  step_cfg = dataclasses.replace(step_cfg, mesh=mesh)  # For vocab-parallel log-probs.
   tx, schedule = step_lib.make_optimizer(t)
   key = jax.random.key(t.seed)
   abstract_params = jax.eval_shape(functools.partial(model_lib.init_params, step_cfg.model), key)

@@ -31,6 +31,7 @@ from dpojax import loss as loss_lib
 from dpojax import model as model_lib
 from dpojax.model import lora as lora_lib
 from dpojax.ops import logprob as logprob_lib
+from dpojax.train import sharding
 
 REFERENCE_MODES = ("copy", "lora_base", "precomputed", "none")
 
@@ -45,6 +46,10 @@ class StepConfig:
   model: model_lib.ModelConfig
   loss: loss_lib.LossConfig | None = None
   logprob_impl: str = "xla"
+  logprob_token_block: int = 0  # Tile sizes of the streaming implementations; 0 = default.
+  logprob_vocab_block: int = 0
+  # With a `tensor` axis > 1 that divides the vocab, chunked log-probs run vocab-parallel on it.
+  mesh: Any = None
   beta: dataclasses.InitVar[float | None] = None
   lora: lora_lib.LoraConfig | None = None  # Train adapters on a frozen base.
   reference: str = "copy"  # One of REFERENCE_MODES; loss.reference_free means "none".
@@ -95,6 +100,16 @@ def init_state(params, tx, ref=None) -> TrainState:
                     ref=ref)
 
 
+def _vocab_parallel(cfg: StepConfig) -> dict:
+  """logprob's mesh arguments when the output layer's vocab rows are split over `tensor` (as
+  sharding's rules split them when the axis divides the vocab) and the impl streams."""
+  mesh, vocab = cfg.mesh, cfg.model.vocab_size
+  tensor = 1 if mesh is None else mesh.shape.get("tensor", 1)
+  if tensor == 1 or vocab % tensor or logprob_lib.resolve_impl(cfg.logprob_impl) != "chunked":
+    return {}
+  return {"mesh": mesh, "vocab_axis": "tensor", "token_axes": sharding.BATCH}
+
+
 def sequence_logps(params, micro: dict, cfg: StepConfig, *, policy: bool = True,
                    adapters=None, dropout_rng=None) -> dict:
   """Per-sequence statistics of one micro-batch, each [P, 2] (chosen, rejected).
@@ -112,7 +127,8 @@ def sequence_logps(params, micro: dict, cfg: StepConfig, *, policy: bool = True,
       micro["tokens"], micro["segment_ids"], micro["loss_mask"], micro["sequence_ids"])
   out_weight_VxD = model_lib.output_weight(params, cfg.model)
   logp_BxT = logprob_lib.logprob(hidden_BxTxD, out_weight_VxD, targets, mask,
-                                 impl=cfg.logprob_impl)
+                                 impl=cfg.logprob_impl, token_block=cfg.logprob_token_block,
+                                 vocab_block=cfg.logprob_vocab_block, **_vocab_parallel(cfg))
   num_pairs = micro["pair_mask"].shape[0]
   num_seqs = 2 * num_pairs
   pairs = lambda x: x.reshape(num_pairs, 2)

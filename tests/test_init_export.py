@@ -52,6 +52,7 @@ def test_init_from_dpojax_workdir(tmp_path):
   loop.run(tiny_config(), str(tmp_path / "first"))
   config = tiny_config()
   config.init["from"] = str(tmp_path / "first")
+  config.model.hidden_size = 64  # The architecture comes from the first run's run config.
   config.train.max_steps = 1
   config.eval.at_start = True
   second = loop.run(config, str(tmp_path / "second"))

@@ -88,9 +88,9 @@ def load_pretrained(config, workdir: str):
     model_cfg = dataclasses.replace(model_lib.ModelConfig.from_dict(config.model), **arch)
     return convert.Loaded(model_cfg, loaded.params, loaded.tokenizer_path)
   model_cfg = model_lib.ModelConfig.from_dict(config.model)
-  source = workdir_lib.find_config(path)
-  if source and workdir_lib.read_config(source).get("lora", {}).get("enabled", False):
-    # A LoRA run checkpoints adapters only: its policy is the adapters merged into its base.
+  if workdir_lib.find_config(path):
+    # A dpojax run: its architecture and tokenizer from its run config, as for a .nemo; a
+    # LoRA run's policy is its adapters merged into its base.
     policy = workdir_lib.load_policy(path, extract_dir=_extract_dir(workdir))
     arch = {k: getattr(policy.config, k) for k in convert.ARCHITECTURE_FIELDS}
     return convert.Loaded(dataclasses.replace(model_cfg, **arch), policy.params,

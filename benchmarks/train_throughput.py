@@ -12,7 +12,8 @@ token is 8N FLOPs with a live reference (6N policy forward+backward, 2N referenc
 timed). --data=hh tokenizes HH-RLHF harmless-base test pairs (any SentencePiece model; default
 the google test model, vocab 1000 like the benchmark model), max length --hh_max_len, and times
 the same token budget per step padded (pairs of rows of --hh_max_len) and packed (rows of
-2 x --hh_max_len, first_fit_decreasing): pairs/s counts real pairs.
+2 x --hh_max_len, first_fit_decreasing): pairs/s counts real pairs. Without ../shared it falls
+back to the 99-pair slice in tests/testdata and the toy tokenizer (too few pairs for figures).
 """
 
 import argparse
@@ -76,10 +77,15 @@ def synthetic_batch(rng):
 def hh_batches(packing):
   """Global batches of HH-RLHF pairs with the same token budget per step, padded or packed."""
   from dpojax.data.tokenize import Tokenizer  # noqa: E402
+  path, tokenizer = ARGS.hh_path, ARGS.hh_tokenizer
+  if not (os.path.exists(path) and os.path.exists(tokenizer)):  # A clone without ../shared.
+    path = os.path.join(ROOT, "tests", "testdata", "hh-rlhf", "harmless-base-test-slice.jsonl.gz")
+    tokenizer = os.path.join(ROOT, "dpojax", "assets", "tokenizer.model")
+    print(f"(--hh_path or --hh_tokenizer missing: using {path} and {tokenizer})")
   opts = pipeline.DataOptions(max_seq_length=ARGS.hh_max_len, template="plain",
                               truncation="drop", on_error="skip", packing=packing,
                               pack_size=2 * ARGS.hh_max_len)
-  data = pipeline.PreferenceData(ARGS.hh_path, Tokenizer(ARGS.hh_tokenizer), opts)
+  data = pipeline.PreferenceData(path, Tokenizer(tokenizer), opts)
   it = iter(pipeline.train_dataset(data, global_batch_size=ARGS.pairs,
                                    micro_batch_size=ARGS.micro_pairs, seed=0))
   return [next(it) for _ in range(ARGS.warmup + ARGS.steps)]

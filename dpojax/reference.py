@@ -261,7 +261,9 @@ def cache_key(data: pipeline.PreferenceData, step_cfg: step_lib.StepConfig,
       "data_options": {k: getattr(opts, k) for k in (
           "format", "template", "add_bos", "append_eos", "truncation", "max_seq_length",
           "on_error")},
-      "model": dataclasses.asdict(dataclasses.replace(step_cfg.model, remat="none")),
+      # Compute-only options (remat, attention tiles) do not change the values.
+      "model": dataclasses.asdict(dataclasses.replace(step_cfg.model, remat="none",
+                                                      attention_block=0)),
       "params": fingerprint,
       "statistic": step_lib.reference_key(step_cfg),
       "ld_alpha": step_cfg.loss.ld_alpha,
@@ -294,18 +296,17 @@ def compute_logps(step_cfg: step_lib.StepConfig, params, data: pipeline.Preferen
   longest = int(max(data.chosen_len.max(), data.rejected_len.max())) if n else 1
   seq_len = -(-longest // 8) * 8
   pairs_per_batch = -(-pairs_per_batch // micro_batch_size) * micro_batch_size
-  count = jax.process_count() if mesh is not None else 1
-  local = micro_batch_size // count  # This process's block of each micro-batch.
-  offset = (jax.process_index() if mesh is not None else 0) * local
+  # This process's block of each micro-batch, as the training pipeline takes it.
+  shard = pipeline.ProcessShard(pairs_per_batch, micro_batch_size,
+                                jax.process_index() if mesh is not None else 0,
+                                jax.process_count() if mesh is not None else 1, "pairs")
   table = np.zeros((n, 2), np.float32)
   for start in range(0, n, pairs_per_batch):
     idx = list(range(start, min(start + pairs_per_batch, n)))
     idx += [None] * (pairs_per_batch - len(idx))
-    mine = [u for a in range(0, pairs_per_batch, micro_batch_size)
-            for u in idx[a + offset:a + offset + local]]
-    host = pipeline.collate([None if i is None else data[int(i)] for i in mine],
-                            micro_batch_size=local, seq_len=seq_len, opts=data.opts,
-                            pair_offset=offset)
+    host = pipeline.collate([None if i is None else data[int(i)] for i in shard(idx)],
+                            micro_batch_size=shard.local, seq_len=seq_len, opts=data.opts,
+                            pair_offset=shard.offset)
     batch = host if mesh is None else sharding.global_batch(host, mesh)
     out = reference_stats(params, batch, cfg=step_cfg)  # [A, micro_batch_size, 2]
     if not out.is_fully_addressable:  # Multi-process: every process gets the whole table.

@@ -373,7 +373,7 @@ def _process(process_index, process_count) -> tuple[int, int]:
   return process_index, process_count
 
 
-class _Shard:
+class ProcessShard:
   """Process `index` of `count` takes block `index` of every micro-batch (axis 1).
 
   So a global batch is the concatenation of the processes' batches along axis 1 (rows and
@@ -399,7 +399,7 @@ class _Shard:
             for u in units[a + start:a + start + self.local]]
 
 
-def _collate_fn(data: PreferenceData, shard: _Shard):
+def _collate_fn(data: PreferenceData, shard: ProcessShard):
   """Global batch units (pair indices, or rows of pair indices; None = padding) -> this
   process's arrays."""
   opts = data.opts
@@ -425,7 +425,7 @@ def train_dataset(data: PreferenceData, *, global_batch_size: int, micro_batch_s
   """
   index, count = _process(process_index, process_count)
   unit = "rows when packing" if data.packed else "pairs"
-  shard = _Shard(global_batch_size, micro_batch_size, index, count, unit)
+  shard = ProcessShard(global_batch_size, micro_batch_size, index, count, unit)
   fn = _collate_fn(data, shard)
   if data.packed:
     data.require(1, "pairs")
@@ -458,7 +458,7 @@ def eval_batches(data: PreferenceData, *, global_batch_size: int, micro_batch_si
   data.require(1, "validation pairs")
   index, count = _process(process_index, process_count)
   unit = "rows when packing" if data.packed else "pairs"
-  fn = _collate_fn(data, _Shard(global_batch_size, micro_batch_size, index, count, unit))
+  fn = _collate_fn(data, ProcessShard(global_batch_size, micro_batch_size, index, count, unit))
   if data.packed:
     if data.rows is not None:
       row_starts, items = data.rows

@@ -324,15 +324,15 @@ def run(config, workdir: str) -> dict:
   # Records past the checkpoint we start from are redone; with no checkpoint, all of them.
   writer = MetricWriter(workdir, resume_step=start if start else -1, enabled=lead)
   say = functools.partial(print, flush=True) if lead else lambda *a, **k: None
+  n_params = sum(x.size for x in jax.tree.leaves(abstract_params))
   say(f"Training on {len(train_data)} pairs ({len(val_data)} val) for {t.max_steps} steps, "
-        f"{sum(x.size for x in jax.tree.leaves(abstract_params)):,} parameters "
+        f"{n_params:,} parameters "
         f"({sum(x.size for x in jax.tree.leaves(abstract.trainable)):,} trained), mesh "
         f"{dict(mesh.shape)}, {jax.process_count()} process(es)")
 
   def data_state():
     return {"iterator": train_iter.get_state(), "consumed_samples": consumed}
 
-  n_params = sum(x.size for x in jax.tree.leaves(abstract_params))
   peak = t.peak_flops if t.peak_flops != 0 else matmul_peak_flops()
   throughput = metrics_lib.Throughput(metrics_lib.flops_per_token(
       n_params, reference=step_cfg.reference, lora=step_cfg.lora is not None), peak)

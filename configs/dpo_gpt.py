@@ -111,6 +111,7 @@ def get_config() -> ml_collections.ConfigDict:
   dt.append_eos = True  # End each response with EOS.
   dt.packing = "none"  # none | first_fit_decreasing | first_fit_shuffle (re-packed every epoch).
   dt.pack_size = 0  # Tokens per packed row (>= 2 * max_seq_length); 0 = 2 * max_seq_length.
+  dt.share_prompt = False  # Packed only: a pair's prompt computed once, both responses branch off it.
   # When packed, train.global_batch_size and train.micro_batch_size count ROWS of pack_size
   # tokens (each holds whole pairs), and the pairs per step vary (metrics report num_pairs).
   dt.cache_dir = ""  # Where .gz files are decompressed for random access; "" = ~/.cache/dpojax.

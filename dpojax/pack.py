@@ -39,6 +39,8 @@ def parse_args(argv=None):
   p.add_argument("--add_bos", default=True, action=argparse.BooleanOptionalAction)
   p.add_argument("--append_eos", default=True, action=argparse.BooleanOptionalAction)
   p.add_argument("--truncation", default="drop", choices=TRUNCATIONS)
+  p.add_argument("--share_prompt", default=False, action=argparse.BooleanOptionalAction,
+                 help="pack for data.share_prompt=True (the prompt once per pair)")
   p.add_argument("--on_error", default="raise", choices=pipeline.ON_ERROR)
   p.add_argument("--cache_dir", default="", help="where .gz input is decompressed")
   p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
@@ -53,7 +55,7 @@ def main(argv=None) -> dict:
       max_seq_length=args.max_seq_length or args.pack_size // 2, format=args.format,
       template=args.template, add_bos=args.add_bos, append_eos=args.append_eos,
       truncation=args.truncation, on_error=args.on_error, packing=args.strategy,
-      pack_size=args.pack_size, cache_dir=args.cache_dir)
+      pack_size=args.pack_size, cache_dir=args.cache_dir, share_prompt=args.share_prompt)
   start = time.perf_counter()
   data = pipeline.PreferenceData(args.input, Tokenizer(args.tokenizer_path), opts)
   data.require(1, "pairs to pack")

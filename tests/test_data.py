@@ -175,6 +175,10 @@ def test_missing_files_and_bad_options_are_named(tmp_path):
   with pytest.raises(DataError, match=r"data.pack_size=100 is smaller than 2 x "
                      r"data.max_seq_length=64"):
     pipeline.DataOptions(max_seq_length=64, packing="first_fit_decreasing", pack_size=100)
+  path = write_lines(tmp_path, [json.dumps(GOOD)], "one.jsonl")
+  with pytest.raises(DataError, match=rf"{path}: data.share_prompt=True needs packed rows"):
+    pipeline.PreferenceData(path, Tokenizer(TOKENIZER), pipeline.DataOptions(
+        max_seq_length=32, share_prompt=True))
 
 
 # --- sources and formats -------------------------------------------------------------------
@@ -549,6 +553,23 @@ def test_pack_cli_writes_a_dataset_training_reads(tmp_path, tok, marker_tok, cap
     pipeline.PreferenceData(out, tok, pipeline.DataOptions(max_seq_length=32, template="nemo"))
   with pytest.raises(DataError, match="which differs from data.tokenizer_path"):
     pipeline.PreferenceData(out, marker_tok, opts)
+  with pytest.raises(DataError, match=r"packed with share_prompt=False, but "
+                     r"data.share_prompt=True; repack"):
+    pipeline.PreferenceData(out, tok, pipeline.DataOptions(max_seq_length=32,
+                                                           share_prompt=True))
+  # Packed for a shared prompt: rows hold len_c + len_r - (P - 1) tokens per pair.
+  shared_out = str(tmp_path / "packed_shared")
+  shared_stats = pack_cli.main(args[:2] + ["--output", shared_out] + args[4:] +
+                               ["--share_prompt"])
+  shared = pipeline.PreferenceData(shared_out, tok, pipeline.DataOptions(max_seq_length=32,
+                                                                         share_prompt=True))
+  np.testing.assert_array_equal(shared.row_lengths,
+                                shared.pair_lengths - (shared.prompt_len - 1))
+  assert shared_stats["rows"] <= stats["rows"]
+  assert shared_stats["token_efficiency"] == pytest.approx(
+      shared.row_lengths.sum() / (shared_stats["rows"] * 64))
+  batch = pipeline.eval_batches(shared, global_batch_size=1, micro_batch_size=1)[0]
+  assert batch["branch_ids"].shape == batch["tokens"].shape
   with pytest.raises(DataError, match=r"data.pack_size=32 is smaller than 2 x "
                      r"data.max_seq_length=32"):
     pack_cli.main(args[:4] + ["--pack_size", "32"] + args[6:] + ["--overwrite"])

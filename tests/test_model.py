@@ -138,6 +138,31 @@ def test_packed_row_equals_separate_rows():
   np.testing.assert_allclose(packed[0, 7:12], alone_b[0], atol=1e-5)
 
 
+def test_shared_prompt_branches_equal_separate_sequences():
+  """A row [prompt[:-1] | prompt[-1] a | prompt[-1] b] with branch ids 0 | 1 | 2 gives each
+  branch the hidden states of prompt + a and prompt + b run alone (mask checked by a loop)."""
+  cfg = dataclasses.replace(BASE, num_query_groups=2, attention_block=4)
+  params = model_lib.init_params(cfg, jax.random.key(3))
+  rng = np.random.default_rng(6)
+  p, a, b = (rng.integers(0, 37, size=n) for n in (5, 4, 3))
+  tokens = np.concatenate([p, a, p[-1:], b, [0]])[None]
+  pos = np.concatenate([np.arange(9), np.arange(4, 8), [0]])[None]
+  branch = np.asarray([0] * 4 + [1] * 5 + [2] * 4 + [0])[None]
+  seg = np.asarray([1] * 13 + [0])[None]
+  mask = np.asarray(model_lib.attention_mask(jnp.asarray(seg), jnp.asarray(branch)))[0, 0]
+  for i in range(14):
+    for j in range(14):
+      want = j <= i and seg[0, i] == seg[0, j] and branch[0, j] in (0, branch[0, i])
+      assert mask[i, j] == want, (i, j)
+  shared = apply(params, cfg, jnp.asarray(tokens), jnp.asarray(pos), jnp.asarray(seg),
+                 jnp.asarray(branch))
+  for branch_tokens, cols in ((a, slice(4, 9)), (b, slice(9, 13))):
+    seq = np.concatenate([p, branch_tokens])[None]
+    alone = apply(params, cfg, jnp.asarray(seq), jnp.arange(seq.shape[1])[None],
+                  jnp.ones_like(jnp.asarray(seq)))
+    np.testing.assert_allclose(shared[0, cols], alone[0, 4:], atol=1e-5)
+  np.testing.assert_allclose(shared[0, :4], alone[0, :4], atol=1e-5)
+
 
 def test_tiled_causal_attention_equals_one_block():
   """attention_block: query tiles that skip the keys after them give the dense result, on a

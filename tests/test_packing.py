@@ -106,6 +106,28 @@ def test_collate_rows_layout():
   assert block["pair_mask"].tolist() == [[1, 0, 1, 0]]
 
 
+def test_collate_rows_shared_prompt_layout():
+  """[prompt[:-1] | prompt[-1] chosen | prompt[-1] rejected], branch ids 0 | 1 | 2, positions
+  restarting at P - 1 in each branch, one segment per pair."""
+  pairs = [fake_pair([1, 5, 2], [6, 7], [8]), fake_pair([1], [9, 9], [4, 4, 4])]
+  batch = packing.collate_rows([[0, 1]], lambda i: pairs[i], micro_rows=1, pack_size=16,
+                               pairs_per_row=2, default_rewards=(1.0, 0.0), share_prompt=True)
+  assert packing.item_lengths([3, 1], [5, 3], [4, 4], True).tolist() == [7, 7]
+  row = lambda k: batch[k][0, 0].tolist()
+  assert row("tokens") == [1, 5, 2, 6, 7, 2, 8, 1, 9, 9, 1, 4, 4, 4, 0, 0]
+  assert row("positions") == [0, 1, 2, 3, 4, 2, 3, 0, 1, 2, 0, 1, 2, 3, 0, 0]
+  assert row("branch_ids") == [0, 0, 1, 1, 1, 2, 2, 1, 1, 1, 2, 2, 2, 2, 0, 0]
+  assert row("segment_ids") == [1] * 7 + [2] * 7 + [0, 0]
+  assert row("loss_mask") == [0, 0, 0, 1, 1, 0, 1, 0, 1, 1, 0, 1, 1, 1, 0, 0]
+  assert row("sequence_ids") == [0, 0, 0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 3, 3, -1, -1]
+  # An empty prompt: nothing shared, and the rejected branch's first token is no target.
+  empty = fake_pair([], [6, 7], [8, 9])
+  batch = packing.collate_rows([[0]], lambda i: [empty][i], micro_rows=1, pack_size=6,
+                               pairs_per_row=1, default_rewards=(1.0, 0.0), share_prompt=True)
+  assert batch["tokens"][0, 0].tolist() == [6, 7, 8, 9, 0, 0]
+  assert batch["loss_mask"][0, 0].tolist() == [0, 1, 0, 1, 0, 0]
+
+
 def test_collate_rows_refuses_overflow():
   pairs = [fake_pair([1], [2, 3], [4])]
   with pytest.raises(ValueError, match="row 0 overflows pack_size=5"):
@@ -124,24 +146,27 @@ def toy_pairs():
   return data, [data[i] for i in range(12)]
 
 
-def packed_batch(pairs, pack_size, spare_slots):
+def packed_batch(pairs, pack_size, spare_slots, share_prompt=False):
   """All pairs in one packed micro-batch; returns it and, per pair, its slot."""
-  lengths = [len(p["chosen"]) + len(p["rejected"]) for p in pairs]
+  lengths = packing.item_lengths([p["prompt_len"] for p in pairs],
+                                 [len(p["chosen"]) for p in pairs],
+                                 [len(p["rejected"]) for p in pairs], share_prompt)
   row_starts, items = packing.pack(lengths, pack_size, "first_fit_decreasing", seed=0)
   rows = [items[row_starts[r]:row_starts[r + 1]] for r in range(len(row_starts) - 1)]
   per_row = max(len(r) for r in rows) + spare_slots
   batch = packing.collate_rows(rows, lambda i: pairs[i], micro_rows=len(rows),
                                pack_size=pack_size, pairs_per_row=per_row,
-                               default_rewards=(1.0, 0.0))
+                               default_rewards=(1.0, 0.0), share_prompt=share_prompt)
   slots = np.zeros(len(pairs), np.int64)
   for r, row in enumerate(rows):
     slots[row] = r * per_row + np.arange(len(row))
   return batch, slots
 
 
-def test_targets_shift_by_one_and_never_cross_a_segment(toy_pairs):
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_targets_shift_by_one_and_never_cross_a_segment(toy_pairs, share_prompt):
   _, pairs = toy_pairs
-  batch, slots = packed_batch(pairs, 96, 1)
+  batch, slots = packed_batch(pairs, 96, 1, share_prompt)
   micro = {k: jnp.asarray(v[0]) for k, v in batch.items()}
   targets, mask, target_seq = map(np.asarray, logprob_lib.shift_targets(
       micro["tokens"], micro["segment_ids"], micro["loss_mask"], micro["sequence_ids"]))
@@ -181,13 +206,18 @@ def tiny_step():
   return run
 
 
-def test_packed_and_padded_give_the_same_logps_loss_and_metrics(toy_pairs, tiny_step):
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_packed_and_padded_give_the_same_logps_loss_and_metrics(toy_pairs, tiny_step,
+                                                                share_prompt):
+  """Packed rows, with or without a shared prompt, give the padded layout's numbers: so a
+  branch sees the prompt and itself only (seeing the sibling response would move them)."""
   _, pairs = toy_pairs
   n = len(pairs)
   padded = pipeline.collate(pairs, micro_batch_size=n, seq_len=48,
                             opts=pipeline.DataOptions(max_seq_length=48))
-  packed, slots = packed_batch(pairs, 96, 1)  # One spare (masked) slot per row.
+  packed, slots = packed_batch(pairs, 96, 1, share_prompt)  # One spare (masked) slot per row.
   assert packed["tokens"].shape[1] < n  # Rows really hold several pairs.
+  assert ("branch_ids" in packed) == share_prompt
   first = lambda b: {k: jnp.asarray(v[0]) for k, v in b.items()}
   normalizers = {"pairs": jnp.float32(n)}
   padded_out, (want_loss, want_m) = tiny_step(first(padded), normalizers)

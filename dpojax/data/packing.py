@@ -7,6 +7,14 @@ k (k = 0, 1, ...) has segment id k + 1 and positions restarting at 0; every row 
 (unused slots masked) and the sequence ids 2p + side (p = the pair's slot) give the loss its
 per-sequence sums exactly as for padded rows.
 
+Shared prompt (`share_prompt`): a pair is one segment [prompt[:-1] | prompt[-1], chosen
+response | prompt[-1], rejected response] with `branch_ids` 0 | 1 | 2 (the model's attention
+mask lets each branch see the prefix and itself only) and positions restarting at P - 1 in
+each branch. The last prompt token is repeated at the head of each branch, so every response
+token is still predicted by the position before it (the shift by one is unchanged) from
+exactly the context of its own sequence; the prompt's other P - 1 tokens are computed once,
+and the pair takes len_c + len_r - P + 1 tokens instead of len_c + len_r.
+
 Strategies (NeMo's names):
   first_fit_decreasing: first fit over the pairs sorted by decreasing length (ties in seeded
     random order). Exact, vectorized over runs of equal length: identical items go to the
@@ -145,15 +153,25 @@ def stats(lengths, row_starts, pack_size: int) -> dict:
   }
 
 
+def item_lengths(prompt_len, chosen_len, rejected_len, share_prompt: bool) -> np.ndarray:
+  """Row tokens a pair takes: both sequences, or with a shared prompt its P - 1 tokens once."""
+  lengths = np.asarray(chosen_len, np.int64) + np.asarray(rejected_len, np.int64)
+  if share_prompt:
+    lengths -= np.maximum(np.asarray(prompt_len, np.int64) - 1, 0)
+  return lengths
+
+
 def collate_rows(rows: list, fetch, *, micro_rows: int, pack_size: int, pairs_per_row: int,
-                 default_rewards: tuple[float, float], row_offset: int = 0) -> dict:
+                 default_rewards: tuple[float, float], row_offset: int = 0,
+                 share_prompt: bool = False) -> dict:
   """Packed rows (each a sequence of pair indices; None = an empty row) -> a global batch.
 
   `fetch(i)` returns the tokenized pair i. Returns [A, micro_rows, pack_size] token arrays and
   [A, micro_rows * pairs_per_row] pair arrays: the j-th pair of row r of a micro-batch takes
   pair slot r * pairs_per_row + j (unused slots have pair_mask 0), and sequence ids
   2 * ((row_offset + r) * pairs_per_row + j) + side, so a process's rows (offset row_offset)
-  are exactly its block of a larger micro-batch.
+  are exactly its block of a larger micro-batch. With `share_prompt`, the rows also carry
+  `branch_ids` (the layout in the module docstring).
   """
   n = len(rows)
   assert n % micro_rows == 0, (n, micro_rows)
@@ -161,6 +179,7 @@ def collate_rows(rows: list, fetch, *, micro_rows: int, pack_size: int, pairs_pe
   tokens, positions, segment_ids, loss_mask = (
       np.zeros((n, pack_size), np.int32) for _ in range(4))
   sequence_ids = np.full((n, pack_size), -1, np.int32)
+  branch_ids = np.zeros((n, pack_size), np.int32)
   pair_mask = np.zeros((a_count, num_pairs), np.float32)
   pair_index = np.full((a_count, num_pairs), -1, np.int32)
   rewards = np.zeros((a_count, num_pairs, 2), np.float32)
@@ -173,15 +192,29 @@ def collate_rows(rows: list, fetch, *, micro_rows: int, pack_size: int, pairs_pe
     for j, index in enumerate(row):
       pair = fetch(int(index))
       slot = r_in * pairs_per_row + j
+      shared = max(pair["prompt_len"] - 1, 0) if share_prompt else 0
+      if shared:  # The prefix, once; sequence ids of the chosen side (its targets are masked).
+        end = offset + shared
+        if end > pack_size:
+          raise ValueError(f"row {r} overflows pack_size={pack_size}")
+        tokens[r, offset:end] = pair["chosen"][:shared]
+        positions[r, offset:end] = np.arange(shared)
+        segment_ids[r, offset:end] = j + 1
+        sequence_ids[r, offset:end] = 2 * ((row_offset + r_in) * pairs_per_row + j)
+        offset = end
       for side, name in enumerate(("chosen", "rejected")):
-        ids = pair[name]
+        ids = pair[name][shared:]
         end = offset + len(ids)
         if end > pack_size:
           raise ValueError(f"row {r} overflows pack_size={pack_size}")
         tokens[r, offset:end] = ids
-        positions[r, offset:end] = np.arange(len(ids))
-        segment_ids[r, offset:end] = 2 * j + side + 1
-        loss_mask[r, offset + pair["prompt_len"]:end] = 1
+        positions[r, offset:end] = shared + np.arange(len(ids))
+        segment_ids[r, offset:end] = j + 1 if share_prompt else 2 * j + side + 1
+        branch_ids[r, offset:end] = side + 1
+        # A branch's first token is never a target (with an empty prompt, the rejected one
+        # would otherwise follow the chosen response in its segment).
+        first = max(pair["prompt_len"] - shared, 1 if share_prompt else 0)
+        loss_mask[r, offset + first:end] = 1
         sequence_ids[r, offset:end] = 2 * ((row_offset + r_in) * pairs_per_row + j) + side
         reward = pair[f"{name}_reward"]
         rewards[a, slot, side] = default_rewards[side] if reward is None else reward
@@ -192,6 +225,8 @@ def collate_rows(rows: list, fetch, *, micro_rows: int, pack_size: int, pairs_pe
   batch = {"tokens": tokens.reshape(shape), "positions": positions.reshape(shape),
            "segment_ids": segment_ids.reshape(shape), "loss_mask": loss_mask.reshape(shape),
            "sequence_ids": sequence_ids.reshape(shape)}
+  if share_prompt:
+    batch["branch_ids"] = branch_ids.reshape(shape)
   batch["pair_mask"] = pair_mask
   batch["chosen_reward"] = rewards[..., 0]
   batch["rejected_reward"] = rewards[..., 1]

@@ -57,6 +57,7 @@ class DataOptions:
   prefetch: int = 2
   default_chosen_reward: float = 1.0
   default_rejected_reward: float = 0.0
+  share_prompt: bool = False
 
   def __post_init__(self):
     for key, value, allowed in (("format", self.format, FORMATS),
@@ -82,8 +83,9 @@ class DataOptions:
 
   @classmethod
   def from_config(cls, data_cfg) -> DataOptions:
-    """From the `data` section of a run config."""
-    return cls(**{f.name: data_cfg[f.name] for f in dataclasses.fields(cls)})
+    """From the `data` section of a run config (a field it lacks, as in a run config written
+    before the field existed, takes its default)."""
+    return cls(**{f.name: data_cfg[f.name] for f in dataclasses.fields(cls) if f.name in data_cfg})
 
 
 class PreferenceData:
@@ -104,7 +106,14 @@ class PreferenceData:
       self._load_packed(path)
     else:
       self._read_jsonl(path)
+    if opts.share_prompt and not self.packed:
+      raise DataError(f"{path}: data.share_prompt=True needs packed rows (data.packing="
+                      f"{packing.STRATEGIES[0]!r} or {packing.STRATEGIES[1]!r}, or a directory "
+                      "from python -m dpojax.pack): a pair's prompt and responses share a row")
     self.pair_lengths = self.chosen_len.astype(np.int64) + self.rejected_len
+    # Tokens a pair takes in a packed row (fewer with a shared prompt).
+    self.row_lengths = packing.item_lengths(self.prompt_len, self.chosen_len,
+                                            self.rejected_len, opts.share_prompt)
 
   # --- JSONL -----------------------------------------------------------------------------
   def _read_jsonl(self, path):
@@ -172,8 +181,8 @@ class PreferenceData:
   def _load_packed(self, path):
     meta = read_packed_meta(path)
     opts, tok = self.opts, self.tok
-    for key in ("template", "add_bos", "append_eos"):
-      if meta[key] != getattr(opts, key):
+    for key in ("template", "add_bos", "append_eos", "share_prompt"):
+      if meta.get(key, False) != getattr(opts, key):
         raise DataError(f"{path}: packed with {key}={meta[key]!r}, but data.{key}="
                         f"{getattr(opts, key)!r}; repack or change data.{key}")
     if meta["tokenizer_sha256"] != tok.sha256:
@@ -213,7 +222,7 @@ class PreferenceData:
     """The most pairs one row can hold: exact for a fixed packing, else a bound from lengths."""
     if self.rows is not None:
       return int(np.diff(self.rows[0]).max()) if len(self) else 1
-    return int(min(self.packed_size // max(int(self.pair_lengths.min()), 1), len(self)))
+    return int(min(self.packed_size // max(int(self.row_lengths.min()), 1), len(self)))
 
   def __len__(self) -> int:
     return len(self.indices)
@@ -309,7 +318,7 @@ class RowStream:
         if data.rows is not None:
           row_starts, items = data.rows
         else:
-          row_starts, items = packing.pack(data.pair_lengths, data.packed_size,
+          row_starts, items = packing.pack(data.row_lengths, data.packed_size,
                                            data.opts.packing, seed=[self.seed, e])
         order = rng.permutation(len(row_starts) - 1)
         sizes = np.diff(row_starts)[order]
@@ -358,7 +367,7 @@ class _GlobalBatches:
 
 def packing_stats(data: PreferenceData, row_starts: np.ndarray, items: np.ndarray) -> dict:
   """Packing statistics plus the padded layout's efficiency, for logs."""
-  out = packing.stats(data.pair_lengths[items], row_starts, data.packed_size)
+  out = packing.stats(data.row_lengths[items], row_starts, data.packed_size)
   out["pack_size"] = data.packed_size
   out["padded_efficiency"] = float(data.pair_lengths.sum() / max(
       2 * len(data) * data.opts.max_seq_length, 1))
@@ -406,7 +415,8 @@ def _collate_fn(data: PreferenceData, shard: ProcessShard):
   if data.packed:
     kwargs = dict(micro_rows=shard.local, pack_size=data.packed_size,
                   pairs_per_row=data.pairs_per_row(), row_offset=shard.offset,
-                  default_rewards=(opts.default_chosen_reward, opts.default_rejected_reward))
+                  default_rewards=(opts.default_chosen_reward, opts.default_rejected_reward),
+                  share_prompt=opts.share_prompt)
     return lambda units: packing.collate_rows(shard(units), data.__getitem__, **kwargs)
   return lambda units: collate(
       [None if i is None else data[int(i)] for i in shard(units)],
@@ -463,7 +473,7 @@ def eval_batches(data: PreferenceData, *, global_batch_size: int, micro_batch_si
     if data.rows is not None:
       row_starts, items = data.rows
     else:
-      row_starts, items = packing.pack(data.pair_lengths, data.packed_size,
+      row_starts, items = packing.pack(data.row_lengths, data.packed_size,
                                        "first_fit_decreasing", seed=0)
     data.stats["packing"] = packing_stats(data, row_starts, items)
     units = [items[row_starts[r]:row_starts[r + 1]] for r in range(len(row_starts) - 1)]
@@ -509,7 +519,7 @@ def write_packed(data: PreferenceData, out_dir: str, *, strategy: str, seed: int
   """Packs `data` (a JSONL split) and writes it under `out_dir` (.npy arrays + meta.json,
   no pickles); returns the statistics. Written to a temporary directory, then renamed."""
   pack_size = data.opts.resolved_pack_size
-  row_starts, items = packing.pack(data.pair_lengths, pack_size, strategy, seed=seed)
+  row_starts, items = packing.pack(data.row_lengths, pack_size, strategy, seed=seed)
   n, total = len(items), int(data.pair_lengths.sum())
   tokens = np.zeros(total, np.int32)
   pair_offsets = np.zeros(n, np.int64)
@@ -532,7 +542,7 @@ def write_packed(data: PreferenceData, out_dir: str, *, strategy: str, seed: int
   meta = {"format": PACKED_FORMAT, "pack_size": pack_size, "strategy": strategy, "seed": seed,
           "max_seq_length": opts.max_seq_length, "template": opts.template,
           "add_bos": opts.add_bos, "append_eos": opts.append_eos,
-          "truncation": opts.truncation, "source": data.path,
+          "share_prompt": opts.share_prompt, "truncation": opts.truncation, "source": data.path,
           "tokenizer_path": data.tok.path, "tokenizer_sha256": data.tok.sha256,
           "stats": stats, **(extra_meta or {})}
   arrays = {"tokens": tokens, "row_starts": row_starts, "pair_offsets": pair_offsets,

@@ -146,11 +146,19 @@ def apply_rope(x_BxTxNxK, positions_BxT, rotary_dim: int, base: float):
   return jnp.concatenate([out, x_pass], -1).astype(x_BxTxNxK.dtype)
 
 
-def attention_mask(segment_ids_BxT):
-  """Causal AND same-segment mask, [B, 1, T, T]. Padding (segment 0) attends to itself only."""
+def attention_mask(segment_ids_BxT, branch_ids_BxT=None):
+  """Causal AND same-segment mask, [B, 1, T, T]. Padding (segment 0) attends to itself only.
+
+  With `branch_ids` (shared-prompt rows: 0 = the shared prefix, 1, 2, ... = branches after
+  it), a token also needs the key to be in the prefix or in its own branch: each branch sees
+  the prefix and itself, never a sibling branch.
+  """
   t = segment_ids_BxT.shape[1]
   causal = jnp.tril(jnp.ones((t, t), dtype=bool))
   same = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+  if branch_ids_BxT is not None:
+    key_BxS = branch_ids_BxT[:, None, :]
+    same &= (key_BxS == 0) | (key_BxS == branch_ids_BxT[:, :, None])
   return (causal[None] & same)[:, None]
 
 
@@ -273,7 +281,8 @@ class Transformer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT, cache=None):
+  def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT, cache=None,
+               branch_ids_BxT=None):
     cfg = self.cfg
     dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
     init = nn.initializers.normal(cfg.init_method_std)
@@ -294,7 +303,8 @@ class Transformer(nn.Module):
       layers = nn.scan(
           block, variable_axes={"params": 0}, split_rngs={"params": True},
           in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers)(cfg, name="layers")
-      x_BxTxD, _ = layers(x_BxTxD, positions_BxT, attention_mask(segment_ids_BxT))
+      x_BxTxD, _ = layers(x_BxTxD, positions_BxT, attention_mask(segment_ids_BxT,
+                                                                 branch_ids_BxT))
       return Norm(cfg, name="final_norm")(x_BxTxD)
     # Same module names, so the same parameters; the layer caches are scanned over axis 0.
     layers = nn.scan(
@@ -328,9 +338,11 @@ def _init(cfg: ModelConfig, rng: jax.Array):
   return Transformer(cfg).init(rng, tokens, tokens, jnp.ones_like(tokens))["params"]
 
 
-def apply(params: Any, cfg: ModelConfig, tokens_BxT, positions_BxT, segment_ids_BxT):
-  """Pure forward: hidden states [B, T, D]."""
-  return Transformer(cfg).apply({"params": params}, tokens_BxT, positions_BxT, segment_ids_BxT)
+def apply(params: Any, cfg: ModelConfig, tokens_BxT, positions_BxT, segment_ids_BxT,
+          branch_ids_BxT=None):
+  """Pure forward: hidden states [B, T, D]. `branch_ids`: see `attention_mask`."""
+  return Transformer(cfg).apply({"params": params}, tokens_BxT, positions_BxT, segment_ids_BxT,
+                                branch_ids_BxT=branch_ids_BxT)
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_length: int) -> dict:

@@ -3,7 +3,7 @@ in-process matmul peak. Import after any XLA_FLAGS are set (this imports jax).""
 
 import numpy as np
 
-from dpojax.data import pipeline
+from dpojax.data import packing, pipeline
 from dpojax.model import transformer
 from dpojax.train import loop
 
@@ -16,8 +16,9 @@ MODEL = transformer.ModelConfig(
     max_position_embeddings=8192)
 
 
-def synthetic_batch(rng, *, pairs, seq, prompt, micro_pairs):
-  """`pairs` fixed-length pairs (a shared prompt, random responses) as one padded batch."""
+def synthetic_batch(rng, *, pairs, seq, prompt, micro_pairs, share_prompt=False):
+  """`pairs` fixed-length pairs (a shared prompt, random responses) as one padded batch, or
+  with `share_prompt` one pair per packed row (data.share_prompt's layout)."""
   def sequence(prompt_ids):
     return np.concatenate([prompt_ids, rng.integers(3, MODEL.vocab_size, seq - prompt)])
 
@@ -26,8 +27,13 @@ def synthetic_batch(rng, *, pairs, seq, prompt, micro_pairs):
     prompt_ids = rng.integers(3, MODEL.vocab_size, prompt)
     items.append({"chosen": sequence(prompt_ids), "rejected": sequence(prompt_ids),
                   "prompt_len": prompt, "chosen_reward": None, "rejected_reward": None})
-  return pipeline.collate(items, micro_batch_size=micro_pairs, seq_len=seq,
-                          opts=pipeline.DataOptions(max_seq_length=seq))
+  if not share_prompt:
+    return pipeline.collate(items, micro_batch_size=micro_pairs, seq_len=seq,
+                            opts=pipeline.DataOptions(max_seq_length=seq))
+  row = -(-int(packing.item_lengths(prompt, seq, seq, True)) // 8) * 8
+  return packing.collate_rows([[i] for i in range(pairs)], items.__getitem__,
+                              micro_rows=micro_pairs, pack_size=row, pairs_per_row=1,
+                              default_rewards=(1.0, 0.0), share_prompt=True)
 
 
 def matmul_peak(n=2048, repeats=5):

@@ -4,6 +4,7 @@
   python benchmarks/train_throughput.py --devices=8     # the same on 8 emulated CPU devices
   python benchmarks/train_throughput.py --reference=precomputed   # 6N per token
   python benchmarks/train_throughput.py --data=hh       # HH-RLHF lengths: padded vs packed
+  python benchmarks/train_throughput.py --share_prompt  # + each pair's prompt computed once
 
 Model (issue 10): Llama-style, vocab 1000, hidden 256, FFN 688 (swiglu), 4 layers, 8 heads,
 4 query groups, tied embeddings, rmsnorm, rope, fp32: N = 3,158,272 parameters. Work per
@@ -14,6 +15,9 @@ the google test model, vocab 1000 like the benchmark model), max length --hh_max
 the same token budget per step padded (pairs of rows of --hh_max_len) and packed (rows of
 2 x --hh_max_len, first_fit_decreasing): pairs/s counts real pairs. Without ../shared it falls
 back to the 99-pair slice in tests/testdata and the toy tokenizer (too few pairs for figures).
+--share_prompt adds data.share_prompt=True: fixed pairs go one per row (prompt once, both
+responses branching off it; rows rounded up to a multiple of 8), HH pairs are packed so.
+FLOP/s counts the tokens the step really runs (a shared prompt's tokens once).
 """
 
 import argparse
@@ -46,6 +50,7 @@ def parse():
   p.add_argument("--hh_tokenizer", default=os.path.join(
       ROOT, "..", "shared", "data", "tokenizers", "sentencepiece-test", "test_model.model"))
   p.add_argument("--hh_max_len", type=int, default=512)
+  p.add_argument("--share_prompt", action="store_true", help="also time data.share_prompt")
   return p.parse_args()
 
 
@@ -69,12 +74,12 @@ import common  # noqa: E402  (benchmarks/common.py)
 from common import MODEL, matmul_peak  # noqa: E402
 
 
-def synthetic_batch(rng):
+def synthetic_batch(rng, share_prompt=False):
   return common.synthetic_batch(rng, pairs=ARGS.pairs, seq=ARGS.seq, prompt=ARGS.prompt,
-                                micro_pairs=ARGS.micro_pairs)
+                                micro_pairs=ARGS.micro_pairs, share_prompt=share_prompt)
 
 
-def hh_batches(packing):
+def hh_batches(packing, share_prompt=False):
   """Global batches of HH-RLHF pairs with the same token budget per step, padded or packed."""
   from dpojax.data.tokenize import Tokenizer  # noqa: E402
   path, tokenizer = ARGS.hh_path, ARGS.hh_tokenizer
@@ -84,7 +89,7 @@ def hh_batches(packing):
     print(f"(--hh_path or --hh_tokenizer missing: using {path} and {tokenizer})")
   opts = pipeline.DataOptions(max_seq_length=ARGS.hh_max_len, template="plain",
                               truncation="drop", on_error="skip", packing=packing,
-                              pack_size=2 * ARGS.hh_max_len)
+                              pack_size=2 * ARGS.hh_max_len, share_prompt=share_prompt)
   data = pipeline.PreferenceData(path, Tokenizer(tokenizer), opts)
   it = iter(pipeline.train_dataset(data, global_batch_size=ARGS.pairs,
                                    micro_batch_size=ARGS.micro_pairs, seed=0))
@@ -135,10 +140,16 @@ def main():
         f"attention_block={ARGS.attention_block} matmul_peak={peak / 1e9:.1f}G")
   if ARGS.data == "fixed":
     rng = np.random.default_rng(0)
-    runs = {f"fixed {ARGS.seq}": [synthetic_batch(rng) for _ in range(ARGS.warmup + ARGS.steps)]}
+    n = ARGS.warmup + ARGS.steps
+    runs = {f"fixed {ARGS.seq}": [synthetic_batch(rng) for _ in range(n)]}
+    if ARGS.share_prompt:
+      runs["fixed shared prompt"] = [synthetic_batch(rng, True) for _ in range(n)]
   else:
     runs = {f"hh padded {ARGS.hh_max_len}": hh_batches("none"),
             f"hh packed {2 * ARGS.hh_max_len}": hh_batches("first_fit_decreasing")}
+    if ARGS.share_prompt:
+      runs[f"hh packed {2 * ARGS.hh_max_len} shared prompt"] = hh_batches(
+          "first_fit_decreasing", share_prompt=True)
   results = {}
   for name, batches in runs.items():
     step, pairs, pairs_per_s = run(step_cfg, batches, params, tx, schedule, mesh)
@@ -149,8 +160,11 @@ def main():
           f"tokens/s={tokens / step:.0f} model_flops/s({flops_per_token / n_params:.0f}N)="
           f"{flops / 1e9:.1f}G ratio={flops / peak:.1%}")
   if ARGS.data == "hh":
-    padded, packed = results.values()
+    padded, packed = list(results.values())[:2]
     print(f"packed/padded pairs/s: {packed / padded:.2f}x")
+  if ARGS.share_prompt:
+    plain, shared = list(results.values())[-2:]
+    print(f"shared prompt/without pairs/s: {shared / plain:.2f}x")
 
 
 if __name__ == "__main__":

@@ -30,3 +30,15 @@ def tiny_config():
 @pytest.fixture
 def config():
   return tiny_config()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _temp_folders_under_pytest(tmp_path_factory):
+  """Temp folders the code makes for itself (e.g. a tokenizer unpacked from a .nemo loaded
+  without `extract_dir`, which the caller owns) go under pytest's own, rotated, base folder."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+
+  old = tempfile.tempdir
+  tempfile.tempdir = str(tmp_path_factory.mktemp("tempfile"))
+  yield
+  tempfile.tempdir = old

@@ -126,6 +126,11 @@ def test_collate_rows_shared_prompt_layout():
                                pairs_per_row=1, default_rewards=(1.0, 0.0), share_prompt=True)
   assert batch["tokens"][0, 0].tolist() == [6, 7, 8, 9, 0, 0]
   assert batch["loss_mask"][0, 0].tolist() == [0, 1, 0, 1, 0, 0]
+  odd = dict(fake_pair([1, 5], [6], [7]), rejected=np.asarray([1, 3, 7], np.int32), line=9)
+  with pytest.raises(ValueError, match="line 9: chosen and rejected do not start with the "
+                     "same 2 prompt tokens"):
+    packing.collate_rows([[0]], lambda i: odd, micro_rows=1, pack_size=8, pairs_per_row=1,
+                         default_rewards=(1.0, 0.0), share_prompt=True)
 
 
 def test_collate_rows_refuses_overflow():

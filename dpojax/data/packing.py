@@ -193,6 +193,10 @@ def collate_rows(rows: list, fetch, *, micro_rows: int, pack_size: int, pairs_pe
       pair = fetch(int(index))
       slot = r_in * pairs_per_row + j
       shared = max(pair["prompt_len"] - 1, 0) if share_prompt else 0
+      prompt = pair["prompt_len"]
+      if share_prompt and not np.array_equal(pair["chosen"][:prompt], pair["rejected"][:prompt]):
+        raise ValueError(f"line {pair.get('line')}: chosen and rejected do not start with "
+                         f"the same {prompt} prompt tokens; data.share_prompt needs them")
       if shared:  # The prefix, once; sequence ids of the chosen side (its targets are masked).
         end = offset + shared
         if end > pack_size:

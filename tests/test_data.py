@@ -175,10 +175,6 @@ def test_missing_files_and_bad_options_are_named(tmp_path):
   with pytest.raises(DataError, match=r"data.pack_size=100 is smaller than 2 x "
                      r"data.max_seq_length=64"):
     pipeline.DataOptions(max_seq_length=64, packing="first_fit_decreasing", pack_size=100)
-  path = write_lines(tmp_path, [json.dumps(GOOD)], "one.jsonl")
-  with pytest.raises(DataError, match=rf"{path}: data.share_prompt=True needs packed rows"):
-    pipeline.PreferenceData(path, Tokenizer(TOKENIZER), pipeline.DataOptions(
-        max_seq_length=32, share_prompt=True))
 
 
 # --- sources and formats -------------------------------------------------------------------
@@ -557,6 +553,24 @@ def test_pack_cli_writes_a_dataset_training_reads(tmp_path, tok, marker_tok, cap
                      r"data.share_prompt=True; repack"):
     pipeline.PreferenceData(out, tok, pipeline.DataOptions(max_seq_length=32,
                                                            share_prompt=True))
+  # A directory packed before share_prompt existed: its meta.json lacks the key (= False).
+  meta_path = os.path.join(out, "meta.json")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  del meta["share_prompt"]
+  with open(meta_path, "w") as f:
+    json.dump(meta, f)
+  assert len(pipeline.PreferenceData(out, tok, opts)) == 9
+  with pytest.raises(DataError, match=r"packed with share_prompt=False, but "
+                     r"data.share_prompt=True"):
+    pipeline.PreferenceData(out, tok, pipeline.DataOptions(max_seq_length=32,
+                                                           share_prompt=True))
+  # data.share_prompt does not apply to padded (unpacked) data: two rows per pair, no branches.
+  padded = pipeline.PreferenceData(src, tok, pipeline.DataOptions(max_seq_length=32,
+                                                                  share_prompt=True))
+  assert not padded.share_prompt
+  assert "branch_ids" not in pipeline.eval_batches(padded, global_batch_size=1,
+                                                   micro_batch_size=1)[0]
   # Packed for a shared prompt: rows hold len_c + len_r - (P - 1) tokens per pair.
   shared_out = str(tmp_path / "packed_shared")
   shared_stats = pack_cli.main(args[:2] + ["--output", shared_out] + args[4:] +
@@ -565,7 +579,7 @@ def test_pack_cli_writes_a_dataset_training_reads(tmp_path, tok, marker_tok, cap
                                                                          share_prompt=True))
   np.testing.assert_array_equal(shared.row_lengths,
                                 shared.pair_lengths - (shared.prompt_len - 1))
-  assert shared_stats["rows"] <= stats["rows"]
+  assert shared_stats["rows"] < stats["rows"]
   assert shared_stats["token_efficiency"] == pytest.approx(
       shared.row_lengths.sum() / (shared_stats["rows"] * 64))
   batch = pipeline.eval_batches(shared, global_batch_size=1, micro_batch_size=1)[0]

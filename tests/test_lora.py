@@ -106,6 +106,15 @@ def test_adapted_model_zero_b_is_base_and_merge_is_exact(mcfg):
   for key in untouched:
     jax.tree.map(np.testing.assert_array_equal, merged[key], params[key])
 
+  # Shared-prompt branch ids reach the adapted model's attention mask as the base model's.
+  t = tokens.shape[1]
+  branches = np.broadcast_to(np.where(np.arange(t) < t // 2, 0, 1 + np.arange(t) % 2),
+                             tokens.shape).astype(np.int32)
+  branched = jax.jit(lambda base, adapters: lora.apply(base, adapters, mcfg, lcfg, tokens,
+                                                       positions, segments, branches))
+  np.testing.assert_allclose(branched(params, trained), branched(merged, None), atol=1e-5)
+  assert np.abs(branched(params, trained) - hidden_adapted).max() > 1e-3
+
   if mcfg is GATED:
     dropped = jax.jit(lambda a, rng: lora.apply(params, a, mcfg, lcfg, tokens, positions,
                                                 segments, dropout_rng=rng))

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dpojax import loss as loss_lib
 from dpojax import model as model_lib
 from dpojax.data import packing, pipeline
 from dpojax.data.tokenize import Tokenizer
@@ -196,7 +197,7 @@ def test_targets_shift_by_one_and_never_cross_a_segment(toy_pairs, share_prompt)
 def tiny_step():
   cfg = step_lib.StepConfig(model=model_lib.ModelConfig(
       vocab_size=384, hidden_size=32, num_layers=1, num_attention_heads=4, num_query_groups=2,
-      ffn_hidden_size=64), beta=1.0)
+      ffn_hidden_size=64), loss=loss_lib.LossConfig(beta=1.0, ld_alpha=0.5, use_weighting=True))
   # Any parameters will do: random ones from the init's shapes (tracing only, no compile).
   shapes = jax.eval_shape(lambda k: model_lib.init_params(cfg.model, k), jax.random.key(0))
   rng = np.random.default_rng(0)
@@ -235,6 +236,9 @@ def test_packed_and_padded_give_the_same_logps_loss_and_metrics(toy_pairs, tiny_
   np.testing.assert_array_equal(got_counts[unused], 0)
   np.testing.assert_allclose(got[slots], want, rtol=1e-6, atol=1e-5)
   assert np.abs(want).min() > 1.0  # Real sums, not zeros.
+  for key in ("ld_logps", "wpo_logps"):  # LD-DPO weights and WPO terms: same per-token ranks.
+    np.testing.assert_allclose(np.asarray(packed_out[key])[slots], padded_out[key], rtol=1e-6,
+                               atol=1e-5, err_msg=key)
   np.testing.assert_array_equal(got[unused], 0)
   assert abs(float(want_loss) - np.log(2)) > 1e-3  # Policy != reference: a real loss.
   np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-6, atol=1e-5)

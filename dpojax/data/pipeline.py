@@ -1,8 +1,9 @@
 """The Grain pipeline: records -> tokenized pairs -> padded or packed micro-batches.
 
 A global batch is a dict of arrays with a leading micro-batch axis A:
-  tokens, positions, segment_ids, loss_mask, sequence_ids: [A, rows, T];
-  pair_mask, chosen_reward, rejected_reward: [A, P].
+  tokens, positions, segment_ids, loss_mask, sequence_ids: [A, rows, T] (and branch_ids with
+    data.share_prompt: see packing.py);
+  pair_mask, chosen_reward, rejected_reward, pair_index: [A, P].
 Padded (data.packing=none): a micro-batch is M = train.micro_batch_size pairs, rows = 2M,
   T = data.max_seq_length; row 2p is pair p's chosen, row 2p+1 its rejected; P = M.
 Packed (data.packing=first_fit_*, or a directory written by `python -m dpojax.pack`): a
@@ -106,14 +107,16 @@ class PreferenceData:
       self._load_packed(path)
     else:
       self._read_jsonl(path)
+    # A layout, not a value change: padded data (e.g. a JSONL val file next to a packed
+    # train directory) simply keeps its two rows per pair.
+    self.share_prompt = opts.share_prompt and self.packed
     if opts.share_prompt and not self.packed:
-      raise DataError(f"{path}: data.share_prompt=True needs packed rows (data.packing="
-                      f"{packing.STRATEGIES[0]!r} or {packing.STRATEGIES[1]!r}, or a directory "
-                      "from python -m dpojax.pack): a pair's prompt and responses share a row")
+      logging.info("%s: read as padded rows (data.packing=none), so data.share_prompt does "
+                   "not apply to it", path)
     self.pair_lengths = self.chosen_len.astype(np.int64) + self.rejected_len
     # Tokens a pair takes in a packed row (fewer with a shared prompt).
     self.row_lengths = packing.item_lengths(self.prompt_len, self.chosen_len,
-                                            self.rejected_len, opts.share_prompt)
+                                            self.rejected_len, self.share_prompt)
 
   # --- JSONL -----------------------------------------------------------------------------
   def _read_jsonl(self, path):
@@ -181,9 +184,10 @@ class PreferenceData:
   def _load_packed(self, path):
     meta = read_packed_meta(path)
     opts, tok = self.opts, self.tok
+    packed_with = dict(meta, share_prompt=meta.get("share_prompt", False))  # Older files.
     for key in ("template", "add_bos", "append_eos", "share_prompt"):
-      if meta.get(key, False) != getattr(opts, key):
-        raise DataError(f"{path}: packed with {key}={meta[key]!r}, but data.{key}="
+      if packed_with[key] != getattr(opts, key):
+        raise DataError(f"{path}: packed with {key}={packed_with[key]!r}, but data.{key}="
                         f"{getattr(opts, key)!r}; repack or change data.{key}")
     if meta["tokenizer_sha256"] != tok.sha256:
       raise DataError(f"{path}: packed with tokenizer {meta['tokenizer_path']} (sha256 "
@@ -416,7 +420,7 @@ def _collate_fn(data: PreferenceData, shard: ProcessShard):
     kwargs = dict(micro_rows=shard.local, pack_size=data.packed_size,
                   pairs_per_row=data.pairs_per_row(), row_offset=shard.offset,
                   default_rewards=(opts.default_chosen_reward, opts.default_rejected_reward),
-                  share_prompt=opts.share_prompt)
+                  share_prompt=data.share_prompt)
     return lambda units: packing.collate_rows(shard(units), data.__getitem__, **kwargs)
   return lambda units: collate(
       [None if i is None else data[int(i)] for i in shard(units)],
@@ -542,7 +546,7 @@ def write_packed(data: PreferenceData, out_dir: str, *, strategy: str, seed: int
   meta = {"format": PACKED_FORMAT, "pack_size": pack_size, "strategy": strategy, "seed": seed,
           "max_seq_length": opts.max_seq_length, "template": opts.template,
           "add_bos": opts.add_bos, "append_eos": opts.append_eos,
-          "share_prompt": opts.share_prompt, "truncation": opts.truncation, "source": data.path,
+          "share_prompt": data.share_prompt, "truncation": opts.truncation, "source": data.path,
           "tokenizer_path": data.tok.path, "tokenizer_sha256": data.tok.sha256,
           "stats": stats, **(extra_meta or {})}
   arrays = {"tokens": tokens, "row_starts": row_starts, "pair_offsets": pair_offsets,

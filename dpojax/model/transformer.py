@@ -281,7 +281,7 @@ class Transformer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT, cache=None,
+  def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT, cache=None, *,
                branch_ids_BxT=None):
     cfg = self.cfg
     dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)

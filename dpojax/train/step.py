@@ -150,8 +150,8 @@ def _ld_token_weights(mask_BxT, target_seq_BxT, counts_S, alpha: float):
   """LD-DPO: 1 on a sequence's first min(n_chosen, n_rejected) response tokens, alpha after.
 
   A token's rank within its sequence is the row's running count of response tokens minus
-  the count before the sequence's first one (a sequence is one contiguous segment of a row),
-  so this works for padded and packed rows alike.
+  the count before the sequence's first one (a sequence's response tokens are contiguous in
+  its row), so this works for padded, packed and shared-prompt rows alike.
   """
   num_seqs = counts_S.shape[0]
   running_BxT = jnp.cumsum(mask_BxT.astype(jnp.int32), axis=1)

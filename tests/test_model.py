@@ -183,6 +183,26 @@ def test_tiled_causal_attention_equals_one_block():
   for block in (4, 5, 7):  # 7 does not divide 20: one block.
     np.testing.assert_allclose(model_lib.attend(q, k, v, mask, block), dense, atol=1e-6)
 
+@pytest.mark.parametrize("block", [0, 4])
+def test_attention_values_and_gradients_match_jax_autodiff(block):
+  """attend's own backward pass (fp32 and up) against autodiff of
+  jax.nn.dot_product_attention: GQA, a packed row with padding, dense and tiled."""
+  rng = np.random.default_rng(7)
+  q = jnp.asarray(rng.normal(size=(2, 20, 4, 8)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(2, 20, 2, 8)), jnp.float32) for _ in range(2))
+  seg = np.asarray([[1] * 6 + [2] * 9 + [3] * 3 + [0] * 2, [1] * 20])
+  mask = model_lib.attention_mask(jnp.asarray(seg))
+  cot = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+  ours = lambda q, k, v: jnp.sum(model_lib.attend(q, k, v, mask, block) * cot)
+  theirs = lambda q, k, v: jnp.sum(jax.nn.dot_product_attention(
+      q, k, v, mask=mask, implementation="xla") * cot)
+  got = jax.jit(jax.value_and_grad(ours, argnums=(0, 1, 2)))(q, k, v)
+  want = jax.jit(jax.value_and_grad(theirs, argnums=(0, 1, 2)))(q, k, v)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert np.abs(np.asarray(w)).max() > 0.1
+    np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-5)
+
+
 def test_gqa_equals_mha_with_repeated_kv_heads():
   gqa = dataclasses.replace(BASE, num_query_groups=2)
   mha = dataclasses.replace(BASE, num_query_groups=None)

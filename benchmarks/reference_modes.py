@@ -33,7 +33,6 @@ import common  # benchmarks/common.py
 from common import MODEL
 
 
-
 def parse():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--pairs", type=int, default=8, help="pairs per step")

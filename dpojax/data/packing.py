@@ -192,37 +192,38 @@ def collate_rows(rows: list, fetch, *, micro_rows: int, pack_size: int, pairs_pe
     for j, index in enumerate(row):
       pair = fetch(int(index))
       slot = r_in * pairs_per_row + j
-      shared = max(pair["prompt_len"] - 1, 0) if share_prompt else 0
-      prompt = pair["prompt_len"]
-      if share_prompt and not np.array_equal(pair["chosen"][:prompt], pair["rejected"][:prompt]):
-        raise ValueError(f"line {pair.get('line')}: chosen and rejected do not start with "
-                         f"the same {prompt} prompt tokens; data.share_prompt needs them")
-      if shared:  # The prefix, once; sequence ids of the chosen side (its targets are masked).
-        end = offset + shared
-        if end > pack_size:
-          raise ValueError(f"row {r} overflows pack_size={pack_size}")
-        tokens[r, offset:end] = pair["chosen"][:shared]
-        positions[r, offset:end] = np.arange(shared)
-        segment_ids[r, offset:end] = j + 1
-        sequence_ids[r, offset:end] = 2 * ((row_offset + r_in) * pairs_per_row + j)
-        offset = end
-      for side, name in enumerate(("chosen", "rejected")):
-        ids = pair[name][shared:]
+      prompt, seq0 = pair["prompt_len"], 2 * ((row_offset + r_in) * pairs_per_row + j)
+      sides = ("chosen", "rejected")
+      # Pieces (ids, first position, segment, branch, sequence id, first target or None).
+      if share_prompt:
+        if not np.array_equal(pair["chosen"][:prompt], pair["rejected"][:prompt]):
+          raise ValueError(f"line {pair.get('line')}: chosen and rejected do not start with "
+                           f"the same {prompt} prompt tokens; data.share_prompt needs them")
+        shared = max(prompt - 1, 0)
+        # The prefix once (chosen's sequence id; no targets), then a branch per side whose
+        # first token is never a target (with an empty prompt, the rejected one would
+        # otherwise follow the chosen response in its segment).
+        pieces = [(pair["chosen"][:shared], 0, j + 1, 0, seq0, None)] + [
+            (pair[name][shared:], shared, j + 1, side + 1, seq0 + side, max(prompt - shared, 1))
+            for side, name in enumerate(sides)]
+      else:
+        pieces = [(pair[name], 0, 2 * j + side + 1, 0, seq0 + side, prompt)
+                  for side, name in enumerate(sides)]
+      for ids, first_position, segment, branch, sequence, first_target in pieces:
         end = offset + len(ids)
         if end > pack_size:
           raise ValueError(f"row {r} overflows pack_size={pack_size}")
         tokens[r, offset:end] = ids
-        positions[r, offset:end] = shared + np.arange(len(ids))
-        segment_ids[r, offset:end] = j + 1 if share_prompt else 2 * j + side + 1
-        branch_ids[r, offset:end] = side + 1
-        # A branch's first token is never a target (with an empty prompt, the rejected one
-        # would otherwise follow the chosen response in its segment).
-        first = max(pair["prompt_len"] - shared, 1 if share_prompt else 0)
-        loss_mask[r, offset + first:end] = 1
-        sequence_ids[r, offset:end] = 2 * ((row_offset + r_in) * pairs_per_row + j) + side
+        positions[r, offset:end] = first_position + np.arange(len(ids))
+        segment_ids[r, offset:end] = segment
+        branch_ids[r, offset:end] = branch
+        sequence_ids[r, offset:end] = sequence
+        if first_target is not None:
+          loss_mask[r, offset + first_target:end] = 1
+        offset = end
+      for side, name in enumerate(sides):
         reward = pair[f"{name}_reward"]
         rewards[a, slot, side] = default_rewards[side] if reward is None else reward
-        offset = end
       pair_mask[a, slot] = 1.0
       pair_index[a, slot] = pair.get("index", -1)
   shape = (a_count, micro_rows, pack_size)

@@ -55,6 +55,9 @@ def parse():
 
 
 ARGS = parse()
+from dpojax import hostmem  # noqa: E402
+
+hostmem.retain_freed_memory()  # As dpojax.main does: the numbers are what a run gets.
 if ARGS.devices > 1:  # Must precede the jax import.
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_force_host_platform_device_count={ARGS.devices}")

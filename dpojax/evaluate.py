@@ -12,6 +12,11 @@ as validation during training, so the numbers are comparable with metrics.jsonl'
 
 from __future__ import annotations
 
+from dpojax import hostmem
+
+hostmem.retain_freed_memory()  # Before any import starts threads.
+
+# pylint: disable=wrong-import-position
 import argparse
 import functools
 import json

@@ -22,6 +22,11 @@ tokens); prompt lengths are padded up to a multiple of `bucket` to reuse compila
 
 from __future__ import annotations
 
+from dpojax import hostmem
+
+hostmem.retain_freed_memory()  # Before any import starts threads.
+
+# pylint: disable=wrong-import-position
 import argparse
 import dataclasses
 import functools

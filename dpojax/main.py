@@ -1,5 +1,10 @@
 """Command line: python -m dpojax.main --config=configs/dpo_gpt.py --workdir=DIR."""
 
+from dpojax import hostmem
+
+hostmem.retain_freed_memory()  # Before any import starts threads.
+
+# pylint: disable=wrong-import-position
 from absl import app, flags, logging
 from ml_collections import config_flags
 

@@ -142,7 +142,7 @@ def _adapter(x, ab, scale, dt, rng, rate):
   return y
 
 
-def _block(cfg, lcfg, p, ad, x_BxTxD, positions_BxT, mask_Bx1xTxT, rng):
+def _block(cfg, lcfg, p, ad, x_BxTxD, rope, mask_Bx1xTxT, rng):
   """transformer.Block with adapters: the same ops in the same order (adapter terms added)."""
   dt = jnp.dtype(cfg.dtype)
   n, g = cfg.num_attention_heads, cfg.groups
@@ -167,9 +167,8 @@ def _block(cfg, lcfg, p, ad, x_BxTxD, positions_BxT, mask_Bx1xTxT, rng):
   if "qkv" in ad_att:
     qkv = extra(h, ad_att, "qkv", 0)
     q, k, v = q + qkv[:, :, :n], k + qkv[:, :, n:n + g], v + qkv[:, :, n + g:]
-  if cfg.position_embedding_type == "rope":
-    q = transformer.apply_rope(q, positions_BxT, cfg.rotary_dim, cfg.rotary_base)
-    k = transformer.apply_rope(k, positions_BxT, cfg.rotary_dim, cfg.rotary_base)
+  if rope is not None:
+    q, k = transformer.apply_rope(q, rope), transformer.apply_rope(k, rope)
   o = transformer.attend(q, k, v, mask_Bx1xTxT, cfg.attention_block)
   y = jnp.einsum("btnk,nkd->btd", o, att["out"].astype(dt))
   if cfg.bias:
@@ -212,11 +211,14 @@ def apply(base: Any, adapters: Any, model_cfg: transformer.ModelConfig, lora_cfg
   if cfg.position_embedding_type == "learned_absolute":
     x = x + jnp.take(base["position_embedding"], positions_BxT, axis=0).astype(dt)
   mask = transformer.attention_mask(segment_ids_BxT, branch_ids_BxT)
+  rope = None
+  if cfg.position_embedding_type == "rope":
+    rope = transformer.rope_table(positions_BxT, cfg.rotary_dim, cfg.rotary_base, dt)
 
   def body(x, layer):
     p, ad, i = layer
     rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-    return _block(cfg, lora_cfg, p, ad, x, positions_BxT, mask, rng), None
+    return _block(cfg, lora_cfg, p, ad, x, rope, mask, rng), None
 
   if cfg.remat != "none":
     policy = None if cfg.remat == "full" else jax.checkpoint_policies.dots_saveable

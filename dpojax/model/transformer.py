@@ -132,17 +132,29 @@ class Norm(nn.Module):
     return y.astype(_dtype(cfg.dtype))
 
 
-def apply_rope(x_BxTxNxK, positions_BxT, rotary_dim: int, base: float):
-  """Rotate-half RoPE on the first `rotary_dim` channels of each head (NeMo/HF convention)."""
-  f32 = _at_least_f32(x_BxTxNxK.dtype)
-  x = x_BxTxNxK.astype(f32)
+def rope_table(positions_BxT, rotary_dim: int, base: float, dtype):
+  """(cos, sin) of each position's rotary angles, [B, T, 1, rotary_dim], in fp32 or wider.
+
+  Computed once per forward and shared by every layer's queries and keys: XLA on CPU would
+  otherwise fuse the transcendentals into each consumer of the rotated keys and recompute them.
+  """
+  f32 = _at_least_f32(dtype)
   inv_freq = 1.0 / (base ** (jnp.arange(0, rotary_dim, 2, dtype=f32) / rotary_dim))
   freqs_BxTxR2 = positions_BxT[..., None].astype(f32) * inv_freq
   emb = jnp.concatenate([freqs_BxTxR2, freqs_BxTxR2], -1)[:, :, None, :]
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x_BxTxNxK, rope):
+  """Rotate-half RoPE on the first rotary_dim channels of each head (NeMo/HF convention);
+  `rope` is `rope_table`'s (cos, sin)."""
+  cos, sin = rope
+  rotary_dim = cos.shape[-1]
+  x = x_BxTxNxK.astype(cos.dtype)
   x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
   x1, x2 = jnp.split(x_rot, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], -1)
-  out = x_rot * jnp.cos(emb) + rotated * jnp.sin(emb)
+  out = x_rot * cos + rotated * sin
   return jnp.concatenate([out, x_pass], -1).astype(x_BxTxNxK.dtype)
 
 
@@ -170,38 +182,51 @@ def cached_attention_mask(segment_ids_BxT, segment_ids_BxS, index):
   return (causal_TxS[None] & same)[:, None]
 
 
-@jax.custom_vjp
-def _softmax_attention(q_BxGxRxTxK, k_BxGxSxK, v_BxGxSxK, mask_Bx1x1xTxS):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _softmax_attention(q_BxGxRxTxK, k_BxGxSxK, v_BxGxSxK, mask_Bx1x1xTxS, tiles):
   """Head-major softmax attention; the R query heads of a KV group share its keys and values.
 
-  Numerics close to jax.nn.dot_product_attention's XLA path (fp32 or wider inputs): logits
-  scaled after the product, masked with the same large negative number, max-subtracted
-  exponentials, normalized after the product with the values. Faster on
-  CPU because every product is a plain batched matmul over (b, g) with no transposes of the
-  [T, S] tensors, and the backward pass (flash-attention style: dS = P (dP - rowsum(dO O)))
-  makes fewer passes over them than autodiff of the softmax.
+  `tiles`: (query start, query end, key end) per query tile (see `_query_tiles`); each tile
+  attends to its keys [0, key end) only. Numerics close to jax.nn.dot_product_attention's XLA
+  path (fp32 or wider inputs): logits scaled after the product, masked with the same large
+  negative number, max-subtracted exponentials, normalized after the product with the values.
+  Faster on CPU because every product is a plain batched matmul over (b, g) with no
+  transposes of the [T, S] tensors; the backward pass (flash-attention style:
+  dS = P (dP - rowsum(dO O))) makes fewer passes over them than autodiff of the softmax, and
+  writes each tile's gradients in place instead of summing zero-padded copies.
   """
-  return _softmax_attention_fwd(q_BxGxRxTxK, k_BxGxSxK, v_BxGxSxK, mask_Bx1x1xTxS)[0]
+  return _softmax_attention_fwd(q_BxGxRxTxK, k_BxGxSxK, v_BxGxSxK, mask_Bx1x1xTxS, tiles)[0]
 
 
-def _softmax_attention_fwd(q, k, v, mask):
-  logits = jnp.einsum("bgrtk,bgsk->bgrts", q, k) * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-  logits = jnp.where(mask, logits, jnp.asarray(0.7 * jnp.finfo(q.dtype).min, q.dtype))
-  e = jnp.exp(logits - jnp.max(logits, -1, keepdims=True))  # Unnormalized probabilities.
-  inv_sum = 1.0 / jnp.sum(e, -1, keepdims=True)
-  o = jnp.einsum("bgrts,bgsk->bgrtk", e, v) * inv_sum
-  return o, (q, k, v, e, inv_sum, o)
+def _softmax_attention_fwd(q, k, v, mask, tiles):
+  # Materialized once: otherwise XLA fuses the RoPE and layout work into every tile's slice.
+  q, k, v = jax.lax.optimization_barrier((q, k, v))
+  scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+  outs, probs = [], []
+  for q0, q1, k1 in tiles:
+    logits = jnp.einsum("bgrtk,bgsk->bgrts", q[..., q0:q1, :], k[..., :k1, :]) * scale
+    logits = jnp.where(mask[..., q0:q1, :k1], logits,
+                       jnp.asarray(0.7 * jnp.finfo(q.dtype).min, q.dtype))
+    e = jnp.exp(logits - jnp.max(logits, -1, keepdims=True))  # Unnormalized probabilities.
+    inv_sum = 1.0 / jnp.sum(e, -1, keepdims=True)
+    outs.append(jnp.einsum("bgrts,bgsk->bgrtk", e, v[..., :k1, :]) * inv_sum)
+    probs.append((e, inv_sum))
+  o = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
+  return o, (q, k, v, o, probs)
 
 
-def _softmax_attention_bwd(res, do):
-  q, k, v, e, inv_sum, o = res
-  do_scaled = do * inv_sum  # So that e stands in for the normalized probabilities.
-  dv = jnp.einsum("bgrts,bgrtk->bgsk", e, do_scaled)
-  dp = jnp.einsum("bgrtk,bgsk->bgrts", do_scaled, v)
-  ds = e * (dp - jnp.sum(do_scaled * o, -1, keepdims=True))
-  ds = ds * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-  dq = jnp.einsum("bgrts,bgsk->bgrtk", ds, k)
-  dk = jnp.einsum("bgrts,bgrtk->bgsk", ds, q)
+def _softmax_attention_bwd(tiles, res, do):
+  q, k, v, o, probs = res
+  scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+  dq_tiles, dk, dv = [], jnp.zeros_like(k), jnp.zeros_like(v)
+  for (q0, q1, k1), (e, inv_sum) in zip(tiles, probs):
+    do_t = do[..., q0:q1, :] * inv_sum  # So that e stands in for the normalized probabilities.
+    dp = jnp.einsum("bgrtk,bgsk->bgrts", do_t, v[..., :k1, :])
+    ds = e * (dp - jnp.sum(do_t * o[..., q0:q1, :], -1, keepdims=True)) * scale
+    dq_tiles.append(jnp.einsum("bgrts,bgsk->bgrtk", ds, k[..., :k1, :]))
+    dk = dk.at[..., :k1, :].add(jnp.einsum("bgrts,bgrtk->bgsk", ds, q[..., q0:q1, :]))
+    dv = dv.at[..., :k1, :].add(jnp.einsum("bgrts,bgrtk->bgsk", e, do_t))
+  dq = dq_tiles[0] if len(dq_tiles) == 1 else jnp.concatenate(dq_tiles, axis=3)
   return dq, dk, dv, None
 
 
@@ -236,10 +261,7 @@ def attend(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS, block: int = 0):
                            axis=1)
   q = q_BxTxNxK.reshape(b, t, g, n // g, kd).transpose(0, 2, 3, 1, 4)  # [B, G, R, T, K]
   k, v = k_BxSxGxK.transpose(0, 2, 1, 3), v_BxSxGxK.transpose(0, 2, 1, 3)  # [B, G, S, K]
-  mask = mask_Bx1xTxS[:, :, None]
-  o_BxGxRxTxK = jnp.concatenate([_softmax_attention(
-      q[:, :, :, q0:q1], k[:, :, :k1], v[:, :, :k1], mask[..., q0:q1, :k1])
-      for q0, q1, k1 in tiles], axis=3)
+  o_BxGxRxTxK = _softmax_attention(q, k, v, mask_Bx1xTxS[:, :, None], tuple(tiles))
   return o_BxGxRxTxK.transpose(0, 3, 1, 2, 4).reshape(b, t, n, kd)
 
 
@@ -247,8 +269,8 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxS, kv=None, index=None):
-    """Without `kv`, S = T. With `kv` ({"key", "value"}: [B, S, G, K] cache of this layer), this
+  def __call__(self, x_BxTxD, rope, mask_Bx1xTxS, kv=None, index=None):
+    """`rope`: `rope_table` of the positions (None without RoPE). Without `kv`, S = T. With `kv` ({"key", "value"}: [B, S, G, K] cache of this layer), this
     chunk's keys and values go to slots [index, index + T) and attention spans all S slots."""
     cfg = self.cfg
     d, n, g, k = cfg.hidden_size, cfg.num_attention_heads, cfg.groups, cfg.head_dim
@@ -264,9 +286,8 @@ class Attention(nn.Module):
       return y
 
     q_BxTxNxK, k_BxTxGxK, v_BxTxGxK = proj("query", n), proj("key", g), proj("value", g)
-    if cfg.position_embedding_type == "rope":
-      q_BxTxNxK = apply_rope(q_BxTxNxK, positions_BxT, cfg.rotary_dim, cfg.rotary_base)
-      k_BxTxGxK = apply_rope(k_BxTxGxK, positions_BxT, cfg.rotary_dim, cfg.rotary_base)
+    if rope is not None:
+      q_BxTxNxK, k_BxTxGxK = apply_rope(q_BxTxNxK, rope), apply_rope(k_BxTxGxK, rope)
     if kv is not None:
       write = lambda cache, new: jax.lax.dynamic_update_slice_in_dim(
           cache, new.astype(cache.dtype), index, axis=1)
@@ -316,9 +337,9 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxS, kv=None, index=None):
+  def __call__(self, x_BxTxD, rope, mask_Bx1xTxS, kv=None, index=None):
     y_BxTxD, kv = Attention(self.cfg, name="attention")(
-        Norm(self.cfg, name="input_norm")(x_BxTxD), positions_BxT, mask_Bx1xTxS, kv, index)
+        Norm(self.cfg, name="input_norm")(x_BxTxD), rope, mask_Bx1xTxS, kv, index)
     x_BxTxD = x_BxTxD + y_BxTxD
     x_BxTxD = x_BxTxD + Mlp(self.cfg, name="mlp")(Norm(self.cfg, name="pre_mlp_norm")(x_BxTxD))
     return x_BxTxD, kv  # The scan stacks each layer's updated cache (None without one).
@@ -346,6 +367,9 @@ class Transformer(nn.Module):
       x_BxTxD = x_BxTxD + jnp.take(pos_table, positions_BxT, axis=0).astype(dt)
     if not cfg.share_embeddings_and_output_weights:
       self.param("output", init, (cfg.vocab_size, cfg.hidden_size), pdt)
+    rope = None
+    if cfg.position_embedding_type == "rope":
+      rope = rope_table(positions_BxT, cfg.rotary_dim, cfg.rotary_base, dt)
 
     block = Block
     if cfg.remat != "none":
@@ -355,7 +379,7 @@ class Transformer(nn.Module):
       layers = nn.scan(
           block, variable_axes={"params": 0}, split_rngs={"params": True},
           in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers)(cfg, name="layers")
-      x_BxTxD, _ = layers(x_BxTxD, positions_BxT, attention_mask(segment_ids_BxT,
+      x_BxTxD, _ = layers(x_BxTxD, rope, attention_mask(segment_ids_BxT,
                                                                  branch_ids_BxT))
       return Norm(cfg, name="final_norm")(x_BxTxD)
     # Same module names, so the same parameters; the layer caches are scanned over axis 0.
@@ -366,7 +390,7 @@ class Transformer(nn.Module):
     index = cache["index"]
     segment_ids_BxS = jax.lax.dynamic_update_slice_in_dim(
         cache["segment_ids"], segment_ids_BxT.astype(jnp.int32), index, axis=1)
-    x_BxTxD, kv = layers(x_BxTxD, positions_BxT, cached_attention_mask(
+    x_BxTxD, kv = layers(x_BxTxD, rope, cached_attention_mask(
         segment_ids_BxT, segment_ids_BxS, index), {"key": cache["key"], "value": cache["value"]},
         index)
     new_cache = {"key": kv["key"], "value": kv["value"], "segment_ids": segment_ids_BxS,

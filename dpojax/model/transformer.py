@@ -199,8 +199,6 @@ def _softmax_attention(q_BxGxRxTxK, k_BxGxSxK, v_BxGxSxK, mask_Bx1x1xTxS, tiles)
 
 
 def _softmax_attention_fwd(q, k, v, mask, tiles):
-  # Materialized once: otherwise XLA fuses the RoPE and layout work into every tile's slice.
-  q, k, v = jax.lax.optimization_barrier((q, k, v))
   scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
   outs, probs = [], []
   for q0, q1, k1 in tiles:
@@ -270,8 +268,9 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxD, rope, mask_Bx1xTxS, kv=None, index=None):
-    """`rope`: `rope_table` of the positions (None without RoPE). Without `kv`, S = T. With `kv` ({"key", "value"}: [B, S, G, K] cache of this layer), this
-    chunk's keys and values go to slots [index, index + T) and attention spans all S slots."""
+    """`rope`: `rope_table` of the positions (None without RoPE). Without `kv`, S = T. With
+    `kv` ({"key", "value"}: [B, S, G, K] cache of this layer), this chunk's keys and values go
+    to slots [index, index + T) and attention spans all S slots."""
     cfg = self.cfg
     d, n, g, k = cfg.hidden_size, cfg.num_attention_heads, cfg.groups, cfg.head_dim
     dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)

@@ -16,6 +16,15 @@ MODEL = transformer.ModelConfig(
     max_position_embeddings=8192)
 
 
+# ~1B Llama (TinyLlama-1.1B's shape: vocab 32000, hidden 2048, FFN 5632, 22 layers, 32 heads,
+# 4 query groups, untied output), bf16 compute over fp32 master weights: issue 10's GPU model.
+MODEL_1B = transformer.ModelConfig(
+    vocab_size=32000, hidden_size=2048, ffn_hidden_size=5632, num_layers=22,
+    num_attention_heads=32, num_query_groups=4, activation="swiglu", normalization="rmsnorm",
+    position_embedding_type="rope", share_embeddings_and_output_weights=False,
+    max_position_embeddings=4096, dtype="bfloat16")
+
+
 def synthetic_batch(rng, *, pairs, seq, prompt, micro_pairs, share_prompt=False):
   """`pairs` fixed-length pairs (a shared prompt, random responses) as one padded batch, or
   with `share_prompt` one pair per packed row (data.share_prompt's layout)."""
@@ -36,6 +45,30 @@ def synthetic_batch(rng, *, pairs, seq, prompt, micro_pairs, share_prompt=False)
                               default_rewards=(1.0, 0.0), share_prompt=True)
 
 
-def matmul_peak(n=2048, repeats=5):
-  """Best fp32 FLOP/s of an n x n x n product, as the training loop measures it for MFU."""
-  return loop.matmul_peak_flops(n, repeats)
+def packed_synthetic_batches(rng, *, steps, rows, micro_rows, pack_size, vocab):
+  """`steps` global batches of `rows` packed rows: pairs of random token ids with uniform
+  random prompt (up to pack_size / 8) and response (up to pack_size / 4, each side its own)
+  lengths, packed first-fit-decreasing into rows of `pack_size` as the data pipeline does."""
+  pairs = []
+  while True:
+    p = int(rng.integers(8, pack_size // 8))
+    ids = rng.integers(3, vocab, p)
+    response = lambda: rng.integers(3, vocab, int(rng.integers(8, pack_size // 4)))
+    pairs.append({side: np.concatenate([ids, response()])
+                  for side in ("chosen", "rejected")})
+    pairs[-1].update(prompt_len=p, chosen_reward=None, rejected_reward=None)
+    lengths = [len(x["chosen"]) + len(x["rejected"]) for x in pairs]
+    if sum(lengths) > 1.05 * steps * rows * pack_size:  # Enough to fill steps * rows rows.
+      starts, items = packing.pack(lengths, pack_size, "first_fit_decreasing", seed=0)
+      if len(starts) - 1 >= steps * rows:
+        break
+  row_items = [items[starts[r]:starts[r + 1]] for r in range(steps * rows)]
+  per_row = max(len(r) for r in row_items)
+  return [packing.collate_rows(row_items[i * rows:(i + 1) * rows], pairs.__getitem__,
+                               micro_rows=micro_rows, pack_size=pack_size, pairs_per_row=per_row,
+                               default_rewards=(1.0, 0.0)) for i in range(steps)]
+
+
+def matmul_peak(n=2048, repeats=5, dtype="float32"):
+  """Best FLOP/s of an n x n x n product, as the training loop measures it for MFU."""
+  return loop.matmul_peak_flops(n, repeats, dtype)

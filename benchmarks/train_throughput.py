@@ -5,6 +5,7 @@
   python benchmarks/train_throughput.py --reference=precomputed   # 6N per token
   python benchmarks/train_throughput.py --data=hh       # HH-RLHF lengths: padded vs packed
   python benchmarks/train_throughput.py --share_prompt  # + each pair's prompt computed once
+  python benchmarks/train_throughput.py --model=1b --data=packed --attention_impl=flash  # GPU
 
 Model (issue 10): Llama-style, vocab 1000, hidden 256, FFN 688 (swiglu), 4 layers, 8 heads,
 4 query groups, tied embeddings, rmsnorm, rope, fp32: N = 3,158,272 parameters. Work per
@@ -18,6 +19,11 @@ back to the 99-pair slice in tests/testdata and the toy tokenizer (too few pairs
 --share_prompt adds data.share_prompt=True: fixed pairs go one per row (prompt once, both
 responses branching off it; rows rounded up to a multiple of 8), HH pairs are packed so.
 FLOP/s counts the tokens the step really runs (a shared prompt's tokens once).
+--model=1b (issue 10's GPU model, benchmarks/common.py: ~1.1B parameters, bf16 compute) with
+--data=packed: synthetic pairs of random lengths packed first-fit-decreasing into --rows rows
+of --pack_size tokens per step (--micro_rows per forward/backward); the peak is then an
+8192^3 product in the model's compute dtype, and the H100 SXM datasheet's dense bf16
+989.4 TFLOP/s is printed beside it.
 """
 
 import argparse
@@ -42,15 +48,22 @@ def parse():
   p.add_argument("--remat", default="none")
   p.add_argument("--attention_block", type=int, default=32, help="0 = dense T x T attention")
   p.add_argument("--logprob_impl", default="xla")
-  p.add_argument("--dtype", default="float32")
+  p.add_argument("--dtype", default=None, help="compute dtype (default: the model's)")
   p.add_argument("--reference", default="copy", choices=("copy", "precomputed"))
-  p.add_argument("--data", default="fixed", choices=("fixed", "hh"))
+  p.add_argument("--data", default="fixed", choices=("fixed", "hh", "packed"))
   p.add_argument("--hh_path", default=os.path.join(
       ROOT, "..", "shared", "data", "hh-rlhf", "harmless-base", "test.jsonl.gz"))
   p.add_argument("--hh_tokenizer", default=os.path.join(
       ROOT, "..", "shared", "data", "tokenizers", "sentencepiece-test", "test_model.model"))
   p.add_argument("--hh_max_len", type=int, default=512)
   p.add_argument("--share_prompt", action="store_true", help="also time data.share_prompt")
+  p.add_argument("--model", default="issue10", choices=("issue10", "1b"))
+  p.add_argument("--attention_impl", default="xla", choices=("xla", "flash"))
+  p.add_argument("--flash_kernel", default="ours", choices=("ours", "jax"),
+                 help="flash: our segment-skipping kernel or JAX's causal segment-masked one")
+  p.add_argument("--pack_size", type=int, default=4096, help="--data=packed row length")
+  p.add_argument("--rows", type=int, default=8, help="--data=packed rows per step")
+  p.add_argument("--micro_rows", type=int, default=4, help="--data=packed rows per micro-batch")
   return p.parse_args()
 
 
@@ -63,18 +76,22 @@ if ARGS.devices > 1:  # Must precede the jax import.
                              f" --xla_force_host_platform_device_count={ARGS.devices}")
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dpojax import model as model_lib  # noqa: E402
 from dpojax.data import pipeline  # noqa: E402
 from dpojax import reference  # noqa: E402
+from dpojax.ops import flash_attention  # noqa: E402
 from dpojax.train import loop, sharding  # noqa: E402
 from dpojax.train import metrics as metrics_lib  # noqa: E402
 from dpojax.train import step as step_lib  # noqa: E402
 
 import common  # noqa: E402  (benchmarks/common.py)
-from common import MODEL, matmul_peak  # noqa: E402
+from common import MODEL, MODEL_1B, matmul_peak  # noqa: E402
+
+H100_BF16_DENSE = 989.4e12  # H100 SXM datasheet, dense bf16 (no sparsity).
 
 
 def synthetic_batch(rng, share_prompt=False):
@@ -110,8 +127,9 @@ def run(step_cfg, batches, params, tx, schedule, mesh):
   state = step_lib.init_state(params, tx)
   train_fn, _, state_sh, ref_sh = loop.compile_steps(step_cfg, tx, schedule, state,
                                                      ref_params, mesh, batches[0])
-  ref = jax.device_put(jax.device_get(ref_params), ref_sh)
-  state = jax.device_put(jax.device_get(state), state_sh)
+  # Own buffers (no host round trip): the step donates the state, and params would alias it.
+  ref, state = (jax.tree.map(jnp.copy, jax.device_put(x, sh))
+                for x, sh in ((ref_params, ref_sh), (state, state_sh)))
   times, pairs = [], []
   for i, batch in enumerate(batches):
     gbatch = sharding.global_batch(batch, mesh)
@@ -125,8 +143,11 @@ def run(step_cfg, batches, params, tx, schedule, mesh):
 
 
 def main():
-  cfg = dataclasses.replace(MODEL, remat=ARGS.remat, dtype=ARGS.dtype,
-                            attention_block=ARGS.attention_block)
+  flash_attention.JAX_KERNEL = ARGS.flash_kernel == "jax"
+  base = MODEL if ARGS.model == "issue10" else MODEL_1B
+  cfg = dataclasses.replace(base, remat=ARGS.remat, dtype=ARGS.dtype or base.dtype,
+                            attention_block=ARGS.attention_block,
+                            attention_impl=ARGS.attention_impl)
   train_cfg = ml_collections.ConfigDict(dict(
       learning_rate=1e-4, warmup_steps=1, max_steps=1000, min_lr_ratio=0.1, weight_decay=0.0,
       adam_b1=0.9, adam_b2=0.98, adam_eps=1e-8, grad_clip=1.0))
@@ -137,16 +158,26 @@ def main():
   params = model_lib.init_params(cfg, jax.random.key(0))
   n_params = sum(x.size for x in jax.tree.leaves(params))
   flops_per_token = metrics_lib.flops_per_token(n_params, reference=ARGS.reference)
-  peak = matmul_peak()
-  print(f"devices={jax.device_count()} params={n_params:,} pairs/step={ARGS.pairs} "
-        f"remat={ARGS.remat} logprob={ARGS.logprob_impl} reference={ARGS.reference} "
-        f"attention_block={ARGS.attention_block} matmul_peak={peak / 1e9:.1f}G")
+  gpu = jax.default_backend() == "gpu"
+  peak = matmul_peak(8192 if gpu else 2048, dtype=cfg.dtype)
+  print(f"devices={jax.device_count()} ({jax.devices()[0].device_kind}) params={n_params:,} "
+        f"dtype={cfg.dtype} pairs/step={ARGS.pairs} remat={ARGS.remat} "
+        f"logprob={ARGS.logprob_impl} reference={ARGS.reference} "
+        f"attention={ARGS.attention_impl}"
+        f"{'/' + ARGS.flash_kernel if ARGS.attention_impl == 'flash' else ''} "
+        f"block={ARGS.attention_block} "
+        f"matmul_peak={peak / 1e9:.1f}G" + (
+            f" (datasheet dense bf16 {H100_BF16_DENSE / 1e12:.1f}T)" if gpu else ""))
   if ARGS.data == "fixed":
     rng = np.random.default_rng(0)
     n = ARGS.warmup + ARGS.steps
     runs = {f"fixed {ARGS.seq}": [synthetic_batch(rng) for _ in range(n)]}
     if ARGS.share_prompt:
       runs["fixed shared prompt"] = [synthetic_batch(rng, True) for _ in range(n)]
+  elif ARGS.data == "packed":
+    runs = {f"packed {ARGS.pack_size}": common.packed_synthetic_batches(
+        np.random.default_rng(0), steps=ARGS.warmup + ARGS.steps, rows=ARGS.rows,
+        micro_rows=ARGS.micro_rows, pack_size=ARGS.pack_size, vocab=cfg.vocab_size)}
   else:
     runs = {f"hh padded {ARGS.hh_max_len}": hh_batches("none"),
             f"hh packed {2 * ARGS.hh_max_len}": hh_batches("first_fit_decreasing")}
@@ -161,7 +192,8 @@ def main():
     results[name] = pairs_per_s
     print(f"{name}: step_time_s={step:.4f} pairs/step={pairs:.1f} pairs/s={pairs_per_s:.2f} "
           f"tokens/s={tokens / step:.0f} model_flops/s({flops_per_token / n_params:.0f}N)="
-          f"{flops / 1e9:.1f}G ratio={flops / peak:.1%}")
+          f"{flops / 1e9:.1f}G ratio={flops / peak:.1%}" + (
+              f" mfu_datasheet={flops / H100_BF16_DENSE:.1%}" if gpu else ""), flush=True)
   if ARGS.data == "hh":
     padded, packed = list(results.values())[:2]
     print(f"packed/padded pairs/s: {packed / padded:.2f}x")

@@ -35,6 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.dtype = "float32"  # Compute dtype (bfloat16 on GPU).
   m.remat = "none"  # Activation checkpointing: none | full | dots.
   m.attention_block = 32  # Causal attention in query tiles that skip later keys; 0 = dense.
+  m.attention_impl = "xla"  # xla | flash (flash-attention kernel for packed causal rows; GPU).
 
   c.init = ml_collections.ConfigDict()
   c.init["from"] = ""  # .nemo file, Hugging Face folder or dpojax workdir; "" = random init.
@@ -96,7 +97,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.seed = 0  # Seed for init and data order.
   t.log_interval = 25  # Steps between train metric records.
   t.max_consecutive_nonfinite = 5  # Stop after this many non-finite steps in a row.
-  t.peak_flops = 0.0  # MFU denominator in FLOP/s; 0 = measure a matmul at start; -1 = no MFU.
+  t.peak_flops = 0.0  # MFU denominator in FLOP/s; 0 = time a matmul in model.dtype at start; -1 = no MFU.
 
   c.data = dt = ml_collections.ConfigDict()
   dt.train_path = os.path.join(_ASSETS, "toy_prefs_train.jsonl")  # JSONL[.gz], or a dir from `python -m dpojax.pack`.

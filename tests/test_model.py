@@ -203,6 +203,24 @@ def test_attention_values_and_gradients_match_jax_autodiff(block):
     np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-5)
 
 
+def test_flash_model_equals_dense_model_and_keeps_dense_for_branches():
+  """A packed batch through the whole model with attention_impl=flash gives the dense
+  model's hidden states; shared-prompt branch masks still take the dense path."""
+  cfg = dataclasses.replace(BASE, num_query_groups=2, kv_channels=16)
+  flash = dataclasses.replace(cfg, attention_impl="flash")
+  params = model_lib.init_params(cfg, jax.random.key(4))
+  rng = np.random.default_rng(9)
+  seg = jnp.asarray([[1] * 6 + [2] * 7 + [3] * 5 + [0] * 2])
+  pos = jnp.asarray(np.concatenate([np.arange(6), np.arange(7), np.arange(5), [0, 0]])[None])
+  tokens = jnp.asarray(rng.integers(0, 37, size=(1, 20)))
+  np.testing.assert_allclose(apply(params, flash, tokens, pos, seg),
+                             apply(params, cfg, tokens, pos, seg), atol=1e-5)
+  assert isinstance(model_lib.layer_mask(flash, seg), model_lib.Segments)
+  assert model_lib.layer_mask(flash, seg, jnp.zeros_like(seg)).shape == (1, 1, 20, 20)
+  with pytest.raises(ValueError, match="attention_impl"):
+    dataclasses.replace(cfg, attention_impl="cudnn")
+
+
 def test_gqa_equals_mha_with_repeated_kv_heads():
   gqa = dataclasses.replace(BASE, num_query_groups=2)
   mha = dataclasses.replace(BASE, num_query_groups=None)

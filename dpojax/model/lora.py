@@ -210,7 +210,7 @@ def apply(base: Any, adapters: Any, model_cfg: transformer.ModelConfig, lora_cfg
   x = jnp.take(base["embedding"], tokens_BxT, axis=0).astype(dt)
   if cfg.position_embedding_type == "learned_absolute":
     x = x + jnp.take(base["position_embedding"], positions_BxT, axis=0).astype(dt)
-  mask = transformer.attention_mask(segment_ids_BxT, branch_ids_BxT)
+  mask = transformer.layer_mask(cfg, segment_ids_BxT, branch_ids_BxT)
   rope = None
   if cfg.position_embedding_type == "rope":
     rope = transformer.rope_table(positions_BxT, cfg.rotary_dim, cfg.rotary_base, dt)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -26,6 +26,7 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "squared_relu", "swiglu")
 NORMALIZATIONS = ("layernorm", "layernorm1p", "rmsnorm")
 POSITION_EMBEDDINGS = ("rope", "learned_absolute")
 REMAT_POLICIES = ("none", "full", "dots")
+ATTENTION_IMPLS = ("xla", "flash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,12 +56,17 @@ class ModelConfig:
   # Query tile of causal attention: each tile skips the keys after it (1.4x faster policy
   # forward+backward at 1024 tokens on CPU); 0 = one T x T block. At most 8 tiles.
   attention_block: int = 0
+  # xla: the dense path above. flash: a flash-attention kernel for causal + packed-segment
+  # masks (ops/flash_attention.py; GPU, interpreted elsewhere); rows with shared-prompt
+  # branches and the decoding cache keep the dense path.
+  attention_impl: str = "xla"
 
   def __post_init__(self):
     _check_choice("activation", self.activation, ACTIVATIONS)
     _check_choice("normalization", self.normalization, NORMALIZATIONS)
     _check_choice("position_embedding_type", self.position_embedding_type, POSITION_EMBEDDINGS)
     _check_choice("remat", self.remat, REMAT_POLICIES)
+    _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
     if self.num_attention_heads % self.groups:
       raise ValueError(
           f"model.num_query_groups={self.groups} must divide "
@@ -174,6 +180,19 @@ def attention_mask(segment_ids_BxT, branch_ids_BxT=None):
   return (causal[None] & same)[:, None]
 
 
+class Segments(NamedTuple):
+  """The mask as the flash kernel takes it: causal AND same segment, from [B, T] segment ids."""
+  ids_BxT: jax.Array
+
+
+def layer_mask(cfg: ModelConfig, segment_ids_BxT, branch_ids_BxT=None):
+  """What every layer's `attend` gets: `Segments` for the flash kernel where it applies,
+  else the dense `attention_mask`."""
+  if cfg.attention_impl == "flash" and branch_ids_BxT is None:
+    return Segments(segment_ids_BxT)
+  return attention_mask(segment_ids_BxT, branch_ids_BxT)
+
+
 def cached_attention_mask(segment_ids_BxT, segment_ids_BxS, index):
   """[B, 1, T, S]: query t sits in slot index + t and sees slots up to its own, same segment."""
   t, s = segment_ids_BxT.shape[1], segment_ids_BxS.shape[1]
@@ -242,13 +261,18 @@ def _query_tiles(t: int, s: int, block: int) -> list[tuple[int, int, int]]:
 
 
 def attend(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS, block: int = 0):
-  """Softmax attention (GQA when N is a multiple of G; any boolean mask).
+  """Softmax attention (GQA when N is a multiple of G; any boolean mask, or `Segments`).
+
+  A `Segments` mask goes to the flash kernel (ops/flash_attention.py).
 
   With `block` > 0 and S = T (causal self-attention), queries go in tiles and tile i attends
   to keys [0, end of tile i) only: the masked-out upper triangle is never computed.
   Half-precision inputs go through jax.nn.dot_product_attention (its mixed-precision matmul
   handling); fp32 and fp64 through `_softmax_attention`.
   """
+  if isinstance(mask_Bx1xTxS, Segments):
+    from dpojax.ops import flash_attention  # pylint: disable=g-import-not-at-top
+    return flash_attention.attention(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS.ids_BxT)
   b, t, n, kd = q_BxTxNxK.shape
   s, g = k_BxSxGxK.shape[1], k_BxSxGxK.shape[2]
   tiles = _query_tiles(t, s, block)
@@ -378,8 +402,7 @@ class Transformer(nn.Module):
       layers = nn.scan(
           block, variable_axes={"params": 0}, split_rngs={"params": True},
           in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers)(cfg, name="layers")
-      x_BxTxD, _ = layers(x_BxTxD, rope, attention_mask(segment_ids_BxT,
-                                                                 branch_ids_BxT))
+      x_BxTxD, _ = layers(x_BxTxD, rope, layer_mask(cfg, segment_ids_BxT, branch_ids_BxT))
       return Norm(cfg, name="final_norm")(x_BxTxD)
     # Same module names, so the same parameters; the layer caches are scanned over axis 0.
     layers = nn.scan(

@@ -9,13 +9,14 @@ fp32 inputs use IEEE dots (no TF32) so results match `xla` to 1e-5.
 
 `triton` and `jax_triton` are imported only when a kernel is first needed, so CPU installs
 never need them; `kernels()` returns the raw @triton.jit functions (tests run them under
-Triton's CPU interpreter). Not yet run on a GPU: the jax_triton.triton_call usage follows
-jax-triton 0.3+ (aliases named by kernel parameter); speed unmeasured (BUILD.md).
+Triton's CPU interpreter). Outputs are the kernel's last pointers (jax-triton's convention);
+the backward's dh and dw are zeroed by jax-triton (`zeroed_outputs`) for the atomic adds.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -171,8 +172,8 @@ def _forward(h_NxD, w_VxD, targets_N, count, token_block, vocab_block, vocab_spl
   part = jax.ShapeDtypeStruct((splits, n), jnp.float32)
   m, s, tgt = jt.triton_call(
       count.reshape(1), h_NxD, w_VxD, targets_N.astype(jnp.int32), kernel=kernels()[0],
-      out_shape=[part, part, part], grid=(nt, splits), num_warps=4, num_stages=2,
-      PER_SPLIT=per_split, **meta)
+      grid=(nt, splits), num_warps=4, num_stages=2, PER_SPLIT=per_split,
+      **_out_types(jt, [part, part, part]), **meta)
   m_all = jnp.max(m, axis=0)
   lse = m_all + jnp.log(jnp.sum(s * jnp.exp(m - m_all), axis=0))
   return lse, jnp.sum(tgt, axis=0)
@@ -184,12 +185,19 @@ def _backward(h_NxD, w_VxD, targets_N, coef_N, lse_N, count, token_block, vocab_
   (n, d), v = h_NxD.shape, w_VxD.shape[0]
   meta = plan(n, v, d, token_block, vocab_block, h_NxD.dtype)
   grid = (_cdiv(n, meta["BN"]), _cdiv(v, meta["BV"]))
+  # dh and dw are the kernel's last two pointers, zeroed for its atomic adds.
   dh, dw = jt.triton_call(
       count.reshape(1), h_NxD, w_VxD, targets_N.astype(jnp.int32), coef_N, lse_N,
-      jnp.zeros((n, d), jnp.float32), jnp.zeros((v, d), jnp.float32),
-      kernel=kernels()[1], input_output_aliases=["dh_ptr", "dw_ptr"], grid=grid,
-      num_warps=4, num_stages=2, **meta)
+      kernel=kernels()[1], zeroed_outputs=(0, 1), grid=grid, num_warps=4, num_stages=2,
+      **_out_types(jt, [jax.ShapeDtypeStruct((n, d), jnp.float32),
+                        jax.ShapeDtypeStruct((v, d), jnp.float32)]), **meta)
   return dh, dw
+
+
+def _out_types(jt, shapes):
+  """The outputs' keyword: `out_type` since jax-triton 0.4, `out_shape` before."""
+  params = inspect.signature(jt.triton_call).parameters
+  return {"out_type" if "out_type" in params else "out_shape": shapes}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))

@@ -1,0 +1,264 @@
+"""Causal attention within packed segments as a flash-attention kernel that skips other segments.
+
+Packed DPO rows hold several sequences (segments) each; a token attends to the earlier tokens
+of its own segment only. A plain causal flash kernel with a segment mask still computes every
+key block up to the diagonal (T^2 / 2 scores per row): with 4096-token rows of ~700-token
+sequences, about 3x more than the segments need. These Pallas kernels (Triton lowering on GPU,
+interpreted elsewhere: tests only) visit only the key blocks that can hold a query block's own
+segment:
+  segment bounds  first[t], last[t]: the first and last index of token t's segment id in its
+                  row (any layout: ids need not be contiguous or sorted);
+  forward         grid (query blocks, B, N): keys from min(first) of the block's queries up to
+                  its causal end; online softmax; writes o and the log-sum-exp;
+  backward        dq: the forward's key range per query block; dk/dv: grid (key blocks, B, N),
+                  queries from the key block's start up to max(last) of its keys.
+Inside the visited blocks the mask is exact (causal AND same id). Grouped-query heads read
+their KV group through the BlockSpec (head h uses group h // R); dk and dv come out per query
+head and are summed over each group's R heads. Head dims are zero-padded to a power of two
+(>= 16, Triton's dot minimum). `jax_kernel=True` (or JAX_KERNEL) calls the causal segment-masked kernel that
+ships with JAX instead (jax.experimental.pallas.ops.gpu.attention.mha), for comparison.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+BLOCK_Q = 64  # Query tile (all kernels).
+BLOCK_K = 64  # Key tile (all kernels).
+NUM_WARPS = 4
+NUM_STAGES = 2
+JAX_KERNEL = False  # True: JAX's own kernel instead (benchmarks/gpu_check.py compares them).
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # Finite: exp(_MASKED - m) == 0.
+
+
+def segment_bounds(segment_ids_BxT):
+  """(first, last) [B, T] int32: the first and last index in the row of each token's id."""
+  t = segment_ids_BxT.shape[1]
+  index = jnp.arange(t, dtype=jnp.int32)
+
+  def row(seg_T):
+    _, ids = jnp.unique(seg_T, size=t, fill_value=seg_T[0], return_inverse=True)
+    ids = ids.reshape(-1)
+    first = jax.ops.segment_min(index, ids, num_segments=t)
+    last = jax.ops.segment_max(index, ids, num_segments=t)
+    return first[ids], last[ids]
+
+  return jax.vmap(row)(segment_ids_BxT)
+
+
+def _dot(a, b, trans_a=False, trans_b=False):
+  """fp32 accumulation; fp32 operands stay fp32 (no TF32), as the dense path computes them."""
+  return plt.dot(a, b, trans_a=trans_a, trans_b=trans_b,
+                 allow_tf32=a.dtype != jnp.float32).astype(jnp.float32)
+
+
+def _div(x, d):
+  return lax.div(x, jnp.int32(d))
+
+
+def _scores(q, k, seg_q, seg_k, q0, k0, scale):
+  """Masked, scaled fp32 scores [bq, bk] of a query block at q0 against keys at k0."""
+  s = _dot(q, k, trans_b=True) * scale
+  causal = (q0 + jnp.arange(q.shape[0]))[:, None] >= (k0 + jnp.arange(k.shape[0]))[None, :]
+  return jnp.where(causal & (seg_q[:, None] == seg_k[None, :]), s, _MASKED)
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, seg_ref, first_ref, o_ref, lse_ref, *, scale, bq, bk):
+  i = pl.program_id(0)
+  q0 = i * bq
+  q = q_ref[...]
+  seg_q = seg_ref[pl.ds(q0, bq)]
+  start = _div(jnp.min(first_ref[pl.ds(q0, bq)]), bk)
+  end = _div(q0 + bq + bk - 1, bk)
+
+  def body(j, carry):
+    m, l, acc = carry
+    k0 = j * bk
+    s = _scores(q, k_ref[pl.ds(k0, bk), :], seg_q, seg_ref[pl.ds(k0, bk)], q0, k0, scale)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    p = jnp.exp(s - m_new[:, None])
+    alpha = jnp.exp(m - m_new)
+    v = v_ref[pl.ds(k0, bk), :]
+    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+    return m_new, l * alpha + jnp.sum(p, axis=1), acc
+
+  init = (jnp.full((bq,), _MASKED, jnp.float32), jnp.zeros((bq,), jnp.float32),
+          jnp.zeros(q.shape, jnp.float32))
+  m, l, acc = lax.fori_loop(start, end, body, init)
+  o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = m + jnp.log(l)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, seg_ref, first_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
+               scale, bq, bk):
+  i = pl.program_id(0)
+  q0 = i * bq
+  q, do = q_ref[...], do_ref[...]
+  lse, delta = lse_ref[...], delta_ref[...]
+  seg_q = seg_ref[pl.ds(q0, bq)]
+  start = _div(jnp.min(first_ref[pl.ds(q0, bq)]), bk)
+  end = _div(q0 + bq + bk - 1, bk)
+
+  def body(j, dq):
+    k0 = j * bk
+    k, v = k_ref[pl.ds(k0, bk), :], v_ref[pl.ds(k0, bk), :]
+    p = jnp.exp(_scores(q, k, seg_q, seg_ref[pl.ds(k0, bk)], q0, k0, scale) - lse[:, None])
+    dp = _dot(do, v, trans_b=True)
+    ds = (p * (dp - delta[:, None]) * scale).astype(k.dtype)
+    return dq + _dot(ds, k)
+
+  dq = lax.fori_loop(start, end, body, jnp.zeros(q.shape, jnp.float32))
+  dq_ref[...] = dq.astype(dq_ref.dtype)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, seg_ref, last_ref, do_ref, lse_ref, delta_ref, dk_ref,
+                dv_ref, *, scale, bq, bk):
+  j = pl.program_id(0)
+  k0 = j * bk
+  k, v = k_ref[...], v_ref[...]
+  seg_k = seg_ref[pl.ds(k0, bk)]
+  start = _div(k0, bq)
+  end = _div(jnp.max(last_ref[pl.ds(k0, bk)]), bq) + 1
+
+  def body(i, carry):
+    dk, dv = carry
+    q0 = i * bq
+    q, do = q_ref[pl.ds(q0, bq), :], do_ref[pl.ds(q0, bq), :]
+    lse, delta = lse_ref[pl.ds(q0, bq)], delta_ref[pl.ds(q0, bq)]
+    p = jnp.exp(_scores(q, k, seg_ref[pl.ds(q0, bq)], seg_k, q0, k0, scale) - lse[:, None])
+    dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
+    dp = _dot(do, v, trans_b=True)
+    ds = (p * (dp - delta[:, None]) * scale).astype(q.dtype)
+    return dk + _dot(ds, q, trans_a=True), dv
+
+  zeros = jnp.zeros(k.shape, jnp.float32)
+  dk, dv = lax.fori_loop(start, end, body, (zeros, zeros))
+  dk_ref[...], dv_ref[...] = dk.astype(dk_ref.dtype), dv.astype(dv_ref.dtype)
+
+
+def _compiler_params(interpret):
+  if interpret:
+    return None
+  return plt.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+
+
+def _specs(b, t, n, r, kd, bq, bk):
+  """BlockSpecs on grids (blocks, B, N): a tile of rows, a whole row (for the kernel's own
+  slicing), per query head or per KV group, and [B, N, T] / [B, T] vectors."""
+  tile = lambda rows: pl.BlockSpec((None, rows, None, kd), lambda i, b_, h: (b_, i, h, 0))
+  row_q = pl.BlockSpec((None, t, None, kd), lambda i, b_, h: (b_, 0, h, 0))
+  row_kv = pl.BlockSpec((None, t, None, kd), lambda i, b_, h: (b_, 0, lax.div(h, r), 0))
+  tile_kv = pl.BlockSpec((None, bk, None, kd), lambda i, b_, h: (b_, i, lax.div(h, r), 0))
+  vec_tile = pl.BlockSpec((None, None, bq), lambda i, b_, h: (b_, h, i))
+  vec_row = pl.BlockSpec((None, None, t), lambda i, b_, h: (b_, h, 0))
+  seg_row = pl.BlockSpec((None, t), lambda i, b_, h: (b_, 0))
+  return dict(tile=tile, row_q=row_q, row_kv=row_kv, tile_kv=tile_kv, vec_tile=vec_tile,
+              vec_row=vec_row, seg_row=seg_row)
+
+
+def _forward(q, k, v, seg, first, scale, interpret):
+  b, t, n, kd = q.shape
+  bq, bk = min(BLOCK_Q, t), min(BLOCK_K, t)
+  sp = _specs(b, t, n, n // k.shape[2], kd, bq, bk)
+  return pl.pallas_call(
+      functools.partial(_fwd_kernel, scale=scale, bq=bq, bk=bk),
+      grid=(t // bq, b, n),
+      in_specs=[sp["tile"](bq), sp["row_kv"], sp["row_kv"], sp["seg_row"], sp["seg_row"]],
+      out_specs=[sp["tile"](bq), sp["vec_tile"]],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((b, n, t), jnp.float32)],
+      interpret=interpret, compiler_params=_compiler_params(interpret), name="segment_flash_fwd",
+  )(q, k, v, seg, first)
+
+
+def _backward(q, k, v, seg, first, last, o, lse, do, scale, interpret):
+  b, t, n, kd = q.shape
+  r = n // k.shape[2]
+  bq, bk = min(BLOCK_Q, t), min(BLOCK_K, t)
+  sp = _specs(b, t, n, r, kd, bq, bk)
+  delta = jnp.einsum("btnk,btnk->bnt", o.astype(jnp.float32), do.astype(jnp.float32))
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, scale=scale, bq=bq, bk=bk),
+      grid=(t // bq, b, n),
+      in_specs=[sp["tile"](bq), sp["row_kv"], sp["row_kv"], sp["seg_row"], sp["seg_row"],
+                sp["tile"](bq), sp["vec_tile"], sp["vec_tile"]],
+      out_specs=sp["tile"](bq), out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      interpret=interpret, compiler_params=_compiler_params(interpret), name="segment_flash_dq",
+  )(q, k, v, seg, first, do, lse, delta)
+  per_head = jax.ShapeDtypeStruct(q.shape, jnp.float32)  # [B, T, N, K]: summed per group.
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, scale=scale, bq=bq, bk=bk),
+      grid=(t // bk, b, n),
+      in_specs=[sp["row_q"], sp["tile_kv"], sp["tile_kv"], sp["seg_row"], sp["seg_row"],
+                sp["row_q"], sp["vec_row"], sp["vec_row"]],
+      out_specs=[sp["tile"](bk), sp["tile"](bk)], out_shape=[per_head, per_head],
+      interpret=interpret, compiler_params=_compiler_params(interpret),
+      name="segment_flash_dkv",
+  )(q, k, v, seg, last, do, lse, delta)
+  group = lambda x: x.reshape(b, t, k.shape[2], r, kd).sum(3).astype(k.dtype)
+  return dq, group(dk), group(dv)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _attention(q, k, v, seg, bounds, scale, interpret):
+  return _forward(q, k, v, seg, bounds[0], scale, interpret)[0]
+
+
+def _attention_fwd(q, k, v, seg, bounds, scale, interpret):
+  o, lse = _forward(q, k, v, seg, bounds[0], scale, interpret)
+  return o, (q, k, v, seg, bounds, o, lse)
+
+
+def _attention_bwd(scale, interpret, res, do):
+  q, k, v, seg, bounds, o, lse = res
+  dq, dk, dv = _backward(q, k, v, seg, bounds[0], bounds[1], o, lse, do, scale, interpret)
+  return dq, dk, dv, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def attention(q_BxTxNxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT, interpret: bool | None = None,
+              jax_kernel: bool | None = None):
+  """softmax(q k^T / sqrt(K)) v over keys at or before each query in its segment: [B, T, N, K].
+
+  Same mask as `transformer.attention_mask` without branches (padding, segment 0, attends to
+  earlier padding; its outputs are never read). T is padded to a multiple of the tiles with
+  an id (-1) no real token has, after every real token, so causality hides it.
+  """
+  b, t, n, kd = q_BxTxNxK.shape
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  tile = max(BLOCK_Q, BLOCK_K) if t > max(BLOCK_Q, BLOCK_K) else 16
+  t_pad = -(-t // tile) * tile
+  k_pad = max(16, 1 << (kd - 1).bit_length())
+  seg = segment_ids_BxT.astype(jnp.int32)
+  q, k, v = q_BxTxNxK, k_BxTxGxK, v_BxTxGxK
+  if t_pad != t or k_pad != kd:
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, t_pad - t), (0, 0), (0, k_pad - kd)])
+    q, k, v = pad(q), pad(k), pad(v)
+    seg = jnp.pad(seg, [(0, 0), (0, t_pad - t)], constant_values=-1)
+  if JAX_KERNEL if jax_kernel is None else jax_kernel:
+    out = _jax_mha(q, k, v, seg, kd ** -0.5, interpret)
+  else:
+    out = _attention(q, k, v, seg, segment_bounds(seg), kd ** -0.5, interpret)
+  return out[:, :t, :, :kd]
+
+
+def _jax_mha(q, k, v, seg, scale, interpret):
+  """JAX's own causal segment-masked kernel (no block skipping), GQA by repeating groups."""
+  from jax.experimental.pallas.ops.gpu import attention as mha_lib  # pylint: disable=g-import-not-at-top
+  n, t = q.shape[2], q.shape[1]
+  r = n // k.shape[2]
+  fwd = min(128, t)
+  bwd = next(x for x in (64, 32, 16) if t % x == 0)
+  blocks = mha_lib.BlockSizes(block_q=fwd, block_k=fwd, block_q_dkv=bwd, block_kv_dkv=bwd,
+                              block_q_dq=bwd, block_kv_dq=bwd)
+  return mha_lib.mha(q, jnp.repeat(k, r, axis=2), jnp.repeat(v, r, axis=2), seg, sm_scale=scale,
+                     causal=True, block_sizes=blocks, interpret=interpret)

@@ -1,0 +1,89 @@
+"""The segment-skipping flash-attention kernels (interpreted on CPU) against the dense path."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpojax import model as model_lib
+from dpojax.ops import flash_attention as fa
+
+CASES = {  # B, T, N, G, K, segment ids per row.
+    "packed_padded_gqa": (2, 20, 4, 2, 8, [[1] * 6 + [2] * 9 + [3] * 3 + [0] * 2, [1] * 20]),
+    # T padded to the 64-token tiles; an id that comes back after another (5 2 5).
+    "ragged_noncontiguous": (2, 200, 4, 2, 16, [[1] * 70 + [2] * 75 + [3] * 40 + [0] * 15,
+                                                [5] * 50 + [2] * 100 + [5] * 50]),
+    "mqa_head_dim_24": (1, 256, 2, 1, 24, [[1] * 100 + [2] * 100 + [3] * 56]),
+}
+
+
+def make(b, t, n, g, kd, seed=0):
+  rng = np.random.default_rng(seed)
+  q = jnp.asarray(rng.normal(size=(b, t, n, kd)), jnp.float32)
+  k, v, = (jnp.asarray(rng.normal(size=(b, t, g, kd)), jnp.float32) for _ in range(2))
+  return q, k, v, jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_values_and_gradients_match_dense_attention(name):
+  b, t, n, g, kd, seg = CASES[name]
+  q, k, v, cot = make(b, t, n, g, kd)
+  seg = jnp.asarray(seg)
+
+  def grads(attend):
+    return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(attend(q, k, v) * cot),
+                                      argnums=(0, 1, 2)))(q, k, v)
+
+  want = grads(lambda q, k, v: model_lib.attend(q, k, v, model_lib.attention_mask(seg)))
+  kernels = {"ours": lambda q, k, v: fa.attention(q, k, v, seg)}
+  if name == "packed_padded_gqa":  # JAX's kernel behind the same adapter (the comparison).
+    kernels["jax"] = lambda q, k, v: fa.attention(q, k, v, seg, jax_kernel=True)
+  for kernel, fn in kernels.items():
+    got = grads(fn)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      assert np.abs(np.asarray(y)).max() > 0.1
+      np.testing.assert_allclose(x, y, atol=3e-5, rtol=1e-5, err_msg=kernel)
+
+
+def test_blocks_of_other_segments_are_never_read():
+  """Values of segment 1 poisoned with NaN: a kernel that visits its key blocks (even masked)
+  turns segment 2's outputs and key gradients into NaN; the skipping kernel gives segment 2
+  exactly what it gets alone."""
+  q, k, v, cot = make(1, 256, 2, 1, 16, seed=1)
+  seg = jnp.asarray([[1] * 128 + [2] * 128])
+  v_poisoned = v.at[:, :128].set(jnp.nan)
+  loss = lambda q, k, v, seg: jnp.sum(fa.attention(q, k, v, seg) * cot[:, -q.shape[1]:])
+  out = fa.attention(q, k, v_poisoned, seg)[:, 128:]
+  alone = fa.attention(q[:, 128:], k[:, 128:], v[:, 128:], seg[:, 128:])
+  np.testing.assert_allclose(out, alone, atol=1e-6)
+  dq, dk, dv = jax.grad(loss, argnums=(0, 1, 2))(q, k, v_poisoned, seg)
+  dq1, dk1, dv1 = jax.grad(loss, argnums=(0, 1, 2))(q[:, 128:], k[:, 128:], v[:, 128:],
+                                                    seg[:, 128:])
+  for x, y in ((dq, dq1), (dk, dk1), (dv, dv1)):
+    np.testing.assert_allclose(x[:, 128:], y, atol=1e-5)
+  assert np.isnan(np.asarray(fa.attention(q, k, v_poisoned, seg, jax_kernel=True))).any()
+
+
+def test_segment_bounds_against_a_loop():
+  seg = np.asarray([[5, 5, 2, 2, 2, 5, 0, 0, -1], [1, 1, 1, 1, 3, 3, 3, 0, 0]])
+  first, last = (np.asarray(x) for x in fa.segment_bounds(jnp.asarray(seg)))
+  for b in range(2):
+    for t in range(seg.shape[1]):
+      same = np.flatnonzero(seg[b] == seg[b, t])
+      assert (first[b, t], last[b, t]) == (same.min(), same.max())
+
+
+def test_kernels_lower_to_triton_for_gpu():
+  """Without a GPU: the Pallas -> Triton lowering accepts the forward, dq and dk/dv kernels
+  (fp32 and bf16, GQA, 4096-token rows); compiling Triton to PTX needs the GPU."""
+  for dtype in (jnp.float32, jnp.bfloat16):
+    specs = [jax.ShapeDtypeStruct((2, 4096, 32, 64), dtype)] + [
+        jax.ShapeDtypeStruct((2, 4096, 4, 64), dtype)] * 2 + [
+            jax.ShapeDtypeStruct((2, 4096), jnp.int32)]
+
+    def fn(q, k, v, seg):
+      out, vjp = jax.vjp(lambda q, k, v: fa.attention(q, k, v, seg, interpret=False), q, k, v)
+      return out, vjp(out)
+
+    hlo = jax.jit(fn).trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
+    assert hlo.count("__gpu$xla.gpu.triton") == 3, dtype

@@ -58,7 +58,7 @@ def parse():
   p.add_argument("--hh_max_len", type=int, default=512)
   p.add_argument("--share_prompt", action="store_true", help="also time data.share_prompt")
   p.add_argument("--model", default="issue10", choices=("issue10", "1b"))
-  p.add_argument("--attention_impl", default="xla", choices=("xla", "flash"))
+  p.add_argument("--attention_impl", default="auto", choices=("auto", "xla", "flash"))
   p.add_argument("--flash_kernel", default="ours", choices=("ours", "jax"),
                  help="flash: our segment-skipping kernel or JAX's causal segment-masked one")
   p.add_argument("--pack_size", type=int, default=4096, help="--data=packed row length")
@@ -164,7 +164,7 @@ def main():
         f"dtype={cfg.dtype} pairs/step={ARGS.pairs} remat={ARGS.remat} "
         f"logprob={ARGS.logprob_impl} reference={ARGS.reference} "
         f"attention={ARGS.attention_impl}"
-        f"{'/' + ARGS.flash_kernel if ARGS.attention_impl == 'flash' else ''} "
+        f"{'/' + ARGS.flash_kernel if ARGS.attention_impl != 'xla' else ''} "
         f"block={ARGS.attention_block} "
         f"matmul_peak={peak / 1e9:.1f}G" + (
             f" (datasheet dense bf16 {H100_BF16_DENSE / 1e12:.1f}T)" if gpu else ""))

@@ -35,7 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.dtype = "float32"  # Compute dtype (bfloat16 on GPU).
   m.remat = "none"  # Activation checkpointing: none | full | dots.
   m.attention_block = 32  # Causal attention in query tiles that skip later keys; 0 = dense.
-  m.attention_impl = "xla"  # xla | flash (flash-attention kernel for packed causal rows; GPU).
+  m.attention_impl = "auto"  # auto (flash on GPU) | xla (dense) | flash (segment-skipping kernel).
 
   c.init = ml_collections.ConfigDict()
   c.init["from"] = ""  # .nemo file, Hugging Face folder or dpojax workdir; "" = random init.

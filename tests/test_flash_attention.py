@@ -1,5 +1,9 @@
 """The segment-skipping flash-attention kernels (interpreted on CPU) against the dense path."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +11,8 @@ import pytest
 
 from dpojax import model as model_lib
 from dpojax.ops import flash_attention as fa
+
+from conftest import ROOT
 
 CASES = {  # B, T, N, G, K, segment ids per row.
     "packed_padded_gqa": (2, 20, 4, 2, 8, [[1] * 6 + [2] * 9 + [3] * 3 + [0] * 2, [1] * 20]),
@@ -87,3 +93,42 @@ def test_kernels_lower_to_triton_for_gpu():
 
     hlo = jax.jit(fn).trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
     assert hlo.count("__gpu$xla.gpu.triton") == 3, dtype
+
+
+SHARDED = """
+import jax, jax.numpy as jnp, numpy as np, ml_collections
+from jax.sharding import NamedSharding, PartitionSpec as P
+from dpojax import model as model_lib
+from dpojax.ops import flash_attention as fa
+from dpojax.train import sharding
+mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)))
+rng = np.random.default_rng(3)
+seg = np.asarray([[1] * 30 + [2] * 34, [1] * 64, [3] * 10 + [4] * 50 + [0] * 4, [1] * 64])
+for g in (2, 1):  # Heads split over tensor; MQA (one group): heads left to XLA.
+  q = rng.normal(size=(4, 64, 4, 16)).astype(np.float32)
+  k, v = (rng.normal(size=(4, 64, g, 16)).astype(np.float32) for _ in range(2))
+  cot = rng.normal(size=q.shape).astype(np.float32)
+  put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+  rows = P(("data", "fsdp"))
+  args = [put(x, rows) for x in (q, k, v, seg, cot)]
+  def grads(attend):
+    f = lambda q, k, v, s, c: jnp.sum(attend(q, k, v, s) * c)
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
+  ours = grads(lambda q, k, v, s: fa.attention(q, k, v, s, mesh=mesh))
+  dense = grads(lambda q, k, v, s: model_lib.attend(q, k, v, model_lib.attention_mask(s)))
+  for x, y in zip(jax.tree.leaves(ours(*args)), jax.tree.leaves(dense(*args))):
+    np.testing.assert_allclose(x, y, atol=3e-5, rtol=1e-5)
+  hlo = ours.lower(*args).compile().as_text()
+  print(g, "all-gather" in hlo)
+"""
+
+
+def test_sharded_over_an_8_device_mesh_matches_dense_without_gathering_rows():
+  """data=2 x fsdp=2 x tensor=2 (emulated CPU devices): the per-shard kernel gives the dense
+  result and gradients; with heads divisible by tensor, no row or head is gathered."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             PYTHONPATH=ROOT)
+  proc = subprocess.run([sys.executable, "-c", SHARDED], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.splitlines()[0] == "2 False", proc.stdout

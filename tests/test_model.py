@@ -217,6 +217,8 @@ def test_flash_model_equals_dense_model_and_keeps_dense_for_branches():
                              apply(params, cfg, tokens, pos, seg), atol=1e-5)
   assert isinstance(model_lib.layer_mask(flash, seg), model_lib.Segments)
   assert model_lib.layer_mask(flash, seg, jnp.zeros_like(seg)).shape == (1, 1, 20, 20)
+  # auto: the dense path off GPU (the kernel only runs interpreted there).
+  assert model_lib.layer_mask(cfg, seg).shape == (1, 1, 20, 20) and cfg.attention_impl == "auto"
   with pytest.raises(ValueError, match="attention_impl"):
     dataclasses.replace(cfg, attention_impl="cudnn")
 

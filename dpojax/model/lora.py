@@ -197,20 +197,21 @@ def _block(cfg, lcfg, p, ad, x_BxTxD, rope, mask_Bx1xTxT, rng):
 
 def apply(base: Any, adapters: Any, model_cfg: transformer.ModelConfig, lora_cfg: LoraConfig,
           tokens_BxT, positions_BxT, segment_ids_BxT, branch_ids_BxT=None, *,
-          dropout_rng=None):
+          dropout_rng=None, mesh=None):
   """Hidden states [B, T, D] of the adapted model (`model.apply` when adapters is None).
 
-  `dropout_rng`: training only; None (evaluation, reference) applies no dropout.
+  `dropout_rng`: training only; None (evaluation, reference) applies no dropout. `mesh`: as
+  in `model.apply`.
   """
   if adapters is None:
     return transformer.apply(base, model_cfg, tokens_BxT, positions_BxT, segment_ids_BxT,
-                             branch_ids_BxT)
+                             branch_ids_BxT, mesh)
   cfg = model_cfg
   dt = jnp.dtype(cfg.dtype)
   x = jnp.take(base["embedding"], tokens_BxT, axis=0).astype(dt)
   if cfg.position_embedding_type == "learned_absolute":
     x = x + jnp.take(base["position_embedding"], positions_BxT, axis=0).astype(dt)
-  mask = transformer.layer_mask(cfg, segment_ids_BxT, branch_ids_BxT)
+  mask = transformer.layer_mask(cfg, segment_ids_BxT, branch_ids_BxT, mesh)
   rope = None
   if cfg.position_embedding_type == "rope":
     rope = transformer.rope_table(positions_BxT, cfg.rotary_dim, cfg.rotary_base, dt)

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple
+from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,7 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "squared_relu", "swiglu")
 NORMALIZATIONS = ("layernorm", "layernorm1p", "rmsnorm")
 POSITION_EMBEDDINGS = ("rope", "learned_absolute")
 REMAT_POLICIES = ("none", "full", "dots")
-ATTENTION_IMPLS = ("xla", "flash")
+ATTENTION_IMPLS = ("auto", "xla", "flash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +58,10 @@ class ModelConfig:
   # forward+backward at 1024 tokens on CPU); 0 = one T x T block. At most 8 tiles.
   attention_block: int = 0
   # xla: the dense path above. flash: a flash-attention kernel for causal + packed-segment
-  # masks (ops/flash_attention.py; GPU, interpreted elsewhere); rows with shared-prompt
-  # branches and the decoding cache keep the dense path.
-  attention_impl: str = "xla"
+  # masks that skips other segments' key blocks (ops/flash_attention.py; GPU, interpreted
+  # elsewhere: slow); rows with shared-prompt branches and the decoding cache keep the dense
+  # path. auto: flash on GPU for 16/32-bit compute, xla elsewhere.
+  attention_impl: str = "auto"
 
   def __post_init__(self):
     _check_choice("activation", self.activation, ACTIVATIONS)
@@ -180,16 +182,23 @@ def attention_mask(segment_ids_BxT, branch_ids_BxT=None):
   return (causal[None] & same)[:, None]
 
 
-class Segments(NamedTuple):
-  """The mask as the flash kernel takes it: causal AND same segment, from [B, T] segment ids."""
+@flax.struct.dataclass
+class Segments:
+  """The mask as the flash kernel takes it: causal AND same segment, from [B, T] segment ids;
+  `mesh` (static): the device mesh the kernel runs per shard on (None: one device or GSPMD)."""
   ids_BxT: jax.Array
+  mesh: Any = flax.struct.field(pytree_node=False, default=None)
 
 
-def layer_mask(cfg: ModelConfig, segment_ids_BxT, branch_ids_BxT=None):
+def layer_mask(cfg: ModelConfig, segment_ids_BxT, branch_ids_BxT=None, mesh=None):
   """What every layer's `attend` gets: `Segments` for the flash kernel where it applies,
   else the dense `attention_mask`."""
-  if cfg.attention_impl == "flash" and branch_ids_BxT is None:
-    return Segments(segment_ids_BxT)
+  impl = cfg.attention_impl
+  if impl == "auto":
+    gpu = jax.default_backend() == "gpu"
+    impl = "flash" if gpu and jnp.finfo(_dtype(cfg.dtype)).bits <= 32 else "xla"
+  if impl == "flash" and branch_ids_BxT is None:
+    return Segments(segment_ids_BxT, mesh)
   return attention_mask(segment_ids_BxT, branch_ids_BxT)
 
 
@@ -272,7 +281,8 @@ def attend(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS, block: int = 0):
   """
   if isinstance(mask_Bx1xTxS, Segments):
     from dpojax.ops import flash_attention  # pylint: disable=g-import-not-at-top
-    return flash_attention.attention(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS.ids_BxT)
+    return flash_attention.attention(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS.ids_BxT,
+                                     mesh=mask_Bx1xTxS.mesh)
   b, t, n, kd = q_BxTxNxK.shape
   s, g = k_BxSxGxK.shape[1], k_BxSxGxK.shape[2]
   tiles = _query_tiles(t, s, block)
@@ -375,6 +385,7 @@ class Transformer(nn.Module):
   """
 
   cfg: ModelConfig
+  mesh: Any = None  # Device mesh for the flash kernel's per-shard calls (see `layer_mask`).
 
   @nn.compact
   def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT, cache=None, *,
@@ -402,7 +413,8 @@ class Transformer(nn.Module):
       layers = nn.scan(
           block, variable_axes={"params": 0}, split_rngs={"params": True},
           in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers)(cfg, name="layers")
-      x_BxTxD, _ = layers(x_BxTxD, rope, layer_mask(cfg, segment_ids_BxT, branch_ids_BxT))
+      x_BxTxD, _ = layers(x_BxTxD, rope, layer_mask(cfg, segment_ids_BxT, branch_ids_BxT,
+                                                            self.mesh))
       return Norm(cfg, name="final_norm")(x_BxTxD)
     # Same module names, so the same parameters; the layer caches are scanned over axis 0.
     layers = nn.scan(
@@ -437,10 +449,11 @@ def _init(cfg: ModelConfig, rng: jax.Array):
 
 
 def apply(params: Any, cfg: ModelConfig, tokens_BxT, positions_BxT, segment_ids_BxT,
-          branch_ids_BxT=None):
-  """Pure forward: hidden states [B, T, D]. `branch_ids`: see `attention_mask`."""
-  return Transformer(cfg).apply({"params": params}, tokens_BxT, positions_BxT, segment_ids_BxT,
-                                branch_ids_BxT=branch_ids_BxT)
+          branch_ids_BxT=None, mesh=None):
+  """Pure forward: hidden states [B, T, D]. `branch_ids`: see `attention_mask`; `mesh`: the
+  device mesh the batch is sharded on (the flash kernel then runs per shard)."""
+  return Transformer(cfg, mesh).apply({"params": params}, tokens_BxT, positions_BxT,
+                                      segment_ids_BxT, branch_ids_BxT=branch_ids_BxT)
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_length: int) -> dict:

@@ -22,12 +22,14 @@ ships with JAX instead (jax.experimental.pallas.ops.gpu.attention.mha), for comp
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 BLOCK_Q = 64  # Query tile (all kernels).
 BLOCK_K = 64  # Key tile (all kernels).
@@ -225,13 +227,21 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def attention(q_BxTxNxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT, interpret: bool | None = None,
-              jax_kernel: bool | None = None):
+              jax_kernel: bool | None = None, *, mesh=None, batch_axes=("data", "fsdp"),
+              head_axis="tensor"):
   """softmax(q k^T / sqrt(K)) v over keys at or before each query in its segment: [B, T, N, K].
 
   Same mask as `transformer.attention_mask` without branches (padding, segment 0, attends to
   earlier padding; its outputs are never read). T is padded to a multiple of the tiles with
   an id (-1) no real token has, after every real token, so causality hides it.
+  With a multi-device `mesh` (axes as in train/sharding.py), each device runs the kernel on
+  its own rows and heads (a shard_map, manual over the `batch_axes` that divide B and over
+  `head_axis` where it divides N and G): XLA cannot partition a kernel call, and would
+  otherwise gather every row to every device.
   """
+  if mesh is not None and mesh.size > 1:
+    return _sharded(q_BxTxNxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT, interpret, jax_kernel,
+                    mesh, batch_axes, head_axis)
   b, t, n, kd = q_BxTxNxK.shape
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
@@ -249,6 +259,29 @@ def attention(q_BxTxNxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT, interpret: bool 
   else:
     out = _attention(q, k, v, seg, segment_bounds(seg), kd ** -0.5, interpret)
   return out[:, :t, :, :kd]
+
+
+def _sharded(q, k, v, seg, interpret, jax_kernel, mesh, batch_axes, head_axis):
+  sizes = dict(mesh.shape)
+  rows = tuple(a for a in batch_axes if sizes.get(a, 1) > 1)
+  if q.shape[0] % math.prod(sizes[a] for a in rows):
+    rows = ()
+  heads = sizes.get(head_axis, 1)
+  head = head_axis if heads > 1 and not (q.shape[2] % heads or k.shape[2] % heads) else None
+  manual = set(rows) | ({head} if head else set())
+  if not manual:
+    return attention(q, k, v, seg, interpret, jax_kernel)
+  qkv = P(rows or None, None, head, None)
+  specs = (qkv, qkv, qkv, P(rows or None, None))
+  args = (q, k, v, seg)
+  if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+    # Explicit meshes do not reshard into shard_map implicitly (Auto ones do).
+    args = tuple(jax.reshard(x, NamedSharding(mesh, spec)) for x, spec in zip(args, specs))
+  local = functools.partial(attention, interpret=interpret, jax_kernel=jax_kernel)
+  # Manual only over the axes every operand is split on: no replicated operand whose
+  # cotangent the transpose would have to sum.
+  return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=qkv, axis_names=manual,
+                       check_vma=False)(*args)
 
 
 def _jax_mha(q, k, v, seg, scale, interpret):

@@ -264,7 +264,7 @@ def run(config, workdir: str) -> dict:
     workdir_lib.write_config(workdir, config, step_cfg.model, tok.path)
   t = config.train
   mesh = sharding.make_mesh(config.mesh)
-  step_cfg = dataclasses.replace(step_cfg, mesh=mesh)  # For vocab-parallel log-probs.
+  step_cfg = dataclasses.replace(step_cfg, mesh=mesh)  # Vocab-parallel log-probs, flash shards.
   tx, schedule = step_lib.make_optimizer(t)
   key = jax.random.key(t.seed)
   abstract_params = jax.eval_shape(functools.partial(model_lib.init_params, step_cfg.model), key)

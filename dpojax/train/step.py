@@ -122,7 +122,7 @@ def sequence_logps(params, micro: dict, cfg: StepConfig, *, policy: bool = True,
   loss_cfg = cfg.loss
   hidden_BxTxD = lora_lib.apply(
       params, adapters, cfg.model, cfg.lora, micro["tokens"], micro["positions"],
-      micro["segment_ids"], micro.get("branch_ids"), dropout_rng=dropout_rng)
+      micro["segment_ids"], micro.get("branch_ids"), dropout_rng=dropout_rng, mesh=cfg.mesh)
   targets, mask, target_seq = logprob_lib.shift_targets(
       micro["tokens"], micro["segment_ids"], micro["loss_mask"], micro["sequence_ids"])
   out_weight_VxD = model_lib.output_weight(params, cfg.model)

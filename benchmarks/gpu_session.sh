@@ -33,7 +33,7 @@ stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(kernels train logprob)
 for s in "${stages[@]}"; do
   case $s in
-    kernels) stage kernels 120 python3 benchmarks/gpu_check.py ;;
+    kernels) stage kernels 180 python3 benchmarks/gpu_check.py ;;
     train) stage train 150 $TRAIN --logprob_impl=chunked --steps=6 --warmup=2 ;;
     train_jax) stage train_jax 130 $TRAIN --logprob_impl=chunked --flash_kernel=jax --steps=6 \
       --warmup=2 ;;

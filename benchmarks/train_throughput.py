@@ -161,7 +161,9 @@ def main():
   gpu = jax.default_backend() == "gpu"
   peak = matmul_peak(8192 if gpu else 2048, dtype=cfg.dtype)
   print(f"devices={jax.device_count()} ({jax.devices()[0].device_kind}) params={n_params:,} "
-        f"dtype={cfg.dtype} pairs/step={ARGS.pairs} remat={ARGS.remat} "
+        f"dtype={cfg.dtype} "
+        + (f"rows/step={ARGS.rows}x{ARGS.pack_size} " if ARGS.data == "packed"
+           else f"pairs/step={ARGS.pairs} ") + f"remat={ARGS.remat} "
         f"logprob={ARGS.logprob_impl} reference={ARGS.reference} "
         f"attention={ARGS.attention_impl}"
         f"{'/' + ARGS.flash_kernel if ARGS.attention_impl != 'xla' else ''} "

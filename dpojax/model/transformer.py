@@ -259,14 +259,14 @@ def _softmax_attention_bwd(tiles, res, do):
 _softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
-def _query_tiles(t: int, s: int, block: int) -> list[tuple[int, int, int]]:
+def _query_tiles(t: int, s: int, block: int) -> tuple[tuple[int, int, int], ...]:
   """(query start, query end, key end) per query tile: causal ends when tiling, else one
   tile over all keys."""
   if block > 0 and t == s:
     block = max(block, -(-t // 8))  # At most 8 tiles: bounded unrolling, large tiles.
   if block <= 0 or t != s or t <= block or t % block:
-    return [(0, t, s)]
-  return [(start, start + block, start + block) for start in range(0, t, block)]
+    return ((0, t, s),)
+  return tuple((start, start + block, start + block) for start in range(0, t, block))
 
 
 def attend(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS, block: int = 0):
@@ -293,7 +293,7 @@ def attend(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS, block: int = 0):
                            axis=1)
   q = q_BxTxNxK.reshape(b, t, g, n // g, kd).transpose(0, 2, 3, 1, 4)  # [B, G, R, T, K]
   k, v = k_BxSxGxK.transpose(0, 2, 1, 3), v_BxSxGxK.transpose(0, 2, 1, 3)  # [B, G, S, K]
-  o_BxGxRxTxK = _softmax_attention(q, k, v, mask_Bx1xTxS[:, :, None], tuple(tiles))
+  o_BxGxRxTxK = _softmax_attention(q, k, v, mask_Bx1xTxS[:, :, None], tiles)
   return o_BxGxRxTxK.transpose(0, 3, 1, 2, 4).reshape(b, t, n, kd)
 
 

@@ -232,8 +232,8 @@ def attention(q_BxTxNxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT, interpret: bool 
   """softmax(q k^T / sqrt(K)) v over keys at or before each query in its segment: [B, T, N, K].
 
   Same mask as `transformer.attention_mask` without branches (padding, segment 0, attends to
-  earlier padding; its outputs are never read). T is padded to a multiple of the tiles with
-  an id (-1) no real token has, after every real token, so causality hides it.
+  earlier padding; its outputs are never read). T is padded (`_padded_length`) with an id
+  (-1) no real token has, after every real token, so causality hides it.
   With a multi-device `mesh` (axes as in train/sharding.py), each device runs the kernel on
   its own rows and heads (a shard_map, manual over the `batch_axes` that divide B and over
   `head_axis` where it divides N and G): XLA cannot partition a kernel call, and would
@@ -245,8 +245,7 @@ def attention(q_BxTxNxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT, interpret: bool 
   b, t, n, kd = q_BxTxNxK.shape
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
-  tile = max(BLOCK_Q, BLOCK_K) if t > max(BLOCK_Q, BLOCK_K) else 16
-  t_pad = -(-t // tile) * tile
+  t_pad = _padded_length(t)
   k_pad = max(16, 1 << (kd - 1).bit_length())
   seg = segment_ids_BxT.astype(jnp.int32)
   q, k, v = q_BxTxNxK, k_BxTxGxK, v_BxTxGxK
@@ -284,12 +283,21 @@ def _sharded(q, k, v, seg, interpret, jax_kernel, mesh, batch_axes, head_axis):
                        check_vma=False)(*args)
 
 
+def _padded_length(t: int) -> int:
+  """A multiple of both (power-of-two) tiles, or for short rows the next power of two (>= 16):
+  Triton's blocks must be powers of two, and each kernel's grid must cover the row."""
+  big = max(BLOCK_Q, BLOCK_K)
+  t_pad = -(-t // big) * big if t > big else max(16, 1 << (t - 1).bit_length())
+  assert t_pad % min(BLOCK_Q, t_pad) == 0 and t_pad % min(BLOCK_K, t_pad) == 0, (t, t_pad)
+  return t_pad
+
+
 def _jax_mha(q, k, v, seg, scale, interpret):
   """JAX's own causal segment-masked kernel (no block skipping), GQA by repeating groups."""
   from jax.experimental.pallas.ops.gpu import attention as mha_lib  # pylint: disable=g-import-not-at-top
   n, t = q.shape[2], q.shape[1]
   r = n // k.shape[2]
-  fwd = min(128, t)
+  fwd = next(x for x in (128, 64, 32, 16) if t % x == 0)
   bwd = next(x for x in (64, 32, 16) if t % x == 0)
   blocks = mha_lib.BlockSizes(block_q=fwd, block_k=fwd, block_q_dkv=bwd, block_kv_dkv=bwd,
                               block_q_dq=bwd, block_kv_dq=bwd)

@@ -49,16 +49,16 @@ def packed_synthetic_batches(rng, *, steps, rows, micro_rows, pack_size, vocab):
   """`steps` global batches of `rows` packed rows: pairs of random token ids with uniform
   random prompt (up to pack_size / 8) and response (up to pack_size / 4, each side its own)
   lengths, packed first-fit-decreasing into rows of `pack_size` as the data pipeline does."""
-  pairs = []
+  pairs, lengths = [], []
+  response = lambda: rng.integers(3, vocab, int(rng.integers(8, pack_size // 4)))
   while True:
     p = int(rng.integers(8, pack_size // 8))
     ids = rng.integers(3, vocab, p)
-    response = lambda: rng.integers(3, vocab, int(rng.integers(8, pack_size // 4)))
-    pairs.append({side: np.concatenate([ids, response()])
-                  for side in ("chosen", "rejected")})
-    pairs[-1].update(prompt_len=p, chosen_reward=None, rejected_reward=None)
-    lengths = [len(x["chosen"]) + len(x["rejected"]) for x in pairs]
-    if sum(lengths) > 1.05 * steps * rows * pack_size:  # Enough to fill steps * rows rows.
+    pairs.append({"chosen": np.concatenate([ids, response()]),
+                  "rejected": np.concatenate([ids, response()]), "prompt_len": p,
+                  "chosen_reward": None, "rejected_reward": None})
+    lengths.append(len(pairs[-1]["chosen"]) + len(pairs[-1]["rejected"]))
+    if sum(lengths) > 1.05 * steps * rows * pack_size:  # Enough to fill steps * rows rows?
       starts, items = packing.pack(lengths, pack_size, "first_fit_decreasing", seed=0)
       if len(starts) - 1 >= steps * rows:
         break
@@ -69,6 +69,6 @@ def packed_synthetic_batches(rng, *, steps, rows, micro_rows, pack_size, vocab):
                                default_rewards=(1.0, 0.0)) for i in range(steps)]
 
 
-def matmul_peak(n=2048, repeats=5, dtype="float32"):
+def matmul_peak(n=None, repeats=5, dtype="float32"):
   """Best FLOP/s of an n x n x n product, as the training loop measures it for MFU."""
   return loop.matmul_peak_flops(n, repeats, dtype)

@@ -11,7 +11,9 @@ flash kernel and JAX's causal segment-masked kernel.
 """
 
 import argparse
+import os
 import statistics
+import sys
 import time
 import traceback
 
@@ -23,23 +25,14 @@ from dpojax.model import transformer
 from dpojax.ops import flash_attention
 from dpojax.ops import logprob as lp
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "tests"))
+from test_logprob_kernels import float64_reference  # noqa: E402  (the tests' float64 formula)
+
 
 def rel(a, b):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
-def logprob_reference(h, w, t, m, g):
-  """float64 log p(target), d(sum g logp)/dh and /dw (textbook formulas)."""
-  h, w = np.asarray(h, np.float64), np.asarray(w, np.float64)
-  z = h @ w.T
-  lse = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)
-  rows = np.arange(len(t))
-  logp = np.where(m, z[rows, t] - lse, 0.0)
-  dz = -np.exp(z - lse[:, None])
-  dz[rows, t] += 1.0
-  dz *= np.where(m, g, 0.0)[:, None]
-  return logp, dz @ w, dz.T @ h
 
 
 def check_logprob(impls, n, d, v, dtype, seed):
@@ -51,8 +44,7 @@ def check_logprob(impls, n, d, v, dtype, seed):
   g = rng.normal(size=n)
   args = (jnp.asarray(h, dtype), jnp.asarray(w, dtype), jnp.asarray(t, jnp.int32),
           jnp.asarray(m), jnp.asarray(g, jnp.float32))
-  ref = logprob_reference(np.asarray(args[0], np.float64), np.asarray(args[1], np.float64),
-                          t, m, g)
+  ref = float64_reference(args[0], args[1], t, m, g)  # Of the inputs as rounded to dtype.
   for impl in impls:
     try:
       def fn(h, w, t, m, g, impl=impl):

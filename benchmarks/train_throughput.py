@@ -159,7 +159,7 @@ def main():
   n_params = sum(x.size for x in jax.tree.leaves(params))
   flops_per_token = metrics_lib.flops_per_token(n_params, reference=ARGS.reference)
   gpu = jax.default_backend() == "gpu"
-  peak = matmul_peak(8192 if gpu else 2048, dtype=cfg.dtype)
+  peak = matmul_peak(dtype=cfg.dtype)
   print(f"devices={jax.device_count()} ({jax.devices()[0].device_kind}) params={n_params:,} "
         f"dtype={cfg.dtype} "
         + (f"rows/step={ARGS.rows}x{ARGS.pack_size} " if ARGS.data == "packed"

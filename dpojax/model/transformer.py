@@ -23,6 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dpojax.ops import flash_attention
+
 ACTIVATIONS = ("gelu", "gelu_tanh", "squared_relu", "swiglu")
 NORMALIZATIONS = ("layernorm", "layernorm1p", "rmsnorm")
 POSITION_EMBEDDINGS = ("rope", "learned_absolute")
@@ -185,8 +187,10 @@ def attention_mask(segment_ids_BxT, branch_ids_BxT=None):
 @flax.struct.dataclass
 class Segments:
   """The mask as the flash kernel takes it: causal AND same segment, from [B, T] segment ids;
+  `bounds`: flash_attention.segment_bounds of the ids (None: the kernel computes them);
   `mesh` (static): the device mesh the kernel runs per shard on (None: one device or GSPMD)."""
   ids_BxT: jax.Array
+  bounds: Any = None
   mesh: Any = flax.struct.field(pytree_node=False, default=None)
 
 
@@ -197,8 +201,8 @@ def layer_mask(cfg: ModelConfig, segment_ids_BxT, branch_ids_BxT=None, mesh=None
   if impl == "auto":
     gpu = jax.default_backend() == "gpu"
     impl = "flash" if gpu and jnp.finfo(_dtype(cfg.dtype)).bits <= 32 else "xla"
-  if impl == "flash" and branch_ids_BxT is None:
-    return Segments(segment_ids_BxT, mesh)
+  if impl == "flash" and branch_ids_BxT is None:  # Bounds once per forward, not per layer.
+    return Segments(segment_ids_BxT, flash_attention.segment_bounds(segment_ids_BxT), mesh)
   return attention_mask(segment_ids_BxT, branch_ids_BxT)
 
 
@@ -280,9 +284,8 @@ def attend(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS, block: int = 0):
   handling); fp32 and fp64 through `_softmax_attention`.
   """
   if isinstance(mask_Bx1xTxS, Segments):
-    from dpojax.ops import flash_attention  # pylint: disable=g-import-not-at-top
     return flash_attention.attention(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS.ids_BxT,
-                                     mesh=mask_Bx1xTxS.mesh)
+                                     bounds=mask_Bx1xTxS.bounds, mesh=mask_Bx1xTxS.mesh)
   b, t, n, kd = q_BxTxNxK.shape
   s, g = k_BxSxGxK.shape[1], k_BxSxGxK.shape[2]
   tiles = _query_tiles(t, s, block)

@@ -71,13 +71,17 @@ def _scores(q, k, seg_q, seg_k, q0, k0, scale):
   return jnp.where(causal & (seg_q[:, None] == seg_k[None, :]), s, _MASKED)
 
 
+def _key_blocks(first_ref, q0, bq, bk):
+  """[start, end) key blocks a query block at q0 needs: from its queries' earliest segment
+  start to its causal end."""
+  return _div(jnp.min(first_ref[pl.ds(q0, bq)]), bk), _div(q0 + bq + bk - 1, bk)
+
+
 def _fwd_kernel(q_ref, k_ref, v_ref, seg_ref, first_ref, o_ref, lse_ref, *, scale, bq, bk):
-  i = pl.program_id(0)
-  q0 = i * bq
+  q0 = pl.program_id(0) * bq
   q = q_ref[...]
   seg_q = seg_ref[pl.ds(q0, bq)]
-  start = _div(jnp.min(first_ref[pl.ds(q0, bq)]), bk)
-  end = _div(q0 + bq + bk - 1, bk)
+  start, end = _key_blocks(first_ref, q0, bq, bk)
 
   def body(j, carry):
     m, l, acc = carry
@@ -99,13 +103,11 @@ def _fwd_kernel(q_ref, k_ref, v_ref, seg_ref, first_ref, o_ref, lse_ref, *, scal
 
 def _dq_kernel(q_ref, k_ref, v_ref, seg_ref, first_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
                scale, bq, bk):
-  i = pl.program_id(0)
-  q0 = i * bq
+  q0 = pl.program_id(0) * bq
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
   seg_q = seg_ref[pl.ds(q0, bq)]
-  start = _div(jnp.min(first_ref[pl.ds(q0, bq)]), bk)
-  end = _div(q0 + bq + bk - 1, bk)
+  start, end = _key_blocks(first_ref, q0, bq, bk)
 
   def body(j, dq):
     k0 = j * bk
@@ -150,7 +152,7 @@ def _compiler_params(interpret):
   return plt.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 
 
-def _specs(b, t, n, r, kd, bq, bk):
+def _specs(t, r, kd, bq, bk):
   """BlockSpecs on grids (blocks, B, N): a tile of rows, a whole row (for the kernel's own
   slicing), per query head or per KV group, and [B, N, T] / [B, T] vectors."""
   tile = lambda rows: pl.BlockSpec((None, rows, None, kd), lambda i, b_, h: (b_, i, h, 0))
@@ -167,7 +169,7 @@ def _specs(b, t, n, r, kd, bq, bk):
 def _forward(q, k, v, seg, first, scale, interpret):
   b, t, n, kd = q.shape
   bq, bk = min(BLOCK_Q, t), min(BLOCK_K, t)
-  sp = _specs(b, t, n, n // k.shape[2], kd, bq, bk)
+  sp = _specs(t, n // k.shape[2], kd, bq, bk)
   return pl.pallas_call(
       functools.partial(_fwd_kernel, scale=scale, bq=bq, bk=bk),
       grid=(t // bq, b, n),
@@ -183,7 +185,7 @@ def _backward(q, k, v, seg, first, last, o, lse, do, scale, interpret):
   b, t, n, kd = q.shape
   r = n // k.shape[2]
   bq, bk = min(BLOCK_Q, t), min(BLOCK_K, t)
-  sp = _specs(b, t, n, r, kd, bq, bk)
+  sp = _specs(t, r, kd, bq, bk)
   delta = jnp.einsum("btnk,btnk->bnt", o.astype(jnp.float32), do.astype(jnp.float32))
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, scale=scale, bq=bq, bk=bk),
@@ -227,40 +229,46 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def attention(q_BxTxNxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT, interpret: bool | None = None,
-              jax_kernel: bool | None = None, *, mesh=None, batch_axes=("data", "fsdp"),
-              head_axis="tensor"):
+              jax_kernel: bool | None = None, *, bounds=None, mesh=None,
+              batch_axes=("data", "fsdp"), head_axis="tensor"):
   """softmax(q k^T / sqrt(K)) v over keys at or before each query in its segment: [B, T, N, K].
 
   Same mask as `transformer.attention_mask` without branches (padding, segment 0, attends to
   earlier padding; its outputs are never read). T is padded (`_padded_length`) with an id
-  (-1) no real token has, after every real token, so causality hides it.
+  (-1) no real token has, after every real token, so causality hides it. `bounds`:
+  `segment_bounds(segment_ids)` when the caller has them (the model computes them once per
+  forward, not per layer); None computes them here.
   With a multi-device `mesh` (axes as in train/sharding.py), each device runs the kernel on
   its own rows and heads (a shard_map, manual over the `batch_axes` that divide B and over
   `head_axis` where it divides N and G): XLA cannot partition a kernel call, and would
   otherwise gather every row to every device.
   """
   if mesh is not None and mesh.size > 1:
-    return _sharded(q_BxTxNxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT, interpret, jax_kernel,
-                    mesh, batch_axes, head_axis)
+    return _sharded(q_BxTxNxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT, bounds, interpret,
+                    jax_kernel, mesh, batch_axes, head_axis)
   b, t, n, kd = q_BxTxNxK.shape
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   t_pad = _padded_length(t)
   k_pad = max(16, 1 << (kd - 1).bit_length())
   seg = segment_ids_BxT.astype(jnp.int32)
+  if bounds is None:
+    bounds = segment_bounds(seg)
   q, k, v = q_BxTxNxK, k_BxTxGxK, v_BxTxGxK
   if t_pad != t or k_pad != kd:
     pad = lambda x: jnp.pad(x, [(0, 0), (0, t_pad - t), (0, 0), (0, k_pad - kd)])
     q, k, v = pad(q), pad(k), pad(v)
-    seg = jnp.pad(seg, [(0, 0), (0, t_pad - t)], constant_values=-1)
+    tail = lambda x, value: jnp.pad(x, [(0, 0), (0, t_pad - t)], constant_values=value)
+    # The padding is one more segment, [t, t_pad).
+    seg, bounds = tail(seg, -1), (tail(bounds[0], t), tail(bounds[1], t_pad - 1))
   if JAX_KERNEL if jax_kernel is None else jax_kernel:
     out = _jax_mha(q, k, v, seg, kd ** -0.5, interpret)
   else:
-    out = _attention(q, k, v, seg, segment_bounds(seg), kd ** -0.5, interpret)
+    out = _attention(q, k, v, seg, bounds, kd ** -0.5, interpret)
   return out[:, :t, :, :kd]
 
 
-def _sharded(q, k, v, seg, interpret, jax_kernel, mesh, batch_axes, head_axis):
+def _sharded(q, k, v, seg, bounds, interpret, jax_kernel, mesh, batch_axes, head_axis):
   sizes = dict(mesh.shape)
   rows = tuple(a for a in batch_axes if sizes.get(a, 1) > 1)
   if q.shape[0] % math.prod(sizes[a] for a in rows):
@@ -269,14 +277,17 @@ def _sharded(q, k, v, seg, interpret, jax_kernel, mesh, batch_axes, head_axis):
   head = head_axis if heads > 1 and not (q.shape[2] % heads or k.shape[2] % heads) else None
   manual = set(rows) | ({head} if head else set())
   if not manual:
-    return attention(q, k, v, seg, interpret, jax_kernel)
-  qkv = P(rows or None, None, head, None)
-  specs = (qkv, qkv, qkv, P(rows or None, None))
-  args = (q, k, v, seg)
+    return attention(q, k, v, seg, interpret, jax_kernel, bounds=bounds)
+  if bounds is None:
+    bounds = segment_bounds(seg.astype(jnp.int32))
+  qkv, row = P(rows or None, None, head, None), P(rows or None, None)
+  specs = (qkv, qkv, qkv, row, row, row)
+  args = (q, k, v, seg, *bounds)
   if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
     # Explicit meshes do not reshard into shard_map implicitly (Auto ones do).
     args = tuple(jax.reshard(x, NamedSharding(mesh, spec)) for x, spec in zip(args, specs))
-  local = functools.partial(attention, interpret=interpret, jax_kernel=jax_kernel)
+  local = lambda q, k, v, seg, first, last: attention(q, k, v, seg, interpret, jax_kernel,
+                                                      bounds=(first, last))
   # Manual only over the axes every operand is split on: no replicated operand whose
   # cotangent the transpose would have to sum.
   return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=qkv, axis_names=manual,

@@ -219,10 +219,13 @@ class CheckpointWriteError(RuntimeError):
   """A checkpoint could not be written."""
 
 
-def matmul_peak_flops(n: int = 2048, repeats: int = 3, dtype: str = "float32") -> float:
+def matmul_peak_flops(n: int | None = None, repeats: int = 3, dtype: str = "float32") -> float:
   """Best FLOP/s of an n^3 product in `dtype` on the first device (the MFU denominator).
 
-  Random operands: a product of constants can run faster than real data on GPUs."""
+  n: None = 8192 on GPU (smaller products do not fill it), 2048 elsewhere. Random operands: a
+  product of constants can run faster than real data on GPUs."""
+  if n is None:
+    n = 8192 if jax.default_backend() == "gpu" else 2048
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
   f = jax.jit(jnp.matmul)
   f(a, a).block_until_ready()
@@ -335,8 +338,7 @@ def run(config, workdir: str) -> dict:
   def data_state():
     return {"iterator": train_iter.get_state(), "consumed_samples": consumed}
 
-  peak = t.peak_flops if t.peak_flops != 0 else matmul_peak_flops(
-      n=8192 if jax.default_backend() == "gpu" else 2048, dtype=step_cfg.model.dtype)
+  peak = t.peak_flops if t.peak_flops != 0 else matmul_peak_flops(dtype=step_cfg.model.dtype)
   throughput = metrics_lib.Throughput(metrics_lib.flops_per_token(
       n_params, reference=step_cfg.reference, lora=step_cfg.lora is not None), peak)
   bar = metrics_lib.progress_bar(t.max_steps, start, lead)

@@ -57,6 +57,9 @@ def parse():
       ROOT, "..", "shared", "data", "tokenizers", "sentencepiece-test", "test_model.model"))
   p.add_argument("--hh_max_len", type=int, default=512)
   p.add_argument("--share_prompt", action="store_true", help="also time data.share_prompt")
+  p.add_argument("--hh_dump", default=None,
+                 help="write the tokenized HH pairs (prompt / chosen / rejected ids, JSONL) "
+                      "here and exit: benchmarks/trl_throughput.py --data=hh reads them")
   p.add_argument("--model", default="issue10", choices=("issue10", "1b"))
   p.add_argument("--attention_impl", default="auto", choices=("auto", "xla", "flash"))
   p.add_argument("--flash_kernel", default="ours", choices=("ours", "jax"),
@@ -111,9 +114,25 @@ def hh_batches(packing, share_prompt=False):
                               truncation="drop", on_error="skip", packing=packing,
                               pack_size=2 * ARGS.hh_max_len, share_prompt=share_prompt)
   data = pipeline.PreferenceData(path, Tokenizer(tokenizer), opts)
+  if ARGS.hh_dump:
+    dump_pairs(data, ARGS.hh_dump)
   it = iter(pipeline.train_dataset(data, global_batch_size=ARGS.pairs,
                                    micro_batch_size=ARGS.micro_pairs, seed=0))
   return [next(it) for _ in range(ARGS.warmup + ARGS.steps)]
+
+
+def dump_pairs(data, path):
+  """Every pair the benchmark trains on, as ids, so that another trainer sees the same tokens."""
+  import json  # noqa: E402
+  with open(path, "w") as f:
+    for i in range(len(data.indices)):
+      pair = data[i]
+      p = int(pair["prompt_len"])
+      f.write(json.dumps({"prompt": pair["chosen"][:p].tolist(),
+                          "chosen": pair["chosen"][p:].tolist(),
+                          "rejected": pair["rejected"][p:].tolist()}) + "\n")
+  print(f"wrote {len(data.indices)} pairs to {path}")
+  raise SystemExit(0)
 
 
 def run(step_cfg, batches, params, tx, schedule, mesh):

@@ -181,14 +181,7 @@ def _block(cfg, lcfg, p, ad, x_BxTxD, rope, mask_Bx1xTxT, rng):
   if cfg.bias:
     u = u + mlp["fc1_bias"].astype(dt)
   u = u + extra(h, ad_mlp, "fc1", 2)
-  if cfg.activation == "swiglu":
-    u = jax.nn.silu(u[..., 0, :]) * u[..., 1, :]
-  elif cfg.activation == "gelu":
-    u = jax.nn.gelu(u, approximate=False)
-  elif cfg.activation == "gelu_tanh":
-    u = jax.nn.gelu(u, approximate=True)
-  else:  # squared_relu
-    u = jnp.square(jax.nn.relu(u))
+  u = transformer.activate(cfg, u)
   y = jnp.einsum("btf,fd->btd", u, mlp["fc2"].astype(dt))
   if cfg.bias:
     y = y + mlp["fc2_bias"].astype(dt)

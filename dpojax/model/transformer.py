@@ -338,6 +338,41 @@ class Attention(nn.Module):
     return y, kv
 
 
+@jax.custom_vjp
+def swiglu(h_BxTx2xF):
+  """silu(gate) * up of fc1's [gate; up] output.
+
+  Its own backward writes d[gate; up] in one pass: autodiff of the two slices builds two
+  zero-padded [B, T, 2, F] gradients and adds them (four passes over the largest activation).
+  """
+  return jax.nn.silu(h_BxTx2xF[..., 0, :]) * h_BxTx2xF[..., 1, :]
+
+
+def _swiglu_fwd(h_BxTx2xF):
+  return swiglu(h_BxTx2xF), h_BxTx2xF
+
+
+def _swiglu_bwd(h_BxTx2xF, dy_BxTxF):
+  gate, up = h_BxTx2xF[..., 0, :], h_BxTx2xF[..., 1, :]
+  sig = jax.nn.sigmoid(gate)
+  d_gate = dy_BxTxF * up * sig * (1 + gate * (1 - sig))
+  return (jnp.stack([d_gate, dy_BxTxF * gate * sig], axis=-2),)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
+def activate(cfg: ModelConfig, h):
+  """The MLP's activation of fc1's output ([B, T, 2, F] when gated)."""
+  if cfg.activation == "swiglu":
+    return swiglu(h)
+  if cfg.activation == "gelu":
+    return jax.nn.gelu(h, approximate=False)
+  if cfg.activation == "gelu_tanh":
+    return jax.nn.gelu(h, approximate=True)
+  return jnp.square(jax.nn.relu(h))  # squared_relu
+
+
 class Mlp(nn.Module):
   cfg: ModelConfig
 
@@ -354,14 +389,7 @@ class Mlp(nn.Module):
     h = jnp.einsum("btd,d...->bt...", x_BxTxD, w1)
     if cfg.bias:
       h = h + self.param("fc1_bias", nn.initializers.zeros, fc1_shape[1:], pdt).astype(dt)
-    if cfg.activation == "swiglu":
-      h = jax.nn.silu(h[..., 0, :]) * h[..., 1, :]
-    elif cfg.activation == "gelu":
-      h = jax.nn.gelu(h, approximate=False)
-    elif cfg.activation == "gelu_tanh":
-      h = jax.nn.gelu(h, approximate=True)
-    else:  # squared_relu
-      h = jnp.square(jax.nn.relu(h))
+    h = activate(cfg, h)
     w2 = self.param("fc2", out_init, (f, d), pdt).astype(dt)
     y = jnp.einsum("btf,fd->btd", h, w2)
     if cfg.bias:

@@ -19,6 +19,8 @@ back to the 99-pair slice in tests/testdata and the toy tokenizer (too few pairs
 --share_prompt adds data.share_prompt=True: fixed pairs go one per row (prompt once, both
 responses branching off it; rows rounded up to a multiple of 8), HH pairs are packed so.
 FLOP/s counts the tokens the step really runs (a shared prompt's tokens once).
+--attention_impl=sparse: the block-sparse attention (only tiles that share a segment; for
+packed rows on CPU). --hh_dump=PATH writes the HH pairs as ids for benchmarks/trl_throughput.py.
 --model=1b (issue 10's GPU model, benchmarks/common.py: ~1.1B parameters, bf16 compute) with
 --data=packed: synthetic pairs of random lengths packed first-fit-decreasing into --rows rows
 of --pack_size tokens per step (--micro_rows per forward/backward); the peak is then an
@@ -61,7 +63,7 @@ def parse():
                  help="write the tokenized HH pairs (prompt / chosen / rejected ids, JSONL) "
                       "here and exit: benchmarks/trl_throughput.py --data=hh reads them")
   p.add_argument("--model", default="issue10", choices=("issue10", "1b"))
-  p.add_argument("--attention_impl", default="auto", choices=("auto", "xla", "flash"))
+  p.add_argument("--attention_impl", default="auto", choices=("auto", "xla", "flash", "sparse"))
   p.add_argument("--flash_kernel", default="ours", choices=("ours", "jax"),
                  help="flash: our segment-skipping kernel or JAX's causal segment-masked one")
   p.add_argument("--pack_size", type=int, default=4096, help="--data=packed row length")

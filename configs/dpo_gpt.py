@@ -35,7 +35,9 @@ def get_config() -> ml_collections.ConfigDict:
   m.dtype = "float32"  # Compute dtype (bfloat16 on GPU).
   m.remat = "none"  # Activation checkpointing: none | full | dots.
   m.attention_block = 32  # Causal attention in query tiles that skip later keys; 0 = dense.
-  m.attention_impl = "auto"  # auto (flash on GPU) | xla (dense) | flash (segment-skipping kernel).
+  # auto (flash on GPU, else xla) | xla (dense/tiled) | flash (segment-skipping GPU kernel) |
+  # sparse (segment-skipping tiles in XLA: for packed rows on CPU).
+  m.attention_impl = "auto"
 
   c.init = ml_collections.ConfigDict()
   c.init["from"] = ""  # .nemo file, Hugging Face folder or dpojax workdir; "" = random init.

@@ -23,13 +23,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dpojax.ops import flash_attention
+from dpojax.ops import flash_attention, sparse_attention
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "squared_relu", "swiglu")
 NORMALIZATIONS = ("layernorm", "layernorm1p", "rmsnorm")
 POSITION_EMBEDDINGS = ("rope", "learned_absolute")
 REMAT_POLICIES = ("none", "full", "dots")
-ATTENTION_IMPLS = ("auto", "xla", "flash")
+ATTENTION_IMPLS = ("auto", "xla", "flash", "sparse")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +62,10 @@ class ModelConfig:
   # xla: the dense path above. flash: a flash-attention kernel for causal + packed-segment
   # masks that skips other segments' key blocks (ops/flash_attention.py; GPU, interpreted
   # elsewhere: slow); rows with shared-prompt branches and the decoding cache keep the dense
-  # path. auto: flash on GPU for 16/32-bit compute, xla elsewhere.
+  # path. sparse: only the (query, key) tiles of attention_block tokens that share a segment,
+  # in plain XLA ops (ops/sparse_attention.py): the CPU choice for packed or heavily padded
+  # rows, slower than the tiles above on rows of one sequence. auto: flash on GPU for
+  # 16/32-bit compute, xla elsewhere.
   attention_impl: str = "auto"
 
   def __post_init__(self):
@@ -194,16 +197,30 @@ class Segments:
   mesh: Any = flax.struct.field(pytree_node=False, default=None)
 
 
+@flax.struct.dataclass
+class TilePairs:
+  """The mask as the block-sparse path takes it (ops/sparse_attention.py): the dense mask
+  without padding queries, [B, T, T], and its `tile_pairs` at `block` (static)."""
+  mask_BxTxT: jax.Array
+  pairs: Any
+  block: int = flax.struct.field(pytree_node=False)
+
+
 def layer_mask(cfg: ModelConfig, segment_ids_BxT, branch_ids_BxT=None, mesh=None):
-  """What every layer's `attend` gets: `Segments` for the flash kernel where it applies,
-  else the dense `attention_mask`."""
+  """What every layer's `attend` gets, computed once per forward: `Segments` for the flash
+  kernel, `TilePairs` for the block-sparse path, else the dense `attention_mask`."""
   impl = cfg.attention_impl
   if impl == "auto":
     gpu = jax.default_backend() == "gpu"
     impl = "flash" if gpu and jnp.finfo(_dtype(cfg.dtype)).bits <= 32 else "xla"
-  if impl == "flash" and branch_ids_BxT is None:  # Bounds once per forward, not per layer.
+  if impl == "flash" and branch_ids_BxT is None:
     return Segments(segment_ids_BxT, flash_attention.segment_bounds(segment_ids_BxT), mesh)
-  return attention_mask(segment_ids_BxT, branch_ids_BxT)
+  mask = attention_mask(segment_ids_BxT, branch_ids_BxT)
+  block, t = cfg.attention_block, segment_ids_BxT.shape[1]
+  if impl == "sparse" and block > 0 and t % block == 0 and t > block:
+    mask_BxTxT = mask[:, 0] & (segment_ids_BxT > 0)[:, :, None]  # Padding attends nothing.
+    return TilePairs(mask_BxTxT, sparse_attention.tile_pairs(mask_BxTxT, block), block)
+  return mask
 
 
 def cached_attention_mask(segment_ids_BxT, segment_ids_BxS, index):
@@ -276,7 +293,8 @@ def _query_tiles(t: int, s: int, block: int) -> tuple[tuple[int, int, int], ...]
 def attend(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS, block: int = 0):
   """Softmax attention (GQA when N is a multiple of G; any boolean mask, or `Segments`).
 
-  A `Segments` mask goes to the flash kernel (ops/flash_attention.py).
+  A `Segments` mask goes to the flash kernel (ops/flash_attention.py), `TilePairs` to the
+  block-sparse path (ops/sparse_attention.py).
 
   With `block` > 0 and S = T (causal self-attention), queries go in tiles and tile i attends
   to keys [0, end of tile i) only: the masked-out upper triangle is never computed.
@@ -286,6 +304,9 @@ def attend(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS, block: int = 0):
   if isinstance(mask_Bx1xTxS, Segments):
     return flash_attention.attention(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS.ids_BxT,
                                      bounds=mask_Bx1xTxS.bounds, mesh=mask_Bx1xTxS.mesh)
+  if isinstance(mask_Bx1xTxS, TilePairs):
+    return sparse_attention.attention(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS.mask_BxTxT,
+                                      mask_Bx1xTxS.pairs, mask_Bx1xTxS.block)
   b, t, n, kd = q_BxTxNxK.shape
   s, g = k_BxSxGxK.shape[1], k_BxSxGxK.shape[2]
   tiles = _query_tiles(t, s, block)

@@ -1,6 +1,7 @@
 """The block-sparse attention path (ops/sparse_attention.py) against the dense path."""
 
 import dataclasses
+import types
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +25,8 @@ CASES = {
 }
 
 
-def run(name, chunk):
-  b, t, n, g, kd, block, seg, branch = CASES[name]
+def run(case, chunk):
+  b, t, n, g, kd, block, seg, branch = case
   rng = np.random.default_rng(0)
   q = jnp.asarray(rng.normal(size=(b, t, n, kd)), jnp.float32)
   k, v = (jnp.asarray(rng.normal(size=(b, t, g, kd)), jnp.float32) for _ in range(2))
@@ -43,7 +44,7 @@ def run(name, chunk):
 @pytest.mark.parametrize("chunk", [3, 32])
 @pytest.mark.parametrize("name", list(CASES))
 def test_values_and_gradients_match_dense_attention(name, chunk):
-  q, k, v, cot, real, ours, dense, *_ = run(name, chunk)
+  q, k, v, cot, real, ours, dense, *_ = run(CASES[name], chunk)
   np.testing.assert_allclose(ours(q, k, v) * real, dense(q, k, v) * real, atol=2e-6)
   np.testing.assert_array_equal(ours(q, k, v) * ~real, 0.0)  # Padding attends to nothing.
   loss = lambda f: jax.jit(jax.grad(lambda *x: jnp.sum(f(*x) * cot), argnums=(0, 1, 2)))
@@ -54,7 +55,7 @@ def test_values_and_gradients_match_dense_attention(name, chunk):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_tile_pairs_are_exactly_the_tiles_with_a_true_entry(name):
-  *_, sparse_mask, (q_tile, k_tile, count), block = run(name, 32)
+  *_, sparse_mask, (q_tile, k_tile, count), block = run(CASES[name], 32)
   m = np.asarray(sparse_mask)
   b, t, _ = m.shape
   nt = t // block
@@ -66,26 +67,53 @@ def test_tile_pairs_are_exactly_the_tiles_with_a_true_entry(name):
 
 
 def test_skipped_tiles_are_never_read():
-  """NaN keys and values in tiles no query needs (the padding at the row's end) leave every
-  output finite and equal to the dense path's on the real queries (the dense path, which
-  multiplies them by zero weights, gives NaN)."""
-  q, k, v, cot, real, ours, dense, *_ = run("packed_padded_gqa", 32)
-  poison = jnp.zeros(k.shape[:2], bool).at[0, 56:].set(True)[:, :, None, None]
-  k, v = jnp.where(poison, jnp.nan, k), jnp.where(poison, jnp.nan, v)
-  got = ours(q, k, v)
-  assert np.isfinite(np.asarray(got)).all()
-  assert not np.isfinite(np.asarray(dense(q, k, v))).all()
-  clean_q, clean_k, clean_v, *_ = run("packed_padded_gqa", 32)
-  np.testing.assert_allclose(got * real, dense(clean_q, clean_k, clean_v) * real, atol=2e-6)
+  """NaN queries, keys and values in tiles no query needs (padding at a row's start and end)
+  leave every output and gradient finite and equal to the dense path's on clean inputs (the
+  dense path, which multiplies them by zero weights, gives NaN). The pair list's unused slots
+  point at a scratch tile, not at a real one."""
+  # Padding in the batch's first tile and its last: where an unused slot of the pair list
+  # would land if it pointed at a real tile (key tile 0, or query tile B * nt - 1).
+  seg = [[0] * 8 + [6] * 56, [1] * 10 + [2] * 20 + [3] * 26 + [0] * 8]
+  q, k, v, cot, real, ours, dense, _, (_, _, count), _ = run(
+      (2, 64, 4, 2, 8, 8, seg, None), 32)
+  assert int(count) < 2 * 8 * 8  # So the list has unused slots.
+  poison = (np.asarray(seg) == 0)[:, :, None, None]
+  clean = (q, k, v)
+  poisoned = [jnp.where(poison, jnp.nan, x) for x in clean]
+  loss = lambda f: jax.jit(jax.value_and_grad(lambda *x: jnp.sum(f(*x) * cot), argnums=(0, 1, 2)))
+  got_o = ours(*poisoned)
+  got_value, got_grads = loss(ours)(*poisoned)
+  assert np.isfinite(np.asarray(got_o)).all() and np.isfinite(float(got_value))
+  assert not np.isfinite(np.where(real, dense(*poisoned), 0.0)).all()
+  want_value, want_grads = loss(dense)(*clean)
+  np.testing.assert_allclose(got_o * real, dense(*clean) * real, atol=2e-6)
+  for got, want in zip(got_grads, want_grads):
+    got, want = np.asarray(got), np.asarray(want)
+    np.testing.assert_array_equal(got[np.asarray(poison[..., 0, 0])], 0.0)
+    np.testing.assert_allclose(np.where(poison, 0, got), np.where(poison, 0, want),
+                               atol=2e-6 * np.abs(want).max())
 
 
-def test_model_with_sparse_attention_equals_dense_model():
+def test_float64_keeps_float64():
+  """x64 inputs accumulate in float64: equal to the dense float64 path far below fp32's
+  rounding."""
+  with jax.enable_x64():
+    q, k, v, cot, real, ours, dense, *_ = run(CASES["packed_padded_gqa"], 32)
+    q, k, v = (x.astype(jnp.float64) for x in (q, k, v))
+    got, want = ours(q, k, v), dense(q, k, v)
+    assert got.dtype == jnp.float64
+    np.testing.assert_allclose(got * real, want * real, atol=1e-12)
+
+
+@pytest.mark.parametrize("remat", ["none", "dots"])
+def test_model_with_sparse_attention_equals_dense_model(remat):
   """The whole model, attention_impl=sparse, on packed rows with padding and with shared-prompt
-  branches: hidden states at real tokens and the gradient of a loss over them equal the dense
-  model's; rows that the block does not divide take the dense path."""
+  branches (and under remat): hidden states at real tokens and the gradient of a loss over them
+  equal the dense model's; rows that the block does not divide, and multi-device meshes, take
+  the dense path."""
   cfg = model_lib.ModelConfig(vocab_size=37, hidden_size=24, num_layers=2,
                               num_attention_heads=4, num_query_groups=2, ffn_hidden_size=40,
-                              max_position_embeddings=64, attention_block=8)
+                              max_position_embeddings=64, attention_block=8, remat=remat)
   sparse = dataclasses.replace(cfg, attention_impl="sparse")
   params = model_lib.init_params(cfg, jax.random.key(4))
   rng = np.random.default_rng(9)
@@ -111,3 +139,5 @@ def test_model_with_sparse_attention_equals_dense_model():
   np.testing.assert_allclose(lora_h(sparse) * real, lora_h(cfg) * real, atol=1e-5)
   assert isinstance(model_lib.layer_mask(sparse, seg), model_lib.TilePairs)
   assert model_lib.layer_mask(sparse, seg[:, :30]).shape == (2, 1, 30, 30)  # 8 does not divide.
+  two_devices = types.SimpleNamespace(size=2)  # layer_mask reads the mesh's size only.
+  assert model_lib.layer_mask(sparse, seg, mesh=two_devices).shape == (2, 1, 32, 32)

@@ -64,7 +64,8 @@ class ModelConfig:
   # elsewhere: slow); rows with shared-prompt branches and the decoding cache keep the dense
   # path. sparse: only the (query, key) tiles of attention_block tokens that share a segment,
   # in plain XLA ops (ops/sparse_attention.py): the CPU choice for packed or heavily padded
-  # rows, slower than the tiles above on rows of one sequence. auto: flash on GPU for
+  # rows on one device, slower than the tiles above on rows of one sequence (and dense on a
+  # multi-device mesh). auto: flash on GPU for
   # 16/32-bit compute, xla elsewhere.
   attention_impl: str = "auto"
 
@@ -217,7 +218,9 @@ def layer_mask(cfg: ModelConfig, segment_ids_BxT, branch_ids_BxT=None, mesh=None
     return Segments(segment_ids_BxT, flash_attention.segment_bounds(segment_ids_BxT), mesh)
   mask = attention_mask(segment_ids_BxT, branch_ids_BxT)
   block, t = cfg.attention_block, segment_ids_BxT.shape[1]
-  if impl == "sparse" and block > 0 and t % block == 0 and t > block:
+  # One device only: XLA cannot split its pair list by batch shard (it would replicate it).
+  one_device = mesh is None or mesh.size == 1
+  if impl == "sparse" and one_device and block > 0 and t % block == 0 and t > block:
     mask_BxTxT = mask[:, 0] & (segment_ids_BxT > 0)[:, :, None]  # Padding attends nothing.
     return TilePairs(mask_BxTxT, sparse_attention.tile_pairs(mask_BxTxT, block), block)
   return mask
@@ -365,6 +368,7 @@ def swiglu(h_BxTx2xF):
 
   Its own backward writes d[gate; up] in one pass: autodiff of the two slices builds two
   zero-padded [B, T, 2, F] gradients and adds them (four passes over the largest activation).
+  A custom VJP: reverse mode only (jax.jvp through it raises).
   """
   return jax.nn.silu(h_BxTx2xF[..., 0, :]) * h_BxTx2xF[..., 1, :]
 

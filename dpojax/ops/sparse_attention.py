@@ -25,7 +25,7 @@ def tile_pairs(mask_BxTxS, block: int):
   """The (query tile, key tile) pairs to compute: ([P] query tile, [P] key tile, count).
 
   Tiles are numbered across the batch (row b's tile i is b * nt + i); the P = B * nt^2 slots
-  past `count` hold query tile B * nt (a scratch tile) and key tile 0."""
+  past `count` hold tile B * nt on both sides: a scratch tile that is never read."""
   b, t, s = mask_BxTxS.shape
   nt = t // block
   need_BxIxJ = jnp.any(mask_BxTxS.reshape(b, nt, block, nt, block), axis=(2, 4))
@@ -33,7 +33,7 @@ def tile_pairs(mask_BxTxS, block: int):
   row, qi, kj = jnp.nonzero(need_BxIxJ, size=b * nt * nt, fill_value=-1)
   valid = row >= 0
   q_tile = jnp.where(valid, row * nt + qi, b * nt).astype(jnp.int32)
-  k_tile = jnp.where(valid, row * nt + kj, 0).astype(jnp.int32)
+  k_tile = jnp.where(valid, row * nt + kj, b * nt).astype(jnp.int32)
   return q_tile, k_tile, count
 
 
@@ -41,7 +41,8 @@ def attention(q_BxTxNxK, k_BxTxGxK, v_BxTxGxK, mask_BxTxS, pairs, block: int,
               chunk: int = 32):
   """Softmax attention over the pairs of `tile_pairs(mask, block)`; T a multiple of block.
 
-  GQA when N is a multiple of G. fp32 accumulation; the output has q's dtype."""
+  GQA when N is a multiple of G. Accumulates in fp32 or q's dtype if wider; the output has
+  q's dtype."""
   b, t, n, kd = q_BxTxNxK.shape
   g = k_BxTxGxK.shape[2]
   nt = t // block
@@ -52,22 +53,31 @@ def attention(q_BxTxNxK, k_BxTxGxK, v_BxTxGxK, mask_BxTxS, pairs, block: int,
   q_tile, k_tile, count = pairs
   extra = -len(q_tile) % chunk  # Whole chunks: a clamped dynamic slice would repeat pairs.
   q_tile = jnp.pad(q_tile, (0, extra), constant_values=b * nt)
-  k_tile = jnp.pad(k_tile, (0, extra))
+  k_tile = jnp.pad(k_tile, (0, extra), constant_values=b * nt)
   o = _attention(q, tiles(k_BxTxGxK), tiles(v_BxTxGxK), mask, q_tile, k_tile, count, chunk)
   return o.reshape(b, t, n, kd)
 
 
-def _chunk(q, k, mask, q_tile, k_tile, i, chunk):
-  """Chunk i's pair indices, gathered tiles and scaled, masked fp32 scores [C, Tq, G, R, Tk]."""
+def _acc_dtype(x):
+  return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def _chunk(q, k, v, mask, q_tile, k_tile, i, chunk):
+  """Chunk i's pair indices, its query, key and value tiles (zeros for scratch pairs, so
+  their products are exact zeros whatever the inputs hold), mask [C, Tq, 1, 1, Tk] and
+  scaled scores [C, Tq, G, R, Tk] in the accumulation dtype."""
   qi = jax.lax.dynamic_slice_in_dim(q_tile, i * chunk, chunk)
   kj = jax.lax.dynamic_slice_in_dim(k_tile, i * chunk, chunk)
-  nq = q.shape[0]
-  # Query tile nq (the scratch slot) reads tile 0's values; its mask is all False.
-  q_c, k_c = q[jnp.minimum(qi, nq - 1)], k[kj]
-  m_c = mask[jnp.minimum(qi, nq - 1), :, kj % mask.shape[2], :] & (qi < nq)[:, None, None]
+  nq, acc = q.shape[0], _acc_dtype(q)
+  real = qi < nq
+  take = lambda x, idx: jnp.where(real.reshape((-1,) + (1,) * (x.ndim - 1)),
+                                  x[jnp.minimum(idx, nq - 1)], 0)
+  q_c, k_c, v_c = (take(x, idx).astype(acc) for x, idx in ((q, qi), (k, kj), (v, kj)))
+  m_c = (mask[jnp.minimum(qi, nq - 1), :, jnp.minimum(kj, nq - 1) % mask.shape[2], :]
+         & real[:, None, None])
   scale = q.shape[-1] ** -0.5
-  s = jnp.einsum("cqgrk,cigk->cqgri", q_c, k_c, preferred_element_type=jnp.float32) * scale
-  return qi, kj, q_c, k_c, m_c[:, :, None, None, :], s
+  s = jnp.einsum("cqgrk,cigk->cqgri", q_c, k_c) * jnp.asarray(scale, acc)
+  return qi, kj, q_c, k_c, v_c, m_c[:, :, None, None, :], s
 
 
 _MASKED = -1e30  # Finite: max and exp stay NaN-free for queries with nothing to attend.
@@ -75,14 +85,14 @@ _MASKED = -1e30  # Finite: max and exp stay NaN-free for queries with nothing to
 
 def _forward(q, k, v, mask, q_tile, k_tile, count, chunk):
   nq, block, g, r, kd = q.shape
-  f32 = jnp.float32
-  m0 = jnp.full((nq + 1, block, g, r), _MASKED, f32)  # Row nq: the scratch tile.
-  l0 = jnp.zeros((nq + 1, block, g, r), f32)
-  acc0 = jnp.zeros((nq + 1, block, g, r, kd), f32)
+  dt = _acc_dtype(q)
+  m0 = jnp.full((nq + 1, block, g, r), _MASKED, dt)  # Row nq: the scratch tile.
+  l0 = jnp.zeros((nq + 1, block, g, r), dt)
+  acc0 = jnp.zeros((nq + 1, block, g, r, kd), dt)
 
   def body(i, carry):
     m, l, acc = carry
-    qi, kj, _, _, m_c, s = _chunk(q, k, mask, q_tile, k_tile, i, chunk)
+    qi, _, _, _, v_c, m_c, s = _chunk(q, k, v, mask, q_tile, k_tile, i, chunk)
     s = jnp.where(m_c, s, _MASKED)
     m_old = m[qi]
     m = m.at[qi].max(jnp.max(s, -1))
@@ -92,7 +102,7 @@ def _forward(q, k, v, mask, q_tile, k_tile, count, chunk):
     acc = acc.at[qi].set(acc[qi] * alpha[..., None])
     p = jnp.where(m_c, jnp.exp(s - m_new[..., None]), 0.0)
     l = l.at[qi].add(jnp.sum(p, -1))
-    acc = acc.at[qi].add(jnp.einsum("cqgri,cigk->cqgrk", p, v[kj].astype(f32)))
+    acc = acc.at[qi].add(jnp.einsum("cqgri,cigk->cqgrk", p, v_c))
     return m, l, acc
 
   n_chunks = (count + chunk - 1) // chunk
@@ -118,31 +128,30 @@ def _attention_fwd(q, k, v, mask, q_tile, k_tile, count, chunk):
 
 def _attention_bwd(chunk, res, do):
   q, k, v, mask, q_tile, k_tile, count, o, lse = res
-  f32 = jnp.float32
+  dt = _acc_dtype(q)
   nq = q.shape[0]
   pad = lambda x: jnp.concatenate([x, jnp.zeros_like(x[:1])])  # The scratch tile's slot.
-  do32, lse = pad(do.astype(f32)), pad(lse)
-  delta = jnp.sum(do32 * pad(o.astype(f32)), -1)  # rowsum(dO * O): [nq + 1, Tq, G, R]
-  scale = q.shape[-1] ** -0.5
+  do_, lse = pad(do.astype(dt)), pad(lse)
+  delta = jnp.sum(do_ * pad(o.astype(dt)), -1)  # rowsum(dO * O): [nq + 1, Tq, G, R]
+  scale = jnp.asarray(q.shape[-1] ** -0.5, dt)
 
   def body(i, carry):
     dq, dk, dv = carry
-    qi, kj, q_c, k_c, m_c, s = _chunk(q, k, mask, q_tile, k_tile, i, chunk)
+    qi, kj, q_c, k_c, v_c, m_c, s = _chunk(q, k, v, mask, q_tile, k_tile, i, chunk)
     p = jnp.where(m_c, jnp.exp(jnp.where(m_c, s, _MASKED) - lse[qi][..., None]), 0.0)
-    do_c = do32[qi]
-    dp = jnp.einsum("cqgrk,cigk->cqgri", do_c, v[kj].astype(f32))
+    do_c = do_[qi]
+    dp = jnp.einsum("cqgrk,cigk->cqgri", do_c, v_c)
     ds = p * (dp - delta[qi][..., None]) * scale
-    dq = dq.at[qi].add(jnp.einsum("cqgri,cigk->cqgrk", ds, k_c.astype(f32)))
-    dk = dk.at[kj].add(jnp.einsum("cqgri,cqgrk->cigk", ds, q_c.astype(f32)))
+    dq = dq.at[qi].add(jnp.einsum("cqgri,cigk->cqgrk", ds, k_c))
+    dk = dk.at[kj].add(jnp.einsum("cqgri,cqgrk->cigk", ds, q_c))
     dv = dv.at[kj].add(jnp.einsum("cqgri,cqgrk->cigk", p, do_c))
     return dq, dk, dv
 
-  dq0 = jnp.zeros((nq + 1,) + q.shape[1:], f32)
+  zeros = lambda x: jnp.zeros((nq + 1,) + x.shape[1:], dt)  # Scratch pairs write row nq.
   n_chunks = (count + chunk - 1) // chunk
-  dq, dk, dv = jax.lax.fori_loop(0, n_chunks, body, (dq0, jnp.zeros(k.shape, f32),
-                                                     jnp.zeros(v.shape, f32)))
-  return (dq[:nq].astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None,
-          None)
+  dq, dk, dv = jax.lax.fori_loop(0, n_chunks, body, (zeros(q), zeros(k), zeros(v)))
+  return (dq[:nq].astype(q.dtype), dk[:nq].astype(k.dtype), dv[:nq].astype(v.dtype), None,
+          None, None, None)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

@@ -213,7 +213,10 @@ def main():
     tokens = np.mean([np.sum(b["segment_ids"] > 0) for b in batches[ARGS.warmup:]])
     flops = flops_per_token * tokens / step
     results[name] = pairs_per_s
+    # pairs/s: all pairs over all timed time; median_pairs/s: pairs/step over the median
+    # step, steadier when one step grows the heap (HH batches vary).
     print(f"{name}: step_time_s={step:.4f} pairs/step={pairs:.1f} pairs/s={pairs_per_s:.2f} "
+          f"median_pairs/s={pairs / step:.2f} "
           f"tokens/s={tokens / step:.0f} model_flops/s({flops_per_token / n_params:.0f}N)="
           f"{flops / 1e9:.1f}G ratio={flops / peak:.1%}" + (
               f" mfu_datasheet={flops / H100_BF16_DENSE:.1%}" if gpu else ""), flush=True)

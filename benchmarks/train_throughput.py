@@ -30,6 +30,7 @@ of --pack_size tokens per step (--micro_rows per forward/backward); the peak is 
 
 import argparse
 import dataclasses
+import json
 import os
 import statistics
 import time
@@ -104,8 +105,8 @@ def synthetic_batch(rng, share_prompt=False):
                                 micro_pairs=ARGS.micro_pairs, share_prompt=share_prompt)
 
 
-def hh_batches(packing, share_prompt=False):
-  """Global batches of HH-RLHF pairs with the same token budget per step, padded or packed."""
+def hh_data(packing, share_prompt=False):
+  """The HH-RLHF pairs (tokenized, over-long ones dropped), to be padded or packed."""
   from dpojax.data.tokenize import Tokenizer  # noqa: E402
   path, tokenizer = ARGS.hh_path, ARGS.hh_tokenizer
   if not (os.path.exists(path) and os.path.exists(tokenizer)):  # A clone without ../shared.
@@ -115,9 +116,12 @@ def hh_batches(packing, share_prompt=False):
   opts = pipeline.DataOptions(max_seq_length=ARGS.hh_max_len, template="plain",
                               truncation="drop", on_error="skip", packing=packing,
                               pack_size=2 * ARGS.hh_max_len, share_prompt=share_prompt)
-  data = pipeline.PreferenceData(path, Tokenizer(tokenizer), opts)
-  if ARGS.hh_dump:
-    dump_pairs(data, ARGS.hh_dump)
+  return pipeline.PreferenceData(path, Tokenizer(tokenizer), opts)
+
+
+def hh_batches(packing, share_prompt=False):
+  """Global batches of HH-RLHF pairs with the same token budget per step, padded or packed."""
+  data = hh_data(packing, share_prompt)
   it = iter(pipeline.train_dataset(data, global_batch_size=ARGS.pairs,
                                    micro_batch_size=ARGS.micro_pairs, seed=0))
   return [next(it) for _ in range(ARGS.warmup + ARGS.steps)]
@@ -125,16 +129,14 @@ def hh_batches(packing, share_prompt=False):
 
 def dump_pairs(data, path):
   """Every pair the benchmark trains on, as ids, so that another trainer sees the same tokens."""
-  import json  # noqa: E402
   with open(path, "w") as f:
-    for i in range(len(data.indices)):
+    for i in range(len(data)):
       pair = data[i]
       p = int(pair["prompt_len"])
       f.write(json.dumps({"prompt": pair["chosen"][:p].tolist(),
                           "chosen": pair["chosen"][p:].tolist(),
                           "rejected": pair["rejected"][p:].tolist()}) + "\n")
-  print(f"wrote {len(data.indices)} pairs to {path}")
-  raise SystemExit(0)
+  print(f"wrote {len(data)} pairs to {path}")
 
 
 def run(step_cfg, batches, params, tx, schedule, mesh):
@@ -164,6 +166,9 @@ def run(step_cfg, batches, params, tx, schedule, mesh):
 
 
 def main():
+  if ARGS.hh_dump:
+    dump_pairs(hh_data("none"), ARGS.hh_dump)
+    return
   flash_attention.JAX_KERNEL = ARGS.flash_kernel == "jax"
   base = MODEL if ARGS.model == "issue10" else MODEL_1B
   cfg = dataclasses.replace(base, remat=ARGS.remat, dtype=ARGS.dtype or base.dtype,

@@ -35,7 +35,7 @@ def run(case, chunk):
   cot = jnp.asarray(rng.normal(size=q.shape), jnp.float32) * real  # Padding: never a loss.
   mask = model_lib.attention_mask(seg, None if branch is None else jnp.asarray(branch))
   sparse_mask = mask[:, 0] & (seg > 0)[:, :, None]
-  pairs = sa.tile_pairs(sparse_mask, block)
+  pairs = sa.tile_pairs(sparse_mask, block, chunk)
   ours = lambda q, k, v: sa.attention(q, k, v, sparse_mask, pairs, block, chunk)
   dense = lambda q, k, v: model_lib.attend(q, k, v, mask)
   return q, k, v, cot, real, ours, dense, sparse_mask, pairs, block

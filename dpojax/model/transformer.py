@@ -65,8 +65,7 @@ class ModelConfig:
   # path. sparse: only the (query, key) tiles of attention_block tokens that share a segment,
   # in plain XLA ops (ops/sparse_attention.py): the CPU choice for packed or heavily padded
   # rows on one device, slower than the tiles above on rows of one sequence (and dense on a
-  # multi-device mesh). auto: flash on GPU for
-  # 16/32-bit compute, xla elsewhere.
+  # multi-device mesh). auto: flash on GPU for 16/32-bit compute, xla elsewhere.
   attention_impl: str = "auto"
 
   def __post_init__(self):

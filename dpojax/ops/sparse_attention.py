@@ -1,8 +1,8 @@
 """Block-sparse softmax attention in plain XLA ops: the CPU path for packed rows.
 
 A packed row holds several sequences, and causal tiling still computes every key tile before
-the diagonal, most of them other sequences' (several times the needed work for HH-RLHF pairs in rows
-of 1024). Here rows are cut into tiles of `block` tokens and only the (query tile, key tile)
+the diagonal, most of them other sequences' (several times the needed work for HH-RLHF pairs
+in rows of 1024). Here rows are cut into tiles of `block` tokens and only the (query tile, key tile)
 pairs whose mask has a True entry are computed. The pairs of the whole micro-batch are listed
 once per forward (`tile_pairs`, static length B * nt^2 in whole chunks, sorted by query tile;
 the mask may be any layout: segments, shared-prompt branches, padding) and a while loop runs

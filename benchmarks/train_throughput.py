@@ -50,6 +50,8 @@ def parse():
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--remat", default="none")
   p.add_argument("--attention_block", type=int, default=32, help="0 = dense T x T attention")
+  p.add_argument("--scan_unroll", type=int, default=0,
+                 help="model.scan_unroll; 0 = every layer for the issue-10 model, 1 for 1b")
   p.add_argument("--logprob_impl", default="xla")
   p.add_argument("--dtype", default=None, help="compute dtype (default: the model's)")
   p.add_argument("--reference", default="copy", choices=("copy", "precomputed"))
@@ -173,7 +175,8 @@ def main():
   base = MODEL if ARGS.model == "issue10" else MODEL_1B
   cfg = dataclasses.replace(base, remat=ARGS.remat, dtype=ARGS.dtype or base.dtype,
                             attention_block=ARGS.attention_block,
-                            attention_impl=ARGS.attention_impl)
+                            attention_impl=ARGS.attention_impl, scan_unroll=ARGS.scan_unroll or (
+                                base.num_layers if ARGS.model == "issue10" else 1))
   train_cfg = ml_collections.ConfigDict(dict(
       learning_rate=1e-4, warmup_steps=1, max_steps=1000, min_lr_ratio=0.1, weight_decay=0.0,
       adam_b1=0.9, adam_b2=0.98, adam_eps=1e-8, grad_clip=1.0))
@@ -193,7 +196,7 @@ def main():
         f"logprob={ARGS.logprob_impl} reference={ARGS.reference} "
         f"attention={ARGS.attention_impl}"
         f"{'/' + ARGS.flash_kernel if ARGS.attention_impl != 'xla' else ''} "
-        f"block={ARGS.attention_block} "
+        f"block={ARGS.attention_block} unroll={cfg.scan_unroll} "
         f"matmul_peak={peak / 1e9:.1f}G" + (
             f" (datasheet dense bf16 {H100_BF16_DENSE / 1e12:.1f}T)" if gpu else ""))
   if ARGS.data == "fixed":

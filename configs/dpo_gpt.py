@@ -38,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
   # auto (flash on GPU, else xla) | xla (dense/tiled) | flash (segment-skipping GPU kernel) |
   # sparse (segment-skipping tiles in XLA: for packed rows on CPU).
   m.attention_impl = "auto"
+  m.scan_unroll = 2  # Layers per scan step; num_layers unrolls all (faster, longer compile).
 
   c.init = ml_collections.ConfigDict()
   c.init["from"] = ""  # .nemo file, Hugging Face folder or dpojax workdir; "" = random init.

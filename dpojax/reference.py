@@ -261,9 +261,11 @@ def cache_key(data: pipeline.PreferenceData, step_cfg: step_lib.StepConfig,
       "data_options": {k: getattr(opts, k) for k in (
           "format", "template", "add_bos", "append_eos", "truncation", "max_seq_length",
           "on_error")},
-      # Compute-only options (remat, attention tiles and kernel) do not change the values.
+      # Compute-only options (remat, attention tiles and kernel, scan unrolling) do not change
+      # the values.
       "model": {k: v for k, v in dataclasses.asdict(dataclasses.replace(
-          step_cfg.model, remat="none", attention_block=0)).items() if k != "attention_impl"},
+          step_cfg.model, remat="none", attention_block=0)).items()
+                if k not in ("attention_impl", "scan_unroll")},
       "params": fingerprint,
       "statistic": step_lib.reference_key(step_cfg),
       "ld_alpha": step_cfg.loss.ld_alpha,

@@ -223,6 +223,63 @@ def test_swiglu_gradient_matches_autodiff(dtype, tol):
                                atol=tol * np.abs(want).max(), rtol=tol)
 
 
+def test_dense_gradient_matches_einsum_autodiff():
+  """dense's own backward (two 2-D products) against autodiff of the einsum it replaces, in
+  float64: fc1's [D, 2, F] weight (one contracted axis) and the output projection's
+  [N, K, D] (two)."""
+  from dpojax.model import transformer
+  rng = np.random.default_rng(11)
+  cases = [("btd,dcf->btcf", (2, 5, 6), (6, 2, 3), 1), ("btnk,nkd->btd", (2, 5, 4, 3), (4, 3, 6), 2)]
+  with jax.enable_x64():
+    for spec, x_shape, w_shape, contract in cases:
+      x, w = (jnp.asarray(rng.normal(size=s), jnp.float64) for s in (x_shape, w_shape))
+      y = jnp.einsum(spec, x, w)
+      cot = jnp.asarray(rng.normal(size=y.shape), jnp.float64)
+      got_y, pull = jax.vjp(lambda x, w: transformer.dense(x, w, contract), x, w)
+      want_dx, want_dw = jax.vjp(lambda x, w: jnp.einsum(spec, x, w), x, w)[1](cot)
+      np.testing.assert_allclose(got_y, y, rtol=1e-12)
+      for got, want in zip(pull(cot), (want_dx, want_dw)):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_rope_table_gathered_equals_computed():
+  """The trace-time table (training rows) gives the angles computed per position bit for
+  bit."""
+  from dpojax.model import transformer
+  pos = jnp.asarray(np.random.default_rng(0).integers(0, 64, (3, 64)), jnp.int32)
+  for dim, base in ((8, 10000.0), (16, 500000.0)):
+    computed = jax.jit(lambda p: transformer.rope_table(p, dim, base, jnp.float32))(pos)
+    gathered = jax.jit(lambda p: transformer.rope_table(p, dim, base, jnp.float32, 64))(pos)
+    for c, g in zip(computed, gathered):
+      assert c.shape == (3, 64, 1, dim)
+      np.testing.assert_array_equal(g, c)
+
+
+def test_unrolled_layer_scan_gives_the_same_model():
+  """scan_unroll only changes how XLA sees the layers: hidden states and parameter
+  gradients equal the rolled scan's, for the base model and through LoRA adapters."""
+  from dpojax.model import lora
+  cfg = dataclasses.replace(BASE, num_query_groups=2, num_layers=3)
+  params = randomize(model_lib.init_params(cfg, jax.random.key(8)), 2)
+  lcfg = lora.LoraConfig(targets=("all",), rank=2, alpha=4.0, dropout=0.0)
+  adapters = jax.tree.map(lambda a: a + 0.05, lora.init(cfg, lcfg, jax.random.key(9)))
+  tokens = jnp.arange(12)[None] % 37
+  pos, seg = jnp.arange(12)[None], jnp.ones((1, 12), jnp.int32)
+
+  def run(unroll):
+    c = dataclasses.replace(cfg, scan_unroll=unroll)
+    hidden = lambda p, a: lora.apply(p, a, c, lcfg, tokens, pos, seg)
+    loss = lambda p, a: jnp.sum(jnp.sin(hidden(p, a)))
+    return jax.jit(lambda p, a: (hidden(p, None), jax.grad(loss, argnums=(0, 1))(p, a)))(
+        params, adapters)
+
+  rolled, unrolled = run(1), run(3)
+  for r, u in zip(jax.tree.leaves(rolled), jax.tree.leaves(unrolled)):  # fp32 sums reorder.
+    np.testing.assert_allclose(u, r, atol=1e-6 * np.abs(r).max(), rtol=1e-5)
+  assert np.abs(jax.tree.leaves(rolled[1][0])[0]).max() > 0
+
+
 def test_flash_model_equals_dense_model_and_keeps_dense_for_branches():
   """A packed batch through the whole model with attention_impl=flash gives the dense
   model's hidden states; shared-prompt branch masks still take the dense path."""
@@ -271,6 +328,7 @@ def test_bfloat16_compute_stays_close():
     (dict(activation="relu6"), "model.activation"),
     (dict(num_query_groups=3), "model.num_query_groups"),
     (dict(normalization="batchnorm"), "model.normalization"),
+    (dict(scan_unroll=0), "model.scan_unroll"),
 ])
 def test_config_errors_name_the_key(bad, key):
   with pytest.raises(ValueError, match=key):

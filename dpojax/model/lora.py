@@ -158,7 +158,7 @@ def _block(cfg, lcfg, p, ad, x_BxTxD, rope, mask_Bx1xTxT, rng):
   h = norm("input_norm", x_BxTxD)
 
   def proj(name):
-    y = jnp.einsum("btd,dhk->bthk", h, att[name].astype(dt))
+    y = transformer.dense(h, att[name].astype(dt))
     if cfg.bias:
       y = y + att[name + "_bias"].astype(dt)
     return y
@@ -170,19 +170,19 @@ def _block(cfg, lcfg, p, ad, x_BxTxD, rope, mask_Bx1xTxT, rng):
   if rope is not None:
     q, k = transformer.apply_rope(q, rope), transformer.apply_rope(k, rope)
   o = transformer.attend(q, k, v, mask_Bx1xTxT, cfg.attention_block)
-  y = jnp.einsum("btnk,nkd->btd", o, att["out"].astype(dt))
+  y = transformer.dense(o, att["out"].astype(dt), contract=2)
   if cfg.bias:
     y = y + att["out_bias"].astype(dt)
   x_BxTxD = x_BxTxD + (y + extra(o, ad_att, "out", 1))
 
   # MLP.
   h = norm("pre_mlp_norm", x_BxTxD)
-  u = jnp.einsum("btd,d...->bt...", h, mlp["fc1"].astype(dt))
+  u = transformer.dense(h, mlp["fc1"].astype(dt))
   if cfg.bias:
     u = u + mlp["fc1_bias"].astype(dt)
   u = u + extra(h, ad_mlp, "fc1", 2)
   u = transformer.activate(cfg, u)
-  y = jnp.einsum("btf,fd->btd", u, mlp["fc2"].astype(dt))
+  y = transformer.dense(u, mlp["fc2"].astype(dt))
   if cfg.bias:
     y = y + mlp["fc2_bias"].astype(dt)
   return x_BxTxD + (y + extra(u, ad_mlp, "fc2", 3))
@@ -207,7 +207,8 @@ def apply(base: Any, adapters: Any, model_cfg: transformer.ModelConfig, lora_cfg
   mask = transformer.layer_mask(cfg, segment_ids_BxT, branch_ids_BxT, mesh)
   rope = None
   if cfg.position_embedding_type == "rope":
-    rope = transformer.rope_table(positions_BxT, cfg.rotary_dim, cfg.rotary_base, dt)
+    rope = transformer.rope_table(positions_BxT, cfg.rotary_dim, cfg.rotary_base, dt,
+                                  tokens_BxT.shape[1])
 
   def body(x, layer):
     p, ad, i = layer
@@ -218,7 +219,7 @@ def apply(base: Any, adapters: Any, model_cfg: transformer.ModelConfig, lora_cfg
     policy = None if cfg.remat == "full" else jax.checkpoint_policies.dots_saveable
     body = jax.checkpoint(body, policy=policy, prevent_cse=False)
   layers = (base["layers"], adapters["layers"], jnp.arange(cfg.num_layers))
-  x, _ = jax.lax.scan(body, x, layers)
+  x, _ = jax.lax.scan(body, x, layers, unroll=min(cfg.scan_unroll, cfg.num_layers))
   return transformer.Norm(cfg).apply({"params": base["final_norm"]}, x)
 
 

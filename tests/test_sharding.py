@@ -17,7 +17,7 @@ from conftest import ROOT
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
 
 SCRIPT = textwrap.dedent("""
-    import dataclasses, json, sys
+    import dataclasses, json, re, sys
     import jax, jax.numpy as jnp, numpy as np
     import ml_collections
     sys.path.insert(0, "tests")
@@ -68,6 +68,18 @@ SCRIPT = textwrap.dedent("""
           "max_param_diff": max(jax.tree.leaves(diff)), "metrics": metrics, "shards": big,
           "vocab_parallel": vocab_parallel}
     out["single_metrics"] = single_metrics
+
+    # dense with fc1's weight [D, 2, F] sharded on F over the tensor axis, and its backward.
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from dpojax.model import transformer
+    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "tensor"))
+    x = jax.device_put(jnp.ones((4, 6, 16)), NamedSharding(mesh, P("data")))
+    w = jax.device_put(jnp.ones((16, 2, 8)), NamedSharding(mesh, P(None, None, "tensor")))
+    grad = jax.jit(jax.value_and_grad(
+        lambda x, w: jnp.sum(jnp.sin(transformer.dense(x, w))), argnums=(0, 1)))
+    hlo = grad.lower(x, w).compile().as_text()
+    out["dense_tp_collectives"] = sorted(set(re.findall(
+        r"all-gather|all-to-all|collective-permute|all-reduce|reduce-scatter", hlo)))
     print("RESULT" + json.dumps(out))
 """)
 
@@ -94,6 +106,13 @@ def test_sharded_training_equals_single_device(sharded_runs, shape):
     for key in want:
       np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5, err_msg=key)
   assert sharded_runs["single_metrics"][-1]["loss"] < sharded_runs["single_metrics"][0]["loss"]
+
+
+def test_dense_keeps_tensor_parallel_fc1_shards(sharded_runs):
+  """fc1's gated weight [D, 2, F] with F over 4 tensor devices, through model.dense and its own
+  backward: the only collective is dx's all-reduce over the tensor axis. Merging the weight's
+  (2, F) axes into one would split each shard and gather the weight instead."""
+  assert sharded_runs["dense_tp_collectives"] == ["all-reduce"]
 
 
 def test_fsdp8_holds_an_eighth_of_params_and_optimizer_state(sharded_runs):

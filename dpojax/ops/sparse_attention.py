@@ -51,14 +51,17 @@ def attention(q_BxTxNxK, k_BxTxGxK, v_BxTxGxK, mask_BxTxS, pairs, block: int,
   b, t, n, kd = q_BxTxNxK.shape
   g = k_BxTxGxK.shape[2]
   nt = t // block
-  tiles = lambda x: x.reshape(b * nt, block, *x.shape[2:])
-  q = tiles(q_BxTxNxK).reshape(b * nt, block, g, n // g, kd)
+  # Head-major tiles, so that every product in the loop is a plain batched matmul over
+  # (pair, group): [B * nt, G, R, block, K] queries, [B * nt, G, block, K] keys and values.
+  q = q_BxTxNxK.reshape(b * nt, block, g, n // g, kd).transpose(0, 2, 3, 1, 4)
+  kv_tiles = lambda x: x.reshape(b * nt, block, g, kd).transpose(0, 2, 1, 3)
   # Mask tiles [B * nt, block, nt, block]: a pair (i, j) reads [i, :, j % nt, :].
   mask = mask_BxTxS.reshape(b * nt, block, nt, block)
   q_tile, k_tile, count = pairs
   assert len(q_tile) % chunk == 0, (len(q_tile), chunk)  # tile_pairs with the same chunk.
-  o = _attention(q, tiles(k_BxTxGxK), tiles(v_BxTxGxK), mask, q_tile, k_tile, count, chunk)
-  return o.reshape(b, t, n, kd)
+  o = _attention(q, kv_tiles(k_BxTxGxK), kv_tiles(v_BxTxGxK), mask, q_tile, k_tile, count,
+                 chunk)
+  return o.reshape(b, nt, g, n // g, block, kd).transpose(0, 1, 4, 2, 3, 5).reshape(b, t, n, kd)
 
 
 def _acc_dtype(x):
@@ -67,8 +70,8 @@ def _acc_dtype(x):
 
 def _chunk(q, k, v, mask, q_tile, k_tile, i, chunk):
   """Chunk i's pair indices, its query, key and value tiles (zeros for scratch pairs, so
-  their products are exact zeros whatever the inputs hold), mask [C, Tq, 1, 1, Tk] and
-  scaled scores [C, Tq, G, R, Tk] in the accumulation dtype."""
+  their products are exact zeros whatever the inputs hold), mask [C, 1, 1, Tq, Tk] and
+  scaled scores [C, G, R, Tq, Tk] in the accumulation dtype."""
   qi = jax.lax.dynamic_slice_in_dim(q_tile, i * chunk, chunk)
   kj = jax.lax.dynamic_slice_in_dim(k_tile, i * chunk, chunk)
   nq, acc = q.shape[0], _acc_dtype(q)
@@ -79,19 +82,19 @@ def _chunk(q, k, v, mask, q_tile, k_tile, i, chunk):
   m_c = (mask[jnp.minimum(qi, nq - 1), :, jnp.minimum(kj, nq - 1) % mask.shape[2], :]
          & real[:, None, None])
   scale = q.shape[-1] ** -0.5
-  s = jnp.einsum("cqgrk,cigk->cqgri", q_c, k_c) * jnp.asarray(scale, acc)
-  return qi, kj, q_c, k_c, v_c, m_c[:, :, None, None, :], s
+  s = jnp.einsum("cgrqk,cgik->cgrqi", q_c, k_c) * jnp.asarray(scale, acc)
+  return qi, kj, q_c, k_c, v_c, m_c[:, None, None], s
 
 
 _MASKED = -1e30  # Finite: max and exp stay NaN-free for queries with nothing to attend.
 
 
 def _forward(q, k, v, mask, q_tile, k_tile, count, chunk):
-  nq, block, g, r, kd = q.shape
+  nq, g, r, block, kd = q.shape
   dt = _acc_dtype(q)
-  m0 = jnp.full((nq + 1, block, g, r), _MASKED, dt)  # Row nq: the scratch tile.
-  l0 = jnp.zeros((nq + 1, block, g, r), dt)
-  acc0 = jnp.zeros((nq + 1, block, g, r, kd), dt)
+  m0 = jnp.full((nq + 1, g, r, block), _MASKED, dt)  # Row nq: the scratch tile.
+  l0 = jnp.zeros((nq + 1, g, r, block), dt)
+  acc0 = jnp.zeros((nq + 1, g, r, block, kd), dt)
 
   def body(i, carry):
     m, l, acc = carry
@@ -105,7 +108,7 @@ def _forward(q, k, v, mask, q_tile, k_tile, count, chunk):
     acc = acc.at[qi].set(acc[qi] * alpha[..., None])
     p = jnp.where(m_c, jnp.exp(s - m_new[..., None]), 0.0)
     l = l.at[qi].add(jnp.sum(p, -1))
-    acc = acc.at[qi].add(jnp.einsum("cqgri,cigk->cqgrk", p, v_c))
+    acc = acc.at[qi].add(jnp.einsum("cgrqi,cgik->cgrqk", p, v_c))
     return m, l, acc
 
   n_chunks = (count + chunk - 1) // chunk
@@ -135,25 +138,47 @@ def _attention_bwd(chunk, res, do):
   nq = q.shape[0]
   pad = lambda x: jnp.concatenate([x, jnp.zeros_like(x[:1])])  # The scratch tile's slot.
   do_, lse = pad(do.astype(dt)), pad(lse)
-  delta = jnp.sum(do_ * pad(o.astype(dt)), -1)  # rowsum(dO * O): [nq + 1, Tq, G, R]
+  delta = jnp.sum(do_ * pad(o.astype(dt)), -1)  # rowsum(dO * O): [nq + 1, G, R, Tq]
   scale = jnp.asarray(q.shape[-1] ** -0.5, dt)
 
-  def body(i, carry):
-    dq, dk, dv = carry
-    qi, kj, q_c, k_c, v_c, m_c, s = _chunk(q, k, v, mask, q_tile, k_tile, i, chunk)
-    p = jnp.where(m_c, jnp.exp(jnp.where(m_c, s, _MASKED) - lse[qi][..., None]), 0.0)
-    do_c = do_[qi]
-    dp = jnp.einsum("cqgrk,cigk->cqgri", do_c, v_c)
-    ds = p * (dp - delta[qi][..., None]) * scale
-    dq = dq.at[qi].add(jnp.einsum("cqgri,cigk->cqgrk", ds, k_c))
-    dk = dk.at[kj].add(jnp.einsum("cqgri,cqgrk->cigk", ds, q_c))
-    dv = dv.at[kj].add(jnp.einsum("cqgri,cqgrk->cigk", p, do_c))
-    return dq, dk, dv
+  # Scores key-major, [C, G, Tk, R, Tq]: XLA's CPU dot runs a product natively when the
+  # first operand contracts its last axis, so dK = dS^T Q, dV = P^T dO and dQ^T = K^T dS^T
+  # need no transposed copy of a [R * Tq, Tk] tile (K^T is gathered from a copy).
+  k_t = jnp.swapaxes(k, -1, -2)
+  _, g, r, block, kd = q.shape
+  nt = mask.shape[2]  # Mask tiles by key tile: a pair (i, j) reads [j, :, i % nt, :].
+  mask_t = mask.reshape(-1, nt, block, nt, block).transpose(0, 3, 4, 1, 2).reshape(mask.shape)
 
-  zeros = lambda x: jnp.zeros((nq + 1,) + x.shape[1:], dt)  # Scratch pairs write row nq.
+  def body(i, carry):
+    dq_t, dk, dv = carry
+    qi = jax.lax.dynamic_slice_in_dim(q_tile, i * chunk, chunk)
+    kj = jax.lax.dynamic_slice_in_dim(k_tile, i * chunk, chunk)
+    real = qi < nq
+    take = lambda x, idx: jnp.where(real.reshape((-1,) + (1,) * (x.ndim - 1)),
+                                    x[jnp.minimum(idx, nq - 1)], 0).astype(dt)
+    q_c, k_c, k_tc, v_c = take(q, qi), take(k, kj), take(k_t, kj), take(v, kj)
+    m_c = (mask_t[jnp.minimum(kj, nq - 1), :, jnp.minimum(qi, nq - 1) % nt, :]
+           & real[:, None, None])[:, None, :, None, :]  # [C, 1, Tk, 1, Tq]
+    # (R, Tq) as one axis x: each product then has a single contracting axis in memory order.
+    merge = lambda x: x.reshape(x.shape[:2] + (-1,) + x.shape[4:])  # [C, G, R, Tq, ..] -> x
+    q_x, do_x = merge(q_c), merge(do_[qi])
+    kt_x = lambda a: a.reshape(a.shape[:3] + (r, block))  # [C, G, Tk, x] -> [.., R, Tq]
+    s_t = kt_x(jnp.einsum("cgik,cgxk->cgix", k_c, q_x)) * scale
+    lse_c, delta_c = lse[qi][:, :, None], delta[qi][:, :, None]
+    p_t = jnp.where(m_c, jnp.exp(jnp.where(m_c, s_t, _MASKED) - lse_c), 0.0)
+    dp_t = kt_x(jnp.einsum("cgik,cgxk->cgix", v_c, do_x))
+    ds_x, p_x = (x.reshape(x.shape[:3] + (-1,)) for x in (p_t * (dp_t - delta_c) * scale, p_t))
+    dq_t = dq_t.at[qi].add(jnp.einsum("cgki,cgix->cgkx", k_tc, ds_x))
+    dk = dk.at[kj].add(jnp.einsum("cgix,cgxk->cgik", ds_x, q_x))
+    dv = dv.at[kj].add(jnp.einsum("cgix,cgxk->cgik", p_x, do_x))
+    return dq_t, dk, dv
+
+  zeros = lambda *shape: jnp.zeros((nq + 1,) + shape, dt)  # Scratch pairs write row nq.
   n_chunks = (count + chunk - 1) // chunk
-  dq, dk, dv = jax.lax.fori_loop(0, n_chunks, body, (zeros(q), zeros(k), zeros(v)))
-  return (dq[:nq].astype(q.dtype), dk[:nq].astype(k.dtype), dv[:nq].astype(v.dtype), None,
+  dq_t, dk, dv = jax.lax.fori_loop(0, n_chunks, body, (
+      zeros(g, kd, r * block), zeros(*k.shape[1:]), zeros(*v.shape[1:])))
+  dq = jnp.moveaxis(dq_t[:nq].reshape(nq, g, kd, r, block), 2, -1)
+  return (dq.astype(q.dtype), dk[:nq].astype(k.dtype), dv[:nq].astype(v.dtype), None,
           None, None, None)
 
 

@@ -68,22 +68,21 @@ def _acc_dtype(x):
   return jnp.promote_types(x.dtype, jnp.float32)
 
 
-def _chunk(q, k, v, mask, q_tile, k_tile, i, chunk):
-  """Chunk i's pair indices, its query, key and value tiles (zeros for scratch pairs, so
-  their products are exact zeros whatever the inputs hold), mask [C, 1, 1, Tq, Tk] and
-  scaled scores [C, G, R, Tq, Tk] in the accumulation dtype."""
+def _pairs(q_tile, k_tile, i, chunk, nq):
+  """Chunk i's query and key tile indices and a gather of tiles by index in the accumulation
+  dtype. Scratch pairs (index nq) read tile nq - 1 and write only the scratch row nq, which
+  is dropped, so nothing they compute reaches a real tile."""
   qi = jax.lax.dynamic_slice_in_dim(q_tile, i * chunk, chunk)
   kj = jax.lax.dynamic_slice_in_dim(k_tile, i * chunk, chunk)
-  nq, acc = q.shape[0], _acc_dtype(q)
-  real = qi < nq
-  take = lambda x, idx: jnp.where(real.reshape((-1,) + (1,) * (x.ndim - 1)),
-                                  x[jnp.minimum(idx, nq - 1)], 0)
-  q_c, k_c, v_c = (take(x, idx).astype(acc) for x, idx in ((q, qi), (k, kj), (v, kj)))
-  m_c = (mask[jnp.minimum(qi, nq - 1), :, jnp.minimum(kj, nq - 1) % mask.shape[2], :]
-         & real[:, None, None])
-  scale = q.shape[-1] ** -0.5
-  s = jnp.einsum("cgrqk,cgik->cgrqi", q_c, k_c) * jnp.asarray(scale, acc)
-  return qi, kj, q_c, k_c, v_c, m_c[:, None, None], s
+  take = lambda x, idx: x[jnp.minimum(idx, nq - 1)].astype(_acc_dtype(x))
+  return qi, kj, take
+
+
+def _rows(x):
+  """[.., R, Tq, K] -> [.., R * Tq, K]: the R heads of a group and the tile's queries as the
+  rows of one product, so that every product has a single contracting axis in memory order
+  (XLA then runs it on CPU without copying either operand)."""
+  return x.reshape(x.shape[:-3] + (-1, x.shape[-1]))
 
 
 _MASKED = -1e30  # Finite: max and exp stay NaN-free for queries with nothing to attend.
@@ -92,23 +91,29 @@ _MASKED = -1e30  # Finite: max and exp stay NaN-free for queries with nothing to
 def _forward(q, k, v, mask, q_tile, k_tile, count, chunk):
   nq, g, r, block, kd = q.shape
   dt = _acc_dtype(q)
-  m0 = jnp.full((nq + 1, g, r, block), _MASKED, dt)  # Row nq: the scratch tile.
-  l0 = jnp.zeros((nq + 1, g, r, block), dt)
-  acc0 = jnp.zeros((nq + 1, g, r, block, kd), dt)
+  m0 = jnp.full((nq + 1, g, r * block), _MASKED, dt)  # Row nq: the scratch tile.
+  l0 = jnp.zeros((nq + 1, g, r * block), dt)
+  acc0 = jnp.zeros((nq + 1, g, r * block, kd), dt)
+  scale = jnp.asarray(kd ** -0.5, dt)
 
   def body(i, carry):
     m, l, acc = carry
-    qi, _, _, _, v_c, m_c, s = _chunk(q, k, v, mask, q_tile, k_tile, i, chunk)
-    s = jnp.where(m_c, s, _MASKED)
+    qi, kj, take = _pairs(q_tile, k_tile, i, chunk, nq)
+    m_c = mask[jnp.minimum(qi, nq - 1), :, jnp.minimum(kj, nq - 1) % mask.shape[2], :]
+    m_c = m_c[:, None, None]  # [C, 1, 1, Tq, Tk]
+    s = jnp.einsum("cgxk,cgik->cgxi", _rows(take(q, qi)), take(k, kj)) * scale
+    s = jnp.where(m_c, s.reshape(m_c.shape[:1] + (g, r) + m_c.shape[3:]), _MASKED)
+    s = s.reshape(s.shape[:2] + (r * block, -1))
     m_old = m[qi]
     m = m.at[qi].max(jnp.max(s, -1))
     m_new = m[qi]
     alpha = jnp.exp(m_old - m_new)  # The same for every pair of one query tile: set is safe.
     l = l.at[qi].set(l[qi] * alpha)
     acc = acc.at[qi].set(acc[qi] * alpha[..., None])
-    p = jnp.where(m_c, jnp.exp(s - m_new[..., None]), 0.0)
+    p = jnp.exp(s - m_new[..., None])  # Masked scores underflow to 0 unless the row has none.
+    p = jnp.where(s > _MASKED, p, 0.0)
     l = l.at[qi].add(jnp.sum(p, -1))
-    acc = acc.at[qi].add(jnp.einsum("cgrqi,cgik->cgrqk", p, v_c))
+    acc = acc.at[qi].add(jnp.einsum("cgxi,cgik->cgxk", p, take(v, kj)))
     return m, l, acc
 
   n_chunks = (count + chunk - 1) // chunk
@@ -117,7 +122,7 @@ def _forward(q, k, v, mask, q_tile, k_tile, count, chunk):
   seen = l > 0
   o = acc / jnp.where(seen, l, 1.0)[..., None]
   lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
-  return o, lse
+  return o.reshape(q.shape), lse.reshape(q.shape[:-1])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
@@ -151,17 +156,11 @@ def _attention_bwd(chunk, res, do):
 
   def body(i, carry):
     dq_t, dk, dv = carry
-    qi = jax.lax.dynamic_slice_in_dim(q_tile, i * chunk, chunk)
-    kj = jax.lax.dynamic_slice_in_dim(k_tile, i * chunk, chunk)
-    real = qi < nq
-    take = lambda x, idx: jnp.where(real.reshape((-1,) + (1,) * (x.ndim - 1)),
-                                    x[jnp.minimum(idx, nq - 1)], 0).astype(dt)
+    qi, kj, take = _pairs(q_tile, k_tile, i, chunk, nq)
     q_c, k_c, k_tc, v_c = take(q, qi), take(k, kj), take(k_t, kj), take(v, kj)
-    m_c = (mask_t[jnp.minimum(kj, nq - 1), :, jnp.minimum(qi, nq - 1) % nt, :]
-           & real[:, None, None])[:, None, :, None, :]  # [C, 1, Tk, 1, Tq]
-    # (R, Tq) as one axis x: each product then has a single contracting axis in memory order.
-    merge = lambda x: x.reshape(x.shape[:2] + (-1,) + x.shape[4:])  # [C, G, R, Tq, ..] -> x
-    q_x, do_x = merge(q_c), merge(do_[qi])
+    m_c = mask_t[jnp.minimum(kj, nq - 1), :, jnp.minimum(qi, nq - 1) % nt, :]
+    m_c = m_c[:, None, :, None, :]  # [C, 1, Tk, 1, Tq]
+    q_x, do_x = _rows(q_c), _rows(do_[qi])
     kt_x = lambda a: a.reshape(a.shape[:3] + (r, block))  # [C, G, Tk, x] -> [.., R, Tq]
     s_t = kt_x(jnp.einsum("cgik,cgxk->cgix", k_c, q_x)) * scale
     lse_c, delta_c = lse[qi][:, :, None], delta[qi][:, :, None]

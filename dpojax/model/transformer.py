@@ -263,42 +263,63 @@ def _softmax_attention(q_BxGxRxTxK, k_BxGxSxK, v_BxGxSxK, mask_Bx1x1xTxS, tiles)
   attends to its keys [0, key end) only. Numerics close to jax.nn.dot_product_attention's XLA
   path (fp32 or wider inputs): logits scaled after the product, masked with the same large
   negative number, max-subtracted exponentials, normalized after the product with the values.
-  Faster on CPU because every product is a plain batched matmul over (b, g) with no
-  transposes of the [T, S] tensors; the backward pass (flash-attention style:
-  dS = P (dP - rowsum(dO O))) makes fewer passes over them than autodiff of the softmax, and
-  writes each tile's gradients in place instead of summing zero-padded copies.
+
+  Scores are kept key-major, [B, G, S, R * T]: XLA's CPU dot runs a product without copying
+  an operand only when the first operand contracts its last axis and the second its last or
+  second-last, and with this layout every product of the forward and backward passes
+  (S^T = K Q^T, O^T = V^T P^T, dP^T = V dO^T, dK = dS^T Q, dV = P^T dO, dQ^T = K^T dS^T) is
+  such a product; with [.., T, S] scores dK and dV each copied a transposed [T, S] tile
+  (21% of a layer's forward and backward on one core). A row of ones under V^T makes the
+  softmax's sums part of the same product. The backward pass (flash-attention style:
+  dS = P (dP - rowsum(dO O))) reuses the forward's exponentials and writes each tile's
+  gradients in place instead of summing zero-padded copies.
   """
   return _softmax_attention_fwd(q_BxGxRxTxK, k_BxGxSxK, v_BxGxSxK, mask_Bx1x1xTxS, tiles)[0]
 
 
+def _rows(x):
+  """[.., R, T, K] -> [.., R * T, K]: one contracting axis in memory order for the products."""
+  return x.reshape(x.shape[:-3] + (-1, x.shape[-1]))
+
+
 def _softmax_attention_fwd(q, k, v, mask, tiles):
-  scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+  b, g, r, _, kd = q.shape
+  scale = jnp.asarray(kd ** -0.5, q.dtype)
+  mask_t = jnp.swapaxes(mask[:, :, 0], -1, -2)[:, :, :, None, :]  # [B, 1, S, 1, T]
+  v_t = jnp.swapaxes(v, -1, -2)
+  v_t1 = jnp.concatenate([v_t, jnp.ones_like(v_t[..., :1, :])], axis=2)  # [B, G, K + 1, S]
   outs, probs = [], []
   for q0, q1, k1 in tiles:
-    logits = jnp.einsum("bgrtk,bgsk->bgrts", q[..., q0:q1, :], k[..., :k1, :]) * scale
-    logits = jnp.where(mask[..., q0:q1, :k1], logits,
+    logits = jnp.einsum("bgsk,bgxk->bgsx", k[..., :k1, :], _rows(q[..., q0:q1, :]))
+    logits = logits.reshape(b, g, k1, r, q1 - q0) * scale  # [B, G, S, R, Tq]
+    logits = jnp.where(mask_t[..., :k1, :, q0:q1], logits,
                        jnp.asarray(0.7 * jnp.finfo(q.dtype).min, q.dtype))
-    e = jnp.exp(logits - jnp.max(logits, -1, keepdims=True))  # Unnormalized probabilities.
-    inv_sum = 1.0 / jnp.sum(e, -1, keepdims=True)
-    outs.append(jnp.einsum("bgrts,bgsk->bgrtk", e, v[..., :k1, :]) * inv_sum)
+    e = jnp.exp(logits - jnp.max(logits, 2, keepdims=True))  # Unnormalized probabilities.
+    o1 = jnp.einsum("bgks,bgsx->bgkx", v_t1[..., :k1], e.reshape(b, g, k1, -1))
+    o1 = o1.reshape(b, g, kd + 1, r, q1 - q0)
+    inv_sum = 1.0 / o1[:, :, kd:]  # [B, G, 1, R, Tq]
+    outs.append(o1[:, :, :kd] * inv_sum)
     probs.append((e, inv_sum))
-  o = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
-  return o, (q, k, v, o, probs)
+  o_t = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=4)  # [B, G, K, R, T]
+  return jnp.moveaxis(o_t, 2, -1), (q, k, v, o_t, probs)
 
 
 def _softmax_attention_bwd(tiles, res, do):
-  q, k, v, o, probs = res
-  scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+  q, k, v, o_t, probs = res
+  b, g, r, _, kd = q.shape
+  scale = jnp.asarray(kd ** -0.5, q.dtype)
+  k_t = jnp.swapaxes(k, -1, -2)
+  rowsum = jnp.sum(jnp.moveaxis(do, -1, 2) * o_t, 2, keepdims=True)  # [B, G, 1, R, T]
   dq_tiles, dk, dv = [], jnp.zeros_like(k), jnp.zeros_like(v)
   for (q0, q1, k1), (e, inv_sum) in zip(tiles, probs):
-    do_t = do[..., q0:q1, :] * inv_sum  # So that e stands in for the normalized probabilities.
-    dp = jnp.einsum("bgrtk,bgsk->bgrts", do_t, v[..., :k1, :])
-    ds = e * (dp - jnp.sum(do_t * o[..., q0:q1, :], -1, keepdims=True)) * scale
-    dq_tiles.append(jnp.einsum("bgrts,bgsk->bgrtk", ds, k[..., :k1, :]))
-    dk = dk.at[..., :k1, :].add(jnp.einsum("bgrts,bgrtk->bgsk", ds, q[..., q0:q1, :]))
-    dv = dv.at[..., :k1, :].add(jnp.einsum("bgrts,bgrtk->bgsk", e, do_t))
-  dq = dq_tiles[0] if len(dq_tiles) == 1 else jnp.concatenate(dq_tiles, axis=3)
-  return dq, dk, dv, None
+    do_x = _rows(do[..., q0:q1, :] * jnp.moveaxis(inv_sum, 2, -1))  # e stands in for P.
+    dp = jnp.einsum("bgsk,bgxk->bgsx", v[..., :k1, :], do_x).reshape(e.shape)
+    ds = (e * (dp - rowsum[..., q0:q1] * inv_sum) * scale).reshape(b, g, k1, -1)
+    dq_tiles.append(jnp.einsum("bgks,bgsx->bgkx", k_t[..., :k1], ds))
+    dk = dk.at[..., :k1, :].add(jnp.einsum("bgsx,bgxk->bgsk", ds, _rows(q[..., q0:q1, :])))
+    dv = dv.at[..., :k1, :].add(jnp.einsum("bgsx,bgxk->bgsk", e.reshape(ds.shape), do_x))
+  dq_t = jnp.concatenate([x.reshape(b, g, kd, r, -1) for x in dq_tiles], axis=4)
+  return jnp.moveaxis(dq_t, 2, -1), dk, dv, None
 
 
 _softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)

@@ -110,8 +110,8 @@ def _forward(q, k, v, mask, q_tile, k_tile, count, chunk):
     alpha = jnp.exp(m_old - m_new)  # The same for every pair of one query tile: set is safe.
     l = l.at[qi].set(l[qi] * alpha)
     acc = acc.at[qi].set(acc[qi] * alpha[..., None])
-    p = jnp.exp(s - m_new[..., None])  # Masked scores underflow to 0 unless the row has none.
-    p = jnp.where(s > _MASKED, p, 0.0)
+    # Masked scores underflow to exactly 0, also in rows with no key yet (max _MASKED).
+    p = jnp.exp(s - jnp.where(m_new > _MASKED, m_new, 0.0)[..., None])
     l = l.at[qi].add(jnp.sum(p, -1))
     acc = acc.at[qi].add(jnp.einsum("cgxi,cgik->cgxk", p, take(v, kj)))
     return m, l, acc
@@ -164,7 +164,7 @@ def _attention_bwd(chunk, res, do):
     kt_x = lambda a: a.reshape(a.shape[:3] + (r, block))  # [C, G, Tk, x] -> [.., R, Tq]
     s_t = kt_x(jnp.einsum("cgik,cgxk->cgix", k_c, q_x)) * scale
     lse_c, delta_c = lse[qi][:, :, None], delta[qi][:, :, None]
-    p_t = jnp.where(m_c, jnp.exp(jnp.where(m_c, s_t, _MASKED) - lse_c), 0.0)
+    p_t = jnp.exp(jnp.where(m_c, s_t, _MASKED) - lse_c)  # Masked: exactly 0 (lse is finite).
     dp_t = kt_x(jnp.einsum("cgik,cgxk->cgix", v_c, do_x))
     ds_x, p_x = (x.reshape(x.shape[:3] + (-1,)) for x in (p_t * (dp_t - delta_c) * scale, p_t))
     dq_t = dq_t.at[qi].add(jnp.einsum("cgki,cgix->cgkx", k_tc, ds_x))

@@ -63,9 +63,10 @@ class ModelConfig:
   # masks that skips other segments' key blocks (ops/flash_attention.py; GPU, interpreted
   # elsewhere: slow); rows with shared-prompt branches and the decoding cache keep the dense
   # path. sparse: only the (query, key) tiles of attention_block tokens that share a segment,
-  # in plain XLA ops (ops/sparse_attention.py): the CPU choice for packed or heavily padded
-  # rows on one device, slower than the tiles above on rows of one sequence (and dense on a
-  # multi-device mesh). auto: flash on GPU for 16/32-bit compute, xla elsewhere.
+  # in plain XLA ops (ops/sparse_attention.py): the CPU choice for packed or padded rows on
+  # one device, best with attention_block=64 there (HH-RLHF rows: 1.3x the tiles' pairs/s;
+  # rows of one full sequence: the tiles' speed; xla on a multi-device mesh).
+  # auto: flash on GPU for 16/32-bit compute, xla elsewhere.
   attention_impl: str = "auto"
   # Layers per step of the layer scan; num_layers unrolls it all, so that XLA can fuse and
   # schedule across layers (issue-10 benchmark on CPU: 0.67-0.69 s a step unrolled, 0.78

@@ -265,12 +265,12 @@ def _softmax_attention(q_BxGxRxTxK, k_BxGxSxK, v_BxGxSxK, mask_Bx1x1xTxS, tiles)
   path (fp32 or wider inputs): logits scaled after the product, masked with the same large
   negative number, max-subtracted exponentials, normalized after the product with the values.
 
-  Scores are kept key-major, [B, G, S, R * T]: XLA's CPU dot runs a product without copying
-  an operand only when the first operand contracts its last axis and the second its last or
-  second-last, and with this layout every product of the forward and backward passes
-  (S^T = K Q^T, O^T = V^T P^T, dP^T = V dO^T, dK = dS^T Q, dV = P^T dO, dQ^T = K^T dS^T) is
-  such a product; with [.., T, S] scores dK and dV each copied a transposed [T, S] tile
-  (21% of a layer's forward and backward on one core). A row of ones under V^T makes the
+  Scores are kept key-major, [B, G, S, R * T]: XLA's CPU dot runs a product as YNNPACK's
+  native kernel only when the first operand contracts its last axis and the second its last
+  or second-last (benchmarks/dot_layouts.py), and with this layout every product of the
+  forward and backward passes (S^T = K Q^T, O^T = V^T P^T, dP^T = V dO^T, dK = dS^T Q,
+  dV = P^T dO, dQ^T = K^T dS^T) is one; with [.., T, S] scores XLA copied a transposed [T, S]
+  tile for dK and for dV (forward+backward 18-21% slower). A row of ones under V^T makes the
   softmax's sums part of the same product. The backward pass (flash-attention style:
   dS = P (dP - rowsum(dO O))) reuses the forward's exponentials and writes each tile's
   gradients in place instead of summing zero-padded copies.

@@ -17,7 +17,6 @@ that they add up).
 
 import argparse
 import dataclasses
-import os
 import statistics
 import time
 
@@ -78,20 +77,11 @@ def run_torch(repeats):
 def hh_segments():
   """Segment ids [rows, T] of the first padded and packed micro-batches that
   `train_throughput.py --data=hh` trains on (its default files, max length 512, 8 pairs)."""
+  import common  # benchmarks/common.py (imports jax)
   from dpojax.data import pipeline
-  from dpojax.data.tokenize import Tokenizer
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  path = os.path.join(root, "..", "shared", "data", "hh-rlhf", "harmless-base", "test.jsonl.gz")
-  tokenizer = os.path.join(root, "..", "shared", "data", "tokenizers", "sentencepiece-test",
-                           "test_model.model")
-  if not (os.path.exists(path) and os.path.exists(tokenizer)):  # A clone without ../shared.
-    path = os.path.join(root, "tests", "testdata", "hh-rlhf", "harmless-base-test-slice.jsonl.gz")
-    tokenizer = os.path.join(root, "dpojax", "assets", "tokenizer.model")
   out = {}
   for name, packing in (("padded", "none"), ("packed", "first_fit_decreasing")):
-    opts = pipeline.DataOptions(max_seq_length=512, template="plain", truncation="drop",
-                                on_error="skip", packing=packing, pack_size=1024)
-    data = pipeline.PreferenceData(path, Tokenizer(tokenizer), opts)
+    data = common.hh_data(packing, max_len=512)
     batch = next(iter(pipeline.train_dataset(data, global_batch_size=8, micro_batch_size=8,
                                              seed=0)))
     seg = np.asarray(batch["segment_ids"])
@@ -136,6 +126,8 @@ def main():
                  help="hh: HH-RLHF rows, dpojax only")
   p.add_argument("--trace", default=None, help="jax.profiler trace folder (dpojax only)")
   args = p.parse_args()
+  if args.trace and args.framework == "torch":
+    p.error("--trace profiles the dpojax side only")
   run = run_jax_hh if args.data == "hh" else run_jax if args.framework == "jax" else run_torch
   if args.trace:
     import jax

@@ -1,5 +1,8 @@
-"""What the benchmark scripts share: issue 10's benchmark model, its synthetic pairs and the
-in-process matmul peak. Import after any XLA_FLAGS are set (this imports jax)."""
+"""What the benchmark scripts share: issue 10's benchmark model, its synthetic pairs, the
+HH-RLHF pairs and the in-process matmul peak. Import after any XLA_FLAGS are set (this imports
+jax)."""
+
+import os
 
 import numpy as np
 
@@ -23,6 +26,29 @@ MODEL_1B = transformer.ModelConfig(
     num_attention_heads=32, num_query_groups=4, activation="swiglu", normalization="rmsnorm",
     position_embedding_type="rope", share_embeddings_and_output_weights=False,
     max_position_embeddings=4096, dtype="bfloat16")
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HH_PATH = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf", "harmless-base", "test.jsonl.gz")
+HH_TOKENIZER = os.path.join(ROOT, "..", "shared", "data", "tokenizers", "sentencepiece-test",
+                            "test_model.model")
+
+
+def hh_data(packing_name, *, max_len, path=None, tokenizer=None, share_prompt=False):
+  """The HH-RLHF pairs (tokenized, over-long ones dropped), padded (`packing_name` "none") or
+  packed into rows of 2 * max_len. Defaults: ../shared's harmless-base test split and the
+  google test tokenizer (vocab 1000, like the benchmark model); a clone without ../shared
+  falls back to the test slice and the toy tokenizer."""
+  from dpojax.data.tokenize import Tokenizer
+  path, tokenizer = path or HH_PATH, tokenizer or HH_TOKENIZER
+  if not (os.path.exists(path) and os.path.exists(tokenizer)):
+    path = os.path.join(ROOT, "tests", "testdata", "hh-rlhf", "harmless-base-test-slice.jsonl.gz")
+    tokenizer = os.path.join(ROOT, "dpojax", "assets", "tokenizer.model")
+    print(f"(HH-RLHF data or tokenizer missing: using {path} and {tokenizer})")
+  opts = pipeline.DataOptions(max_seq_length=max_len, template="plain", truncation="drop",
+                              on_error="skip", packing=packing_name, pack_size=2 * max_len,
+                              share_prompt=share_prompt)
+  return pipeline.PreferenceData(path, Tokenizer(tokenizer), opts)
 
 
 def synthetic_batch(rng, *, pairs, seq, prompt, micro_pairs, share_prompt=False):

@@ -36,8 +36,6 @@ import statistics
 import time
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def parse():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -56,10 +54,10 @@ def parse():
   p.add_argument("--dtype", default=None, help="compute dtype (default: the model's)")
   p.add_argument("--reference", default="copy", choices=("copy", "precomputed"))
   p.add_argument("--data", default="fixed", choices=("fixed", "hh", "packed"))
-  p.add_argument("--hh_path", default=os.path.join(
-      ROOT, "..", "shared", "data", "hh-rlhf", "harmless-base", "test.jsonl.gz"))
-  p.add_argument("--hh_tokenizer", default=os.path.join(
-      ROOT, "..", "shared", "data", "tokenizers", "sentencepiece-test", "test_model.model"))
+  p.add_argument("--hh_path", default=None,
+                 help="default: ../shared's HH-RLHF harmless-base test split")
+  p.add_argument("--hh_tokenizer", default=None,
+                 help="default: ../shared's google SentencePiece test model (vocab 1000)")
   p.add_argument("--hh_max_len", type=int, default=512)
   p.add_argument("--share_prompt", action="store_true", help="also time data.share_prompt")
   p.add_argument("--hh_dump", default=None,
@@ -108,17 +106,8 @@ def synthetic_batch(rng, share_prompt=False):
 
 
 def hh_data(packing, share_prompt=False):
-  """The HH-RLHF pairs (tokenized, over-long ones dropped), to be padded or packed."""
-  from dpojax.data.tokenize import Tokenizer  # noqa: E402
-  path, tokenizer = ARGS.hh_path, ARGS.hh_tokenizer
-  if not (os.path.exists(path) and os.path.exists(tokenizer)):  # A clone without ../shared.
-    path = os.path.join(ROOT, "tests", "testdata", "hh-rlhf", "harmless-base-test-slice.jsonl.gz")
-    tokenizer = os.path.join(ROOT, "dpojax", "assets", "tokenizer.model")
-    print(f"(--hh_path or --hh_tokenizer missing: using {path} and {tokenizer})")
-  opts = pipeline.DataOptions(max_seq_length=ARGS.hh_max_len, template="plain",
-                              truncation="drop", on_error="skip", packing=packing,
-                              pack_size=2 * ARGS.hh_max_len, share_prompt=share_prompt)
-  return pipeline.PreferenceData(path, Tokenizer(tokenizer), opts)
+  return common.hh_data(packing, max_len=ARGS.hh_max_len, path=ARGS.hh_path,
+                        tokenizer=ARGS.hh_tokenizer, share_prompt=share_prompt)
 
 
 def hh_batches(packing, share_prompt=False):

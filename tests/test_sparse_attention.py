@@ -70,7 +70,8 @@ def test_skipped_tiles_are_never_read():
   """NaN queries, keys and values in tiles no query needs (padding at a row's start and end)
   leave every output and gradient finite and equal to the dense path's on clean inputs (the
   dense path, which multiplies them by zero weights, gives NaN). The pair list's unused slots
-  point at a scratch tile, not at a real one."""
+  point at a scratch tile, not at a real one; the gather clamps them to the batch's last tile
+  (poisoned here) and they write only the scratch row, so its NaNs must not leak."""
   # Padding in the batch's first tile and its last: where an unused slot of the pair list
   # would land if it pointed at a real tile (key tile 0, or query tile B * nt - 1).
   seg = [[0] * 8 + [6] * 56, [1] * 10 + [2] * 20 + [3] * 26 + [0] * 8]

@@ -278,20 +278,16 @@ def _softmax_attention(q_BxGxRxTxK, k_BxGxSxK, v_BxGxSxK, mask_Bx1x1xTxS, tiles)
   return _softmax_attention_fwd(q_BxGxRxTxK, k_BxGxSxK, v_BxGxSxK, mask_Bx1x1xTxS, tiles)[0]
 
 
-def _rows(x):
-  """[.., R, T, K] -> [.., R * T, K]: one contracting axis in memory order for the products."""
-  return x.reshape(x.shape[:-3] + (-1, x.shape[-1]))
-
-
 def _softmax_attention_fwd(q, k, v, mask, tiles):
   b, g, r, _, kd = q.shape
+  rows = sparse_attention.head_rows
   scale = jnp.asarray(kd ** -0.5, q.dtype)
   mask_t = jnp.swapaxes(mask[:, :, 0], -1, -2)[:, :, :, None, :]  # [B, 1, S, 1, T]
   v_t = jnp.swapaxes(v, -1, -2)
   v_t1 = jnp.concatenate([v_t, jnp.ones_like(v_t[..., :1, :])], axis=2)  # [B, G, K + 1, S]
   outs, probs = [], []
   for q0, q1, k1 in tiles:
-    logits = jnp.einsum("bgsk,bgxk->bgsx", k[..., :k1, :], _rows(q[..., q0:q1, :]))
+    logits = jnp.einsum("bgsk,bgxk->bgsx", k[..., :k1, :], rows(q[..., q0:q1, :]))
     logits = logits.reshape(b, g, k1, r, q1 - q0) * scale  # [B, G, S, R, Tq]
     logits = jnp.where(mask_t[..., :k1, :, q0:q1], logits,
                        jnp.asarray(0.7 * jnp.finfo(q.dtype).min, q.dtype))
@@ -308,16 +304,17 @@ def _softmax_attention_fwd(q, k, v, mask, tiles):
 def _softmax_attention_bwd(tiles, res, do):
   q, k, v, o_t, probs = res
   b, g, r, _, kd = q.shape
+  rows = sparse_attention.head_rows
   scale = jnp.asarray(kd ** -0.5, q.dtype)
   k_t = jnp.swapaxes(k, -1, -2)
   rowsum = jnp.sum(jnp.moveaxis(do, -1, 2) * o_t, 2, keepdims=True)  # [B, G, 1, R, T]
   dq_tiles, dk, dv = [], jnp.zeros_like(k), jnp.zeros_like(v)
   for (q0, q1, k1), (e, inv_sum) in zip(tiles, probs):
-    do_x = _rows(do[..., q0:q1, :] * jnp.moveaxis(inv_sum, 2, -1))  # e stands in for P.
+    do_x = rows(do[..., q0:q1, :] * jnp.moveaxis(inv_sum, 2, -1))  # e stands in for P.
     dp = jnp.einsum("bgsk,bgxk->bgsx", v[..., :k1, :], do_x).reshape(e.shape)
     ds = (e * (dp - rowsum[..., q0:q1] * inv_sum) * scale).reshape(b, g, k1, -1)
     dq_tiles.append(jnp.einsum("bgks,bgsx->bgkx", k_t[..., :k1], ds))
-    dk = dk.at[..., :k1, :].add(jnp.einsum("bgsx,bgxk->bgsk", ds, _rows(q[..., q0:q1, :])))
+    dk = dk.at[..., :k1, :].add(jnp.einsum("bgsx,bgxk->bgsk", ds, rows(q[..., q0:q1, :])))
     dv = dv.at[..., :k1, :].add(jnp.einsum("bgsx,bgxk->bgsk", e.reshape(ds.shape), do_x))
   dq_t = jnp.concatenate([x.reshape(b, g, kd, r, -1) for x in dq_tiles], axis=4)
   return jnp.moveaxis(dq_t, 2, -1), dk, dv, None

@@ -85,10 +85,11 @@ def _pairs(q_tile, k_tile, i, chunk, nq):
   return qi, kj, take
 
 
-def _rows(x):
-  """[.., R, Tq, K] -> [.., R * Tq, K]: the R heads of a group and the tile's queries as the
+def head_rows(x):
+  """[.., R, Tq, K] -> [.., R * Tq, K]: the R heads of a KV group and a tile's queries as the
   rows of one product, so that every product has a single contracting axis in memory order
-  (XLA then runs it on CPU without copying either operand)."""
+  (XLA then runs it on CPU without copying either operand). Shared with the model's tiled
+  attention."""
   return x.reshape(x.shape[:-3] + (-1, x.shape[-1]))
 
 
@@ -108,7 +109,7 @@ def _forward(q, k, v, mask, q_tile, k_tile, count, chunk):
     qi, kj, take = _pairs(q_tile, k_tile, i, chunk, nq)
     m_c = mask[jnp.minimum(qi, nq - 1), :, jnp.minimum(kj, nq - 1) % mask.shape[2], :]
     m_c = m_c[:, None, None]  # [C, 1, 1, Tq, Tk]
-    s = jnp.einsum("cgxk,cgik->cgxi", _rows(take(q, qi)), take(k, kj)) * scale
+    s = jnp.einsum("cgxk,cgik->cgxi", head_rows(take(q, qi)), take(k, kj)) * scale
     s = jnp.where(m_c, s.reshape(m_c.shape[:1] + (g, r) + m_c.shape[3:]), _MASKED)
     s = s.reshape(s.shape[:2] + (r * block, -1))
     m_old = m[qi]
@@ -151,13 +152,10 @@ def _attention_bwd(chunk, res, do):
   pad = lambda x: jnp.concatenate([x, jnp.zeros_like(x[:1])])  # The scratch tile's slot.
   do_, lse = pad(do.astype(dt)), pad(lse)
   delta = jnp.sum(do_ * pad(o.astype(dt)), -1)  # rowsum(dO * O): [nq + 1, G, R, Tq]
-  scale = jnp.asarray(q.shape[-1] ** -0.5, dt)
-
-  # Scores key-major, [C, G, Tk, R, Tq]: XLA's CPU dot runs a product natively when the
-  # first operand contracts its last axis, so dK = dS^T Q, dV = P^T dO and dQ^T = K^T dS^T
-  # need no transposed copy of a [R * Tq, Tk] tile (K^T is gathered from a copy).
-  k_t = jnp.swapaxes(k, -1, -2)
   _, g, r, block, kd = q.shape
+  scale = jnp.asarray(kd ** -0.5, dt)
+  # Scores key-major, [C, G, Tk, R, Tq] (module docstring); K^T is gathered from a copy.
+  k_t = jnp.swapaxes(k, -1, -2)
   nt = mask.shape[2]  # Mask tiles by key tile: a pair (i, j) reads [j, :, i % nt, :].
   mask_t = mask.reshape(-1, nt, block, nt, block).transpose(0, 3, 4, 1, 2).reshape(mask.shape)
 
@@ -167,7 +165,7 @@ def _attention_bwd(chunk, res, do):
     q_c, k_c, k_tc, v_c = take(q, qi), take(k, kj), take(k_t, kj), take(v, kj)
     m_c = mask_t[jnp.minimum(kj, nq - 1), :, jnp.minimum(qi, nq - 1) % nt, :]
     m_c = m_c[:, None, :, None, :]  # [C, 1, Tk, 1, Tq]
-    q_x, do_x = _rows(q_c), _rows(do_[qi])
+    q_x, do_x = head_rows(q_c), head_rows(do_[qi])
     kt_x = lambda a: a.reshape(a.shape[:3] + (r, block))  # [C, G, Tk, x] -> [.., R, Tq]
     s_t = kt_x(jnp.einsum("cgik,cgxk->cgix", k_c, q_x)) * scale
     lse_c, delta_c = lse[qi][:, :, None], delta[qi][:, :, None]

@@ -32,6 +32,7 @@ def trained(tmp_path_factory):
   return path, val, pairs
 
 
+@pytest.mark.slow
 def test_cli_reproduces_the_runs_validation(trained, tmp_path, capsys):
   """Batches of 3 pairs (not the loop's 8) over the same 16 pairs give the same means."""
   path, val, pairs = trained

@@ -53,6 +53,7 @@ def test_values_and_gradients_match_dense_attention(name):
       np.testing.assert_allclose(x, y, atol=3e-5, rtol=1e-5, err_msg=kernel)
 
 
+@pytest.mark.slow
 def test_blocks_of_other_segments_are_never_read():
   """Values of segment 1 poisoned with NaN: a kernel that visits its key blocks (even masked)
   turns segment 2's outputs and key gradients into NaN; the skipping kernel gives segment 2
@@ -138,6 +139,7 @@ def test_sharded_over_an_8_device_mesh_matches_dense_without_gathering_rows():
   assert proc.stdout.splitlines()[0] == "2 False", proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["full_remat", "lora"])
 def test_dpo_steps_with_the_kernel_equal_the_dense_path(variant):
   """Two DPO steps on packed rows (3 pairs per row, 2 micro-batches) through the whole train

@@ -4,6 +4,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from dpojax import convert
 from dpojax.train import loop
@@ -26,6 +27,7 @@ def assert_trees_equal(a, b):
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
 
 
+@pytest.mark.slow
 def test_init_from_nemo_trains_and_exports_hf_and_back(tmp_path):
   config = stories_config(os.path.join(STORIES, "nemo", "stories260k-mcore-torch_dist.nemo"))
   config.export.to = str(tmp_path / "aligned_hf")
@@ -40,6 +42,7 @@ def test_init_from_nemo_trains_and_exports_hf_and_back(tmp_path):
   assert not np.array_equal(loaded.params["embedding"], initial.params["embedding"])
 
 
+@pytest.mark.slow
 def test_init_from_hf_exports_nemo(tmp_path):
   config = stories_config(os.path.join(STORIES, "hf"))
   config.export.to = str(tmp_path / "aligned.nemo")
@@ -48,6 +51,7 @@ def test_init_from_hf_exports_nemo(tmp_path):
   assert_trees_equal(loaded.params, jax.device_get(out["state"].params))
 
 
+@pytest.mark.slow
 def test_init_from_dpojax_workdir(tmp_path):
   loop.run(tiny_config(), str(tmp_path / "first"))
   config = tiny_config()
@@ -68,6 +72,7 @@ def test_init_from_dpojax_workdir(tmp_path):
   assert abs(val0["logps_chosen_mean"] - last_val_first["logps_chosen_mean"]) < 1e-4
 
 
+@pytest.mark.slow
 def test_lora_run_checkpoints_adapters_and_exports_them_merged(tmp_path):
   config = stories_config(os.path.join(STORIES, "hf"))
   config.lora.enabled, config.lora.targets, config.lora.rank = True, ("all",), 4

@@ -236,6 +236,7 @@ def synthetic_pairs(n, vocab, seed):
   return pairs
 
 
+@pytest.mark.slow
 def test_dpo_training_chunked_equals_xla(monkeypatch):
   """Three optimizer steps (2 micro-batches each) with chunked give xla's parameters."""
   from dpojax import model as model_lib

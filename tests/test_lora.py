@@ -149,6 +149,7 @@ def test_config_errors_name_the_key(key, value, message):
     lora.LoraConfig.from_config(cfg)
 
 
+@pytest.mark.slow
 def test_lora_training_learns_with_small_state(tmp_path):
   """Adapters only: the first loss is ln 2, validation accuracy rises from 0, the base never
   changes, and the state (= the checkpoint) holds adapters and their Adam moments only."""

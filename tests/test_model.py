@@ -164,6 +164,7 @@ def test_shared_prompt_branches_equal_separate_sequences():
   np.testing.assert_allclose(shared[0, :4], alone[0, :4], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_tiled_causal_attention_equals_one_block():
   """attention_block: query tiles that skip the keys after them give the dense result, on a
   packed row with padding; a length the tile does not divide falls back to one block."""
@@ -256,6 +257,7 @@ def test_rope_table_gathered_equals_computed():
       np.testing.assert_array_equal(g, c)
 
 
+@pytest.mark.slow
 def test_unrolled_layer_scan_gives_the_same_model():
   """scan_unroll only changes how XLA sees the layers: hidden states and parameter
   gradients equal the rolled scan's, for the base model and through LoRA adapters."""

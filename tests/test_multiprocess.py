@@ -73,6 +73,7 @@ def read(workdir):
   return records, [params[k] for k in sorted(params.files, key=lambda k: int(k.split("_")[1]))]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
   assert "DEVICES 1 1" in launch(one, 1)

@@ -12,6 +12,7 @@ from dpojax.data.tokenize import Tokenizer
 from dpojax.ops import logprob as logprob_lib
 from dpojax.train import step as step_lib
 
+import tolerance
 from conftest import ROOT
 
 TOKENIZER = os.path.join(ROOT, "dpojax", "assets", "tokenizer.model")
@@ -195,20 +196,33 @@ def test_targets_shift_by_one_and_never_cross_a_segment(toy_pairs, share_prompt)
 
 @pytest.fixture(scope="module")
 def tiny_step():
+  """One float64 step: packed = padded is an identity of exact arithmetic, so it is checked
+  where rounding is 2^-29 times smaller than in float32 (whose worst-case bound for these
+  sums, tolerance.logp_tolerance, is about 0.06 for 25 tokens: loose enough to hide a
+  mask that lets a branch see a few extra tokens)."""
   cfg = step_lib.StepConfig(model=model_lib.ModelConfig(
       vocab_size=384, hidden_size=32, num_layers=1, num_attention_heads=4, num_query_groups=2,
-      ffn_hidden_size=64), loss=loss_lib.LossConfig(beta=1.0, ld_alpha=0.5, use_weighting=True))
+      ffn_hidden_size=64, dtype="float64", param_dtype="float64"),
+      loss=loss_lib.LossConfig(beta=1.0, ld_alpha=0.5, use_weighting=True),
+      logprob_impl="xla")  # Logits in the hidden states' dtype (the kernels' is fp32).
   # Any parameters will do: random ones from the init's shapes (tracing only, no compile).
-  shapes = jax.eval_shape(lambda k: model_lib.init_params(cfg.model, k), jax.random.key(0))
+  with jax.enable_x64(True):
+    shapes = jax.eval_shape(lambda k: model_lib.init_params(cfg.model, k), jax.random.key(0))
   rng = np.random.default_rng(0)
-  draw = lambda s: jnp.asarray(rng.normal(0.0, 0.3, s.shape), s.dtype)
+  draw = lambda s: rng.normal(0.0, 0.3, s.shape)  # float64 NumPy: stays float64 under x64.
   params, ref_params = jax.tree.map(draw, shapes), jax.tree.map(draw, shapes)
 
   @jax.jit
-  def run(micro, normalizers):  # One compilation per layout: log-probs, loss and metrics.
+  def step(micro, normalizers):  # One compilation per layout: log-probs, loss and metrics.
     out = step_lib.sequence_logps(params, micro, cfg)
-    return out, step_lib.micro_loss(params, ref_params, micro, cfg, normalizers)
+    ref = step_lib.sequence_logps(ref_params, micro, cfg, policy=False)["logps"]
+    return out, ref, step_lib.micro_loss(params, ref_params, micro, cfg, normalizers)
 
+  def run(micro, normalizers):  # NumPy out: jax ops outside the context would drop to fp32.
+    with jax.enable_x64(True):
+      return jax.device_get(step(micro, normalizers))
+
+  run.cfg, run.params, run.ref_params = cfg, params, ref_params
   return run
 
 
@@ -225,25 +239,43 @@ def test_packed_and_padded_give_the_same_logps_loss_and_metrics(toy_pairs, tiny_
   assert packed["tokens"].shape[1] < n  # Rows really hold several pairs.
   assert ("branch_ids" in packed) == share_prompt
   first = lambda b: {k: jnp.asarray(v[0]) for k, v in b.items()}
-  normalizers = {"pairs": jnp.float32(n)}
-  padded_out, (want_loss, want_m) = tiny_step(first(padded), normalizers)
-  packed_out, (got_loss, got_m) = tiny_step(first(packed), normalizers)
+  normalizers = {"pairs": np.float64(n)}
+  padded_out, want_ref, (want_loss, want_m) = tiny_step(first(padded), normalizers)
+  packed_out, got_ref, (got_loss, got_m) = tiny_step(first(packed), normalizers)
   want, want_counts = np.asarray(padded_out["logps"]), np.asarray(padded_out["counts"])
   got, got_counts = np.asarray(packed_out["logps"]), np.asarray(packed_out["counts"])
+  assert want.dtype == np.float64
   unused = np.setdiff1d(np.arange(len(got)), slots)
   assert len(unused) >= packed["tokens"].shape[1]
   np.testing.assert_array_equal(got_counts[slots], want_counts)
   np.testing.assert_array_equal(got_counts[unused], 0)
-  np.testing.assert_allclose(got[slots], want, rtol=1e-6, atol=1e-5)
+  # The rounding of each layout's sums, with the longer (packed) row's attention.
+  cfg = tiny_step.cfg
+  tol = {name: tolerance.logp_tolerance(want_counts, cfg.model, p, model_lib.output_weight(
+      p, cfg.model), row_len=96, dtype=np.float64)
+         for name, p in (("policy", tiny_step.params), ("ref", tiny_step.ref_params))}
+  assert tol["policy"].max() < 1e-8  # Far below any layout effect (tokens' log-probs ~ -6).
+  assert (np.abs(got[slots] - want) <= tol["policy"]).all(), np.abs(got[slots] - want).max()
+  assert (np.abs(np.asarray(got_ref)[slots] - want_ref) <= tol["ref"]).all()
   assert np.abs(want).min() > 1.0  # Real sums, not zeros.
-  for key in ("ld_logps", "wpo_logps"):  # LD-DPO weights and WPO terms: same per-token ranks.
-    np.testing.assert_allclose(np.asarray(packed_out[key])[slots], padded_out[key], rtol=1e-6,
-                               atol=1e-5, err_msg=key)
+  for key in ("ld_logps", "wpo_logps"):  # LD-DPO weights (<= 1) and WPO's per-token means.
+    np.testing.assert_allclose(np.asarray(packed_out[key])[slots], padded_out[key], rtol=0,
+                               atol=tol["policy"].max(), err_msg=key)
   np.testing.assert_array_equal(got[unused], 0)
   assert abs(float(want_loss) - np.log(2)) > 1e-3  # Policy != reference: a real loss.
-  np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-6, atol=1e-5)
+  # Loss and metrics are sums over pairs of smooth functions of the four log-probs of a pair,
+  # with slopes at most beta (1 + 2 max|reward|) (the squared rewards have the steepest) or 1
+  # (the log-prob sums); add the rounding of a sum of n pairs.
+  margins = cfg.loss.beta * ((want[:, 0] - want_ref[:, 0]) - (want[:, 1] - want_ref[:, 1]))
+  rewards = cfg.loss.beta * (want - want_ref)
+  slope = max(1.0, cfg.loss.beta * (1 + 2 * np.abs(rewards).max()))
+  total = slope * (tol["policy"].sum() + tol["ref"].sum())
+  bound = lambda value: total + tolerance.sum_tolerance(n, abs(value), np.float64)
+  assert abs(float(got_loss) - float(want_loss)) <= bound(want_loss)
   assert got_m.keys() == want_m.keys()
+  # Accuracy counts margins > 0: a step function, equal when no margin is within the bound.
+  assert np.abs(margins).min() > total
   for k in want_m:
-    np.testing.assert_allclose(np.asarray(got_m[k]), np.asarray(want_m[k]), rtol=1e-6,
-                               atol=1e-5, err_msg=k)
+    assert abs(float(got_m[k]) - float(want_m[k])) <= bound(want_m[k]), k
   assert float(got_m["num_pairs"]) == n
+  assert float(got_m["accuracy"]) == float(want_m["accuracy"]) == np.sum(margins > 0)

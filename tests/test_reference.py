@@ -68,6 +68,7 @@ def jit_train(cfg, setup):
 
 
 # --- precomputed ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_precomputed_gives_the_copy_losses_and_is_cached(setup, monkeypatch):
   data, params = setup["data"], setup["params"]
   copy_cfg = step_lib.StepConfig(model=setup["mcfg"], beta=0.1)
@@ -225,6 +226,7 @@ def test_lora_sync_mixes_in_the_merged_policy(setup):
 
 
 # --- memory ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_lora_base_saves_one_parameter_copy_of_peak_memory():
   """XLA's compiled memory analysis of the LoRA train step: the base as reference needs about
   one copy of the parameters less than a separate reference copy."""

@@ -47,6 +47,7 @@ def assert_bitwise(a, b):
 
 # --- non-finite guard -----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_nonfinite_step_is_skipped_and_counted(tmp_path):
   config = tiny_config()
   config.train.max_steps = 1
@@ -62,6 +63,7 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path):
   assert np.isnan(train[1]["loss"])
 
 
+@pytest.mark.slow
 def test_consecutive_nonfinite_steps_stop_with_last_good_checkpoint(tmp_path):
   config = tiny_config()
   config.train.max_steps = 10
@@ -89,6 +91,7 @@ def failing_save_after(step_limit):
   return save
 
 
+@pytest.mark.slow
 def test_failed_checkpoint_stops_and_keeps_previous(tmp_path, monkeypatch):
   monkeypatch.setattr(Checkpointer, "save", failing_save_after(3))
   with pytest.raises(loop.CheckpointWriteError,
@@ -98,6 +101,7 @@ def test_failed_checkpoint_stops_and_keeps_previous(tmp_path, monkeypatch):
   assert final_params(str(tmp_path))[0] == 3
 
 
+@pytest.mark.slow
 def test_failed_checkpoint_can_continue(tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(Checkpointer, "save", failing_save_after(3))
   config = tiny_config()
@@ -152,6 +156,7 @@ def uninterrupted(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_sigkill_soak_resumes_bitwise(uninterrupted, tmp_path):
   """SIGKILL at random moments (steps, evaluations, async checkpoint writes); each time the
   run resumes; the end is bitwise the uninterrupted run."""
@@ -172,6 +177,7 @@ def test_sigkill_soak_resumes_bitwise(uninterrupted, tmp_path):
   assert_bitwise(params_a, params_b)
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_zero(uninterrupted, tmp_path):
   workdir = str(tmp_path)
   proc = start(workdir)

@@ -106,6 +106,7 @@ def test_float64_keeps_float64():
     np.testing.assert_allclose(got * real, want * real, atol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["none", "dots"])
 def test_model_with_sparse_attention_equals_dense_model(remat):
   """The whole model, attention_impl=sparse, on packed rows with padding and with shared-prompt

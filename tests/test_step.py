@@ -138,6 +138,7 @@ def data(tmp_path_factory):
 
 
 # --- exact reductions ----------------------------------------------------------------------
+@pytest.mark.slow
 def test_micro_batches_equal_one_big_batch_for_a_rich_loss(data, tiny_model):
   """micro_batch_size 8 vs 2 (with a padding pair): same update and same metrics."""
   mcfg, params = tiny_model
@@ -173,6 +174,7 @@ def test_micro_batches_equal_one_big_batch_for_a_rich_loss(data, tiny_model):
 
 
 # --- each NeMo loss trains -----------------------------------------------------------------
+@pytest.mark.slow
 def test_each_nemo_loss_trains_and_reads_rewards_from_the_jsonl(data, tiny_model):
   """dpo, ipo, rpo_sq, rpo_fwd_kl, rpo_bwd_kl: 30 Adam steps on 48 pairs raise val accuracy.
 

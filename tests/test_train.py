@@ -55,6 +55,7 @@ def test_run_leaves_metrics_events_and_checkpoints(uninterrupted):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(uninterrupted, tmp_path):
   straight_dir, straight = uninterrupted
   config = tiny_config()
@@ -82,6 +83,7 @@ def assert_same_records(a, b, tol):
         assert rb[key] == pytest.approx(ra[key], abs=tol, rel=tol), (ra["step"], key)
 
 
+@pytest.mark.slow
 def test_precomputed_reference_run_matches_copy(uninterrupted, tmp_path):
   """reference.mode=precomputed: the same losses and metrics as the live copy, from a table
   computed once and cached on disk."""
@@ -96,6 +98,7 @@ def test_precomputed_reference_run_matches_copy(uninterrupted, tmp_path):
   assert len([f for f in os.listdir(tmp_path / "cache") if f.endswith(".npy")]) == 2
 
 
+@pytest.mark.slow
 def test_tr_dpo_reference_sync_resumes_exactly(tmp_path):
   """The synced reference lives in the train state: it is checkpointed, and a resumed run
   continues exactly; the sync moved it away from the initial policy."""
@@ -119,6 +122,7 @@ def test_tr_dpo_reference_sync_resumes_exactly(tmp_path):
   assert max(jax.tree.leaves(moved)) > 1e-4
 
 
+@pytest.mark.slow
 def test_eval_interval_as_a_fraction_of_an_epoch(tmp_path):
   config = tiny_config()
   config.train.max_steps = 5
@@ -131,6 +135,7 @@ def test_eval_interval_as_a_fraction_of_an_epoch(tmp_path):
   assert every == 2, (len(train_data), epoch_steps)
   assert [r["step"] for r in read_metrics(workdir) if r["split"] == "val"] == [0, 2, 4, 5]
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_big_batch():
   config = tiny_config()
   _, train_data, _, step_cfg = loop.build(config)
@@ -154,6 +159,7 @@ def test_gradient_accumulation_equals_one_big_batch():
   assert float(m1["num_pairs"]) == 8
 
 
+@pytest.mark.slow
 def test_shared_prompt_run_validates_like_separate_sequences(tmp_path):
   """data.share_prompt end to end (pipeline, sharding, train and eval steps): the step-0
   validation over the whole split gives the same mean log-probs as packing without it."""
@@ -188,6 +194,7 @@ def test_config_errors_name_the_key(key, value, message):
     loop.build(config)
 
 
+@pytest.mark.slow
 def test_default_cli_run_learns(tmp_path):
   """Quickstart (a): the default config from the command line, as a user runs it."""
   workdir = str(tmp_path / "run")
@@ -206,6 +213,7 @@ def test_default_cli_run_learns(tmp_path):
   assert len(curves.convert("RGB").getcolors(maxcolors=1 << 20)) > 10  # Not blank.
 
 
+@pytest.mark.slow
 def test_rpo_reads_rewards_from_jsonl(tmp_path):
   """rpo_sq at policy = reference is g^2 = (gt_reward_scale * (R_c - R_r))^2 = 9."""
   rows = [{"prompt": f"Count from {i} to {i + 3}.", "chosen_response": " ".join(

@@ -41,10 +41,11 @@ def resolve_impl(impl: str) -> str:
 
 
 def xla_logprob(hidden_NxD, out_weight_VxD, targets_N, mask_N):
-  """The reference: full fp32 logits, autodiff for the gradient."""
+  """The reference: full logits in at least fp32 (float64 stays float64), autodiff for the
+  gradient."""
   logits_NxV = jnp.einsum(
       "nd,vd->nv", hidden_NxD, out_weight_VxD.astype(hidden_NxD.dtype),
-      preferred_element_type=jnp.float32)
+      preferred_element_type=jnp.promote_types(hidden_NxD.dtype, jnp.float32))
   lse_N = jax.nn.logsumexp(logits_NxV, axis=-1)
   target_logit_N = jnp.take_along_axis(logits_NxV, targets_N[:, None], -1)[:, 0]
   return jnp.where(mask_N, target_logit_N - lse_N, 0.0)

@@ -174,7 +174,7 @@ def _log_sum_sq_probs(hidden_BxTxD, out_weight_VxD):
   logits_BxTxV = jnp.einsum(
       "btd,vd->btv", jax.lax.stop_gradient(hidden_BxTxD),
       jax.lax.stop_gradient(out_weight_VxD).astype(hidden_BxTxD.dtype),
-      preferred_element_type=jnp.float32)
+      preferred_element_type=jnp.promote_types(hidden_BxTxD.dtype, jnp.float32))
   lse_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
   return jax.nn.logsumexp(2.0 * logits_BxTxV, axis=-1) - 2.0 * lse_BxT
 

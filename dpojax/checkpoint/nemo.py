@@ -343,14 +343,35 @@ def _torch_load(data, where: str, allow_bytesio: bool = False):
   """torch.load with weights_only=True (tensors and plain containers only)."""
   import torch  # pylint: disable=g-import-not-at-top
 
+  import warnings  # pylint: disable=g-import-not-at-top
+
   try:
-    if allow_bytesio:  # TE 1.x `_extra_state` values are io.BytesIO (dropped unread).
-      with torch.serialization.safe_globals([io.BytesIO]):
-        return torch.load(data, map_location="cpu", weights_only=True)
-    return torch.load(data, map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():  # A plain pickle's protocol: the refusal below says enough.
+      warnings.filterwarnings("ignore", message="Detected pickle protocol")
+      if allow_bytesio:  # TE 1.x `_extra_state` values are io.BytesIO (dropped unread).
+        with torch.serialization.safe_globals([io.BytesIO]):
+          return torch.load(data, map_location="cpu", weights_only=True)
+      return torch.load(data, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    raise CheckpointError(
+        f"{where}: refused to unpickle: {_torch_refusal(e)} (only tensors and plain containers "
+        "are loaded; anything else could run code)") from None
   except Exception as e:  # pylint: disable=broad-except
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise CheckpointError(f"{where}: cannot load with weights_only=True ({first})") from None
+    raise CheckpointError(f"{where}: not a readable torch file ({_torch_refusal(e)})") from None
+
+
+# torch's advice around the refusal: retry with weights_only=False, or allow-list the global.
+_TORCH_ADVICE = re.compile(r"weights.only|re-running|still be loaded|safe_globals|trusted source|"
+                           r"file an issue|documentation|pytorch\.org", re.IGNORECASE)
+
+
+def _torch_refusal(e: Exception) -> str:
+  """What torch.load refused (e.g. "Trying to load unsupported GLOBAL posix.system ..."),
+  without torch's advice: that invites the unsafe retry."""
+  text = str(e).replace("WeightsUnpickler error:", "\n")
+  parts = [p.strip() for line in text.splitlines() for p in re.split(r"(?<=\.)\s+", line)]
+  kept = [p for p in parts if p and not _TORCH_ADVICE.search(p)]
+  return " ".join(kept).rstrip(".") or type(e).__name__
 
 
 def _read_torch_dist(archive: Archive, prefix: str) -> dict[str, np.ndarray]:

@@ -81,7 +81,8 @@ class Archive:
     try:
       self._tar = tarfile.open(path, "r:*")  # Plain tar, or gzip for files before NeMo 1.7.
     except (tarfile.TarError, OSError) as e:
-      raise CheckpointError(f"{path}: not a .nemo tar file ({e})") from None
+      why = "not a plain or gzip tar" if isinstance(e, tarfile.ReadError) else str(e)
+      raise CheckpointError(f"{path}: not a .nemo tar file ({why})") from None
     for member in self._tar.getmembers():
       name = _safe_member_name(path, member)
       if name is None or member.isdir():

@@ -41,12 +41,13 @@ WEIGHTS_FILE = "model_weights.ckpt"
 WEIGHTS_DIR = "model_weights"
 LAYERS = "model.decoder.layers."
 # The layer modules whose `_extra_state` object GPTModel.sharded_state_dict asks for, by the
-# megatron-core an export targets. The linear layers always (TE's FP8 metadata; the local
-# spec's Column/RowParallelLinear add an empty one to match). Core attention only up to 0.14
-# with Transformer Engine: from 0.15.0, TEDotProductAttention.sharded_state_dict (and the
-# local DotProductAttention's) return nothing unless softmax_type == "learnable"
-# (megatron/core/extensions/transformer_engine.py:1436-1456, transformer/dot_product_attention.py
-# :253-271 in 0.16.1), and a key no model asks for fails a strict (RAISE_ALL) load.
+# megatron-core an export targets; a key no model asks for fails a strict (RAISE_ALL) load.
+# The linear layers always (TE's FP8 metadata; the local spec's Column/RowParallelLinear add an
+# empty one to match). Core attention only up to 0.14 with Transformer Engine (0.10.0, 0.14.0:
+# TEDotProductAttention has no sharded_state_dict of its own). From 0.15.0 it and the local
+# DotProductAttention return nothing unless softmax_type == "learnable" (0.16.1:
+# megatron/core/extensions/transformer_engine.py:1436-1456,
+# megatron/core/transformer/dot_product_attention.py:253-271).
 _LINEAR_MODULES = ("self_attention.linear_qkv", "self_attention.linear_proj",
                    "mlp.linear_fc1", "mlp.linear_fc2")
 EXTRA_STATE_MODULES = {"0.15": _LINEAR_MODULES,  # 0.15.0 and later (checked: 0.16.1).

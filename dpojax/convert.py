@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 
+from dpojax import cli
 from dpojax.checkpoint import hf, nemo
 from dpojax.checkpoint.convert_common import ARCHITECTURE_FIELDS, CheckpointError, Loaded
 from dpojax.model import ModelConfig
@@ -70,21 +71,27 @@ def load(path: str, *, extract_dir: str | None = None) -> Loaded:
 
 def save(path: str, cfg: ModelConfig, params, tokenizer_path: str | None = None, *,
          format: str | None = None, base_config: dict | None = None,  # pylint: disable=redefined-builtin
-         overwrite: bool = False):
+         overwrite: bool = False, megatron_core: str = nemo.MEGATRON_CORE):
   """Writes `params` as a .nemo (path ends in .nemo) or a Hugging Face folder (otherwise).
 
-  A .nemo is replaced atomically; an existing non-empty HF folder only with overwrite=True.
+  A .nemo is replaced atomically, with the keys of megatron-core `megatron_core` (see
+  nemo.save_nemo); an existing non-empty HF folder only with overwrite=True.
   """
   fmt = format or ("nemo" if path.endswith(".nemo") else "hf")
   if fmt not in FORMATS:
     raise CheckpointError(f"format={fmt!r} is not one of {FORMATS}")
   if fmt == "nemo":
-    nemo.save_nemo(path, cfg, params, tokenizer_path, base_config=base_config)
+    nemo.save_nemo(path, cfg, params, tokenizer_path, base_config=base_config,
+                   megatron_core=megatron_core)
   else:
     hf.save_hf(path, cfg, params, tokenizer_path, overwrite=overwrite)
 
 
 def main(argv=None) -> int:
+  return cli.run(_main, argv)
+
+
+def _main(argv) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m dpojax.convert", description=__doc__.split("\n\n")[0])
   parser.add_argument("--from", dest="src", required=True,
@@ -97,20 +104,21 @@ def main(argv=None) -> int:
                       help="SentencePiece model to store (default: the source's own)")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace an existing non-empty Hugging Face output folder")
+  parser.add_argument("--megatron_core", choices=sorted(nemo.EXTRA_STATE_MODULES),
+                      default=nemo.MEGATRON_CORE,
+                      help="a .nemo for megatron-core 0.15.0 and later (default), or for 0.14 "
+                      "and earlier with Transformer Engine; a strict load wants exact keys")
+  cli.add_debug_flag(parser)
   args = parser.parse_args(argv)
   import tempfile  # pylint: disable=g-import-not-at-top
 
-  try:
-    with tempfile.TemporaryDirectory(prefix="dpojax-convert-") as tmp:
-      cfg, params, tokenizer = load(args.src, extract_dir=tmp)
-      base = None
-      if detect_format(args.src) == "nemo":
-        base = nemo.read_nemo_config(args.src)  # Keep the source's training-side keys.
-      save(args.dst, cfg, params, args.tokenizer or tokenizer, format=args.format,
-           base_config=base, overwrite=args.overwrite)
-  except CheckpointError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  with tempfile.TemporaryDirectory(prefix="dpojax-convert-") as tmp:
+    cfg, params, tokenizer = load(args.src, extract_dir=tmp)
+    base = None
+    if detect_format(args.src) == "nemo":
+      base = nemo.read_nemo_config(args.src)  # Keep the source's training-side keys.
+    save(args.dst, cfg, params, args.tokenizer or tokenizer, format=args.format,
+         base_config=base, overwrite=args.overwrite, megatron_core=args.megatron_core)
   n = sum(v.size for v in _leaves(params))
   print(f"Wrote {args.dst}: {n:,} parameters, {cfg.num_layers} layers, vocab "
         f"{cfg.vocab_size}, {cfg.param_dtype}")

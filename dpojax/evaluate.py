@@ -28,6 +28,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from dpojax import cli
 from dpojax import model as model_lib
 from dpojax import workdir as workdir_lib
 from dpojax.data import pipeline
@@ -91,6 +92,10 @@ def format_metrics(metrics: dict) -> str:
 
 
 def main(argv=None) -> int:
+  return cli.run(_main, argv)
+
+
+def _main(argv) -> int:
   parser = argparse.ArgumentParser(prog="python -m dpojax.evaluate",
                                    description=__doc__.split("\n\n", maxsplit=1)[0])
   parser.add_argument("--checkpoint", required=True,
@@ -106,29 +111,25 @@ def main(argv=None) -> int:
   parser.add_argument("--output", default=None, help="also write the metrics as JSON here")
   parser.add_argument("--config", default=None,
                       help="run config (.json or .py) for a workdir without run_config.json")
+  cli.add_debug_flag(parser)
   args = parser.parse_args(argv)
   if args.batch_size is not None and args.batch_size < 1:
-    print(f"error: --batch_size={args.batch_size} must be >= 1", file=sys.stderr)
-    return 1
-  try:
-    with tempfile.TemporaryDirectory(prefix="dpojax-evaluate-") as tmp:
-      policy = workdir_lib.load_policy(args.checkpoint, config_path=args.config,
-                                       extract_dir=os.path.join(tmp, "policy"))
-      if policy.run_config is None:
-        raise workdir_lib.WorkdirError(
-            f"--checkpoint={args.checkpoint}: expected a dpojax workdir (a .nemo or Hugging "
-            "Face checkpoint records no run config); evaluate its run's workdir instead")
-      if args.reference:
-        ref_params = workdir_lib.load_policy(
-            args.reference, extract_dir=os.path.join(tmp, "reference")).params
-      else:
-        ref_params = workdir_lib.load_reference(policy, extract_dir=os.path.join(tmp, "ref"))
-      metrics = evaluate(policy.run_config, policy.params, ref_params, args.data,
-                         batch_size=args.batch_size, max_seq_length=args.max_seq_length,
-                         max_batches=args.max_batches)
-  except (ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+    raise ValueError(f"--batch_size={args.batch_size} must be >= 1")
+  with tempfile.TemporaryDirectory(prefix="dpojax-evaluate-") as tmp:
+    policy = workdir_lib.load_policy(args.checkpoint, config_path=args.config,
+                                     extract_dir=os.path.join(tmp, "policy"))
+    if policy.run_config is None:
+      raise workdir_lib.WorkdirError(
+          f"--checkpoint={args.checkpoint}: expected a dpojax workdir (a .nemo or Hugging "
+          "Face checkpoint records no run config); evaluate its run's workdir instead")
+    if args.reference:
+      ref_params = workdir_lib.load_policy(
+          args.reference, extract_dir=os.path.join(tmp, "reference")).params
+    else:
+      ref_params = workdir_lib.load_reference(policy, extract_dir=os.path.join(tmp, "ref"))
+    metrics = evaluate(policy.run_config, policy.params, ref_params, args.data,
+                       batch_size=args.batch_size, max_seq_length=args.max_seq_length,
+                       max_batches=args.max_batches)
   print(f"{args.checkpoint} on {args.data}:")
   print(format_metrics(metrics))
   if args.output:

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpojax import cli
 from dpojax.data import templates
 from dpojax.data.sources import DataError, jsonl_records, where
 from dpojax.model import transformer
@@ -252,6 +253,10 @@ def _parse_ids(text: str | None) -> list[int] | None:
 
 
 def main(argv=None) -> int:
+  return cli.run(_main, argv)
+
+
+def _main(argv) -> int:
   parser = argparse.ArgumentParser(prog="python -m dpojax.generate",
                                    description=__doc__.split("\n\n", maxsplit=1)[0])
   parser.add_argument("--checkpoint", required=True,
@@ -282,13 +287,10 @@ def main(argv=None) -> int:
                       help="SentencePiece model (default: the checkpoint's or the run's)")
   parser.add_argument("--config", default=None,
                       help="run config (.json or .py) for a workdir without run_config.json")
+  cli.add_debug_flag(parser)
   args = parser.parse_args(argv)
-  try:
-    with tempfile.TemporaryDirectory(prefix="dpojax-generate-") as tmp:
-      results = _run(args, tmp)
-  except (ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  with tempfile.TemporaryDirectory(prefix="dpojax-generate-") as tmp:
+    results = _run(args, tmp)
   if args.output:
     with open(args.output, "w") as f:
       for r in results:

@@ -19,6 +19,7 @@ import shutil
 import sys
 import time
 
+from dpojax import cli
 from dpojax.data import packing, pipeline
 from dpojax.data.sources import FORMATS, DataError
 from dpojax.data.tokenize import TEMPLATES, TRUNCATIONS, Tokenizer
@@ -44,10 +45,12 @@ def parse_args(argv=None):
   p.add_argument("--on_error", default="raise", choices=pipeline.ON_ERROR)
   p.add_argument("--cache_dir", default="", help="where .gz input is decompressed")
   p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
+  cli.add_debug_flag(p)
   return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
+  """Packs and returns the statistics; errors raise (`python -m` prints them as one line)."""
   args = parse_args(argv)
   if os.path.exists(args.output) and not args.overwrite:
     raise DataError(f"{args.output}: exists (pass --overwrite to replace it)")
@@ -76,8 +79,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  try:
-    main()
-  except DataError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  sys.exit(cli.run(main))

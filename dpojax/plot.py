@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 
+from dpojax import cli
 from dpojax.data import sources
 
 CURVES_FILE = "curves.png"
@@ -104,16 +105,17 @@ def plot_metrics(workdir: str, output: str | None = None) -> str:
 
 
 def main(argv=None) -> int:
+  return cli.run(_main, argv)
+
+
+def _main(argv) -> int:
   parser = argparse.ArgumentParser(prog="python -m dpojax.plot",
                                    description=__doc__.split("\n\n", maxsplit=1)[0])
   parser.add_argument("workdir", help="a dpojax workdir (holds metrics.jsonl)")
   parser.add_argument("--output", default=None, help=f"PNG path (default: WORKDIR/{CURVES_FILE})")
+  cli.add_debug_flag(parser)
   args = parser.parse_args(argv)
-  try:
-    out = plot_metrics(args.workdir, args.output)
-  except (ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  out = plot_metrics(args.workdir, args.output)
   print(f"Wrote {out}")
   return 0
 

@@ -1,11 +1,13 @@
 """dpojax.convert: format detection, load/save dispatch and the command line."""
 
+import io
 import os
 import subprocess
 import sys
 import tarfile
 
 import pytest
+import torch
 
 from dpojax import convert
 from dpojax.checkpoint import nemo
@@ -53,13 +55,58 @@ def test_cli_round_trip_nemo_hf_nemo(tmp_path, capsys):
   assert config["optim"]["name"] == "fused_adam" and config["dist_ckpt_format"] == "torch_dist"
 
 
-def test_cli_reports_bad_input(tmp_path, capsys):
+class Evil:
+  def __init__(self, path):
+    self.path = str(path)
+
+  def __reduce__(self):
+    return (os.system, (f"touch {self.path}",))
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
   bad = tmp_path / "bad.nemo"
   bad.write_bytes(b"not a tar")
-  assert convert.main(["--from", str(bad), "--to", str(tmp_path / "x")]) == 1
-  err = capsys.readouterr().err
-  assert err.startswith("error: ") and str(bad) in err
-  assert not os.path.exists(tmp_path / "x")
+  missing = tmp_path / "missing.nemo"
+  # A .nemo whose weights are a pickle that runs a command when unpickled.
+  marker, evil = tmp_path / "pwned", tmp_path / "evil.nemo"
+  buf = io.BytesIO()
+  torch.save({"model.embedding.word_embeddings.weight": Evil(marker)}, buf)
+  with tarfile.open(S.NEMO["legacy-ckpt"]) as src, tarfile.open(evil, "w:") as dst:
+    for m in src.getmembers():
+      data = src.extractfile(m).read() if m.isfile() else None
+      if m.name == "./model_weights.ckpt":
+        data, m.size = buf.getvalue(), len(buf.getvalue())
+      dst.addfile(m, io.BytesIO(data) if data is not None else None)
+  cases = [
+      (bad, f"error: {bad}: not a .nemo tar file (not a plain or gzip tar)"),
+      (missing, f"error: {missing}: no such .nemo file or folder"),
+      (evil, f"error: {evil}!model_weights.ckpt: refused to unpickle: Trying to load "
+             "unsupported GLOBAL posix.system whose module posix is blocked (only tensors "
+             "and plain containers are loaded; anything else could run code)")]
+  for src, want in cases:
+    assert convert.main(["--from", str(src), "--to", str(tmp_path / "x")]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(want) and err.count("\n") == 1, err
+    assert "Traceback" not in err and "weights_only" not in err
+  assert not os.path.exists(tmp_path / "x") and not marker.exists()
+  with pytest.raises(convert.CheckpointError, match="refused to unpickle"):  # --debug: raises.
+    convert.main(["--from", str(evil), "--to", str(tmp_path / "x"), "--debug"])
+
+
+def test_cli_megatron_core_target(tmp_path):
+  """--megatron_core 0.14: the keys of the fixture megatron-core 0.14 wrote; default: none for
+  core attention (0.15 and later)."""
+  def extra_states(path):
+    with nemo.Archive(path) as archive:
+      md = nemo._MetadataUnpickler(  # pylint: disable=protected-access
+          io.BytesIO(archive.read("model_weights/.metadata"))).load()
+    return sorted(k for k in md.state_dict_metadata if "_extra_state" in k)
+  old, new = str(tmp_path / "old.nemo"), str(tmp_path / "new.nemo")
+  assert convert.main(["--from", S.HF_DIR, "--to", old, "--megatron_core", "0.14"]) == 0
+  assert convert.main(["--from", S.HF_DIR, "--to", new]) == 0
+  want = extra_states(S.NEMO["mcore-torch_dist"])
+  assert len(want) == 25 and extra_states(old) == want
+  assert extra_states(new) == [k for k in want if ".core_attention." not in k]
 
 
 def test_python_dash_m_entry_point(tmp_path):

@@ -61,12 +61,20 @@ def test_policy_against_itself_is_ln2(trained):
 
 
 def test_clear_errors(trained, tmp_path, capsys):
+  def error(argv) -> str:  # One `error: ...` line, exit status 1, no traceback.
+    assert evaluate_lib.main(argv) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: ") and err.count("\n") == 1, err
+    return err
   path, _, pairs = trained
   bare = tmp_path / "bare"
   bare.mkdir()
-  assert evaluate_lib.main(["--checkpoint", str(bare), "--data", pairs]) == 1
-  assert "no run_config.json" in capsys.readouterr().err
+  assert "no run_config.json" in error(["--checkpoint", str(bare), "--data", pairs])
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"prompt": "a", "chosen_response": "b", "rejected_response": 3}\n')
-  assert evaluate_lib.main(["--checkpoint", path, "--data", str(bad)]) == 1
-  assert f"{bad}:1: field 'rejected_response'" in capsys.readouterr().err
+  assert f"{bad}:1: field 'rejected_response'" in error(
+      ["--checkpoint", path, "--data", str(bad)])
+  assert error(["--checkpoint", path, "--data", pairs, "--batch_size", "0"]) == (
+      "error: --batch_size=0 must be >= 1\n")
+  with pytest.raises(ValueError, match="--batch_size=0 must be >= 1"):  # --debug: raises.
+    evaluate_lib.main(["--checkpoint", path, "--data", pairs, "--batch_size", "0", "--debug"])

@@ -240,15 +240,23 @@ def test_workdir_policy_and_init_from_reference(stories, resolved, tmp_path):
 
 
 def test_clear_errors(tmp_path, capsys):
+  def error(argv) -> str:  # One `error: ...` line, exit status 1, no traceback.
+    assert gen.main(argv) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: ") and err.count("\n") == 1, err
+    return err
   bare = tmp_path / "bare"
   bare.mkdir()
-  assert gen.main(["--checkpoint", str(bare), "--prompt", "x"]) == 1
-  assert "no run_config.json" in capsys.readouterr().err
+  assert "no run_config.json" in error(["--checkpoint", str(bare), "--prompt", "x"])
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"prompt": "ok"}\n\n{"prompt": 3}\n')
-  assert gen.main(["--checkpoint", S.HF_DIR, "--input", str(bad)]) == 1
-  assert f"{bad}:3: field 'prompt': expected a string" in capsys.readouterr().err
-  assert gen.main(["--checkpoint", S.HF_DIR, "--prompt", "x", "--compare_reference"]) == 1
-  assert "pass --reference" in capsys.readouterr().err
-  assert gen.main(["--checkpoint", S.HF_DIR, "--prompt", "x", "--top_p", "0"]) == 1
-  assert "--top_p=0.0 must be in (0, 1]" in capsys.readouterr().err
+  assert f"{bad}:3: field 'prompt': expected a string" in error(
+      ["--checkpoint", S.HF_DIR, "--input", str(bad)])
+  assert "pass --reference" in error(
+      ["--checkpoint", S.HF_DIR, "--prompt", "x", "--compare_reference"])
+  assert "--top_p=0.0 must be in (0, 1]" in error(
+      ["--checkpoint", S.HF_DIR, "--prompt", "x", "--top_p", "0"])
+  assert error(["--checkpoint", str(tmp_path / "gone.nemo"), "--prompt", "x"]) == (
+      f"error: --checkpoint={tmp_path / 'gone.nemo'}: no such file or folder\n")
+  with pytest.raises(ValueError, match="--top_p=0.0 must be in"):  # --debug: the traceback.
+    gen.main(["--checkpoint", S.HF_DIR, "--prompt", "x", "--top_p", "0", "--debug"])

@@ -1,6 +1,7 @@
 """dpojax.checkpoint.nemo: real .nemo fixtures (stories260K), round trips, layouts, safety."""
 
 import io
+import json
 import os
 import pickle
 import re
@@ -112,7 +113,6 @@ def test_export_has_the_files_megatron_core_expects(legacy, tmp_path):
       "./model_weights/common.pt", "./model_weights/metadata.json"]
   with tarfile.open(out) as tar:
     assert tar.getmembers()[0].name == "."  # As NeMo's tar.add(dir, arcname=".").
-  import json  # pylint: disable=g-import-not-at-top
   import yaml  # pylint: disable=g-import-not-at-top
   assert json.loads(members["./model_weights/metadata.json"]) == {
       "sharded_backend": "torch_dist", "sharded_backend_version": 1,
@@ -123,16 +123,54 @@ def test_export_has_the_files_megatron_core_expects(legacy, tmp_path):
   assert (config["mcore_gpt"], config["activation"], config["normalization"],
           config["num_query_groups"], config["make_vocab_size_divisible_by"]) == (
               True, "fast-swiglu", "rmsnorm", 4, 128)  # 512 pieces pad to 512 with 128.
-  # One `_extra_state` object per Transformer Engine module and layer, each a list [None].
+  # One `_extra_state` object per linear layer (none for core attention), each a list [None].
   md = pickle.loads(members["./model_weights/.metadata"])  # Our own file: plain pickle.
   extra = sorted(k for k in md.state_dict_metadata if "_extra_state" in k)
   assert extra == sorted(f"model.decoder.layers.{m}._extra_state/shard_{i}_5"
-                         for m in nemo.TE_MODULES for i in range(5))
+                         for m in ("self_attention.linear_qkv", "self_attention.linear_proj",
+                                   "mlp.linear_fc1", "mlp.linear_fc2") for i in range(5))
   data = members["./model_weights/__0_0.distcp"]
   for key in extra:
     info = [v for k, v in md.storage_data.items() if k.fqn == key][0]
     raw = data[info.offset:info.offset + info.length]
     assert torch.load(io.BytesIO(raw), weights_only=True) == [None]
+
+
+def stored_keys(path) -> tuple[dict, list]:
+  """({tensor key: global shape}, [object keys]) of an exported .nemo's torch_dist metadata."""
+  raw = read_members(path)["./model_weights/.metadata"]
+  md = nemo._MetadataUnpickler(io.BytesIO(raw)).load()  # pylint: disable=protected-access
+  tensors = {k: list(v.size) for k, v in md.state_dict_metadata.items() if hasattr(v, "size")}
+  return tensors, sorted(k for k in md.state_dict_metadata if k not in tensors)
+
+
+# What megatron-core 0.16.1's GPTModel.sharded_state_dict asks for, one entry per export
+# switch; listed by running it (tests/testdata/megatron_core_keys.py, which also loaded each
+# export with strict=RAISE_ALL and matched the logits).
+with open(os.path.join(os.path.dirname(__file__), "testdata", "megatron_core_keys.json")) as _f:
+  MCORE_KEYS = json.load(_f)
+
+
+@pytest.mark.parametrize("name", sorted(MCORE_KEYS["configs"]))
+def test_export_holds_exactly_the_keys_megatron_core_asks_for(name, tmp_path):
+  want = MCORE_KEYS["configs"][name]
+  cfg = model_lib.ModelConfig(**want["model_config"])
+  out = str(tmp_path / "m.nemo")
+  nemo.save_nemo(out, cfg, S.random_params(cfg))
+  tensors, objects = stored_keys(out)
+  assert tensors == want["tensors"]
+  assert objects == want["objects"]
+
+
+def test_export_for_megatron_core_0_14_matches_a_file_it_wrote(legacy, tmp_path):
+  """0.14 with Transformer Engine also asks for core attention's `_extra_state`: the fixture
+  megatron-core 0.14 wrote holds exactly the keys of a megatron_core="0.14" export."""
+  out = str(tmp_path / "m.nemo")
+  nemo.save_nemo(out, *legacy, megatron_core="0.14")
+  assert stored_keys(out) == stored_keys(S.NEMO["mcore-torch_dist"])
+  S.assert_bitwise(nemo.load_nemo(out).params, legacy.params)
+  with pytest.raises(CheckpointError, match=r"megatron_core='0\.13' is not one of"):
+    nemo.save_nemo(out, *legacy, megatron_core="0.13")
 
 
 CONFIGS = {
@@ -381,9 +419,29 @@ def test_pickle_payload_in_model_weights_is_not_run(tmp_path):
       {"model.embedding.word_embeddings.weight": Evil(marker)})
   path = str(tmp_path / "bad.nemo")
   write_tar(path, members)
-  with pytest.raises(CheckpointError, match="weights_only=True"):
+  with pytest.raises(CheckpointError) as e:
     nemo.load_nemo(path, extract_dir=str(tmp_path / "t"))
   assert not marker.exists()
+  # What was refused and where; never torch's advice to retry with weights_only=False.
+  assert re.fullmatch(
+      re.escape(f"{path}!model_weights.ckpt: refused to unpickle: Trying to load unsupported "
+                "GLOBAL ") + r"(posix|os)\.system whose module (posix|os) is blocked \(only "
+      r"tensors and plain containers are loaded; anything else could run code\)", str(e.value))
+
+
+def test_pickle_refusal_keeps_what_and_drops_torchs_advice():
+  # torch < 2.5's wording: the refused global, then how to allow-list it.
+  old = pickle.UnpicklingError(
+      "Weights only load failed. This file can still be loaded, to do so you have two options"
+      "\n\t(1) Re-running `torch.load` with `weights_only` set to `False` will likely succeed, "
+      "but it can result in arbitrary code execution. Do it only if you got the file from a "
+      "trusted source.\n\t(2) Alternatively, to load with `weights_only=True` please check the "
+      "recommended steps in the following error message.\n\tWeightsUnpickler error: "
+      "Unsupported global: GLOBAL posix.system was not an allowed global by default. Please "
+      "use `torch.serialization.add_safe_globals([system])` to allowlist this global if you "
+      "trust this class/function.")
+  assert nemo._torch_refusal(old) == (  # pylint: disable=protected-access
+      "Unsupported global: GLOBAL posix.system was not an allowed global by default")
 
 
 def test_pickle_payload_in_dist_checkpoint_metadata_is_not_run(tmp_path):
@@ -412,8 +470,11 @@ def test_pickle_payload_in_a_tensor_chunk_is_not_run(legacy, tmp_path):
   info = md.storage_data[key]
   info.relative_path, info.offset, info.length = "__evil.distcp", 0, len(evil)
   md_path.write_bytes(pickle.dumps(md))
-  with pytest.raises(CheckpointError, match="weights_only=True"):
+  with pytest.raises(CheckpointError, match=r"__evil\.distcp@0 \(model\.embedding\.word_emb"
+                     r"eddings\.weight\): refused to unpickle: Trying to load unsupported "
+                     r"GLOBAL (posix|os)\.system") as e:
     nemo.load_nemo(str(folder))
+  assert "weights_only" not in str(e.value)
   assert not marker.exists()
 
 

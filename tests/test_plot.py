@@ -81,7 +81,7 @@ def test_cli_and_errors(tmp_path):
   r = subprocess.run([sys.executable, "-m", "dpojax.plot", str(tmp_path), "--output", str(out)],
                      cwd=ROOT, capture_output=True, text=True, check=False)
   assert r.returncode == 0 and Image.open(out).size == (1500, 800), r.stderr
-  assert plot.main([str(tmp_path / "nowhere")]) == 1
+  assert plot.main([str(tmp_path / "nowhere")]) == 1  # One line: tests/test_cli.py.
   with open(tmp_path / "metrics.jsonl", "a") as f:
     f.write('{"step": 6, "split": "train", "loss": 1.0}\n{"step": 7, "split"\n')
   with pytest.raises(ValueError, match=r"metrics.jsonl:9: not valid JSON"):

@@ -40,9 +40,19 @@ CONFIG_NAME = "model_config.yaml"
 WEIGHTS_FILE = "model_weights.ckpt"
 WEIGHTS_DIR = "model_weights"
 LAYERS = "model.decoder.layers."
-# Transformer Engine modules whose `_extra_state` megatron-core requests on load.
-TE_MODULES = ("self_attention.linear_qkv", "self_attention.linear_proj",
-              "self_attention.core_attention", "mlp.linear_fc1", "mlp.linear_fc2")
+# The layer modules whose `_extra_state` object GPTModel.sharded_state_dict asks for, by the
+# megatron-core an export targets; a key no model asks for fails a strict (RAISE_ALL) load.
+# The linear layers always (TE's FP8 metadata; the local spec's Column/RowParallelLinear add an
+# empty one to match). Core attention only up to 0.14 with Transformer Engine (0.10.0, 0.14.0:
+# TEDotProductAttention has no sharded_state_dict of its own). From 0.15.0 it and the local
+# DotProductAttention return nothing unless softmax_type == "learnable" (0.16.1:
+# megatron/core/extensions/transformer_engine.py:1436-1456,
+# megatron/core/transformer/dot_product_attention.py:253-271).
+_LINEAR_MODULES = ("self_attention.linear_qkv", "self_attention.linear_proj",
+                   "mlp.linear_fc1", "mlp.linear_fc2")
+EXTRA_STATE_MODULES = {"0.15": _LINEAR_MODULES,  # 0.15.0 and later (checked: 0.16.1).
+                       "0.14": _LINEAR_MODULES + ("self_attention.core_attention",)}
+MEGATRON_CORE = "0.15"  # The default target.
 MEGATRON_GPT = "nemo.collections.nlp.models.language_modeling.megatron_gpt_model.MegatronGPTModel"
 
 
@@ -72,7 +82,8 @@ class Archive:
     try:
       self._tar = tarfile.open(path, "r:*")  # Plain tar, or gzip for files before NeMo 1.7.
     except (tarfile.TarError, OSError) as e:
-      raise CheckpointError(f"{path}: not a .nemo tar file ({e})") from None
+      why = "not a plain or gzip tar" if isinstance(e, tarfile.ReadError) else str(e)
+      raise CheckpointError(f"{path}: not a .nemo tar file ({why})") from None
     for member in self._tar.getmembers():
       name = _safe_member_name(path, member)
       if name is None or member.isdir():
@@ -334,14 +345,35 @@ def _torch_load(data, where: str, allow_bytesio: bool = False):
   """torch.load with weights_only=True (tensors and plain containers only)."""
   import torch  # pylint: disable=g-import-not-at-top
 
+  import warnings  # pylint: disable=g-import-not-at-top
+
   try:
-    if allow_bytesio:  # TE 1.x `_extra_state` values are io.BytesIO (dropped unread).
-      with torch.serialization.safe_globals([io.BytesIO]):
-        return torch.load(data, map_location="cpu", weights_only=True)
-    return torch.load(data, map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():  # A plain pickle's protocol: the refusal below says enough.
+      warnings.filterwarnings("ignore", message="Detected pickle protocol")
+      if allow_bytesio:  # TE 1.x `_extra_state` values are io.BytesIO (dropped unread).
+        with torch.serialization.safe_globals([io.BytesIO]):
+          return torch.load(data, map_location="cpu", weights_only=True)
+      return torch.load(data, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    raise CheckpointError(
+        f"{where}: refused to unpickle: {_torch_refusal(e)} (only tensors and plain containers "
+        "are loaded; anything else could run code)") from None
   except Exception as e:  # pylint: disable=broad-except
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise CheckpointError(f"{where}: cannot load with weights_only=True ({first})") from None
+    raise CheckpointError(f"{where}: not a readable torch file ({_torch_refusal(e)})") from None
+
+
+# torch's advice around the refusal: retry with weights_only=False, or allow-list the global.
+_TORCH_ADVICE = re.compile(r"weights.only|re-running|still be loaded|safe_globals|trusted source|"
+                           r"file an issue|documentation|pytorch\.org", re.IGNORECASE)
+
+
+def _torch_refusal(e: Exception) -> str:
+  """What torch.load refused (e.g. "Trying to load unsupported GLOBAL posix.system ..."),
+  without torch's advice: that invites the unsafe retry."""
+  text = str(e).replace("WeightsUnpickler error:", "\n")
+  parts = [p.strip() for line in text.splitlines() for p in re.split(r"(?<=\.)\s+", line)]
+  kept = [p for p in parts if p and not _TORCH_ADVICE.search(p)]
+  return " ".join(kept).rstrip(".") or type(e).__name__
 
 
 def _read_torch_dist(archive: Archive, prefix: str) -> dict[str, np.ndarray]:
@@ -826,7 +858,8 @@ def _vocab_divisor(vocab_size: int, tokenizer_path: str | None) -> int:
   return vocab_size
 
 
-def _write_torch_dist(directory: str, tensors: dict[str, np.ndarray], num_layers: int):
+def _write_torch_dist(directory: str, tensors: dict[str, np.ndarray], num_layers: int,
+                      megatron_core: str):
   """A megatron-core torch_dist checkpoint written with plain torch DCP."""
   import torch.distributed.checkpoint as dcp  # pylint: disable=g-import-not-at-top
   from torch.distributed.checkpoint.default_planner import DefaultSavePlanner  # pylint: disable=g-import-not-at-top
@@ -834,9 +867,9 @@ def _write_torch_dist(directory: str, tensors: dict[str, np.ndarray], num_layers
   import torch  # pylint: disable=g-import-not-at-top
 
   state = {k: numpy_to_torch(v) for k, v in tensors.items()}
-  # megatron-core requests one `_extra_state` object per TE module and layer, stored as a
-  # list of the objects a rank holds; None is accepted by every Transformer Engine version.
-  for module in TE_MODULES:
+  # One `_extra_state` object per module and layer, stored as the list of the objects a rank
+  # holds; None is accepted by every Transformer Engine version.
+  for module in EXTRA_STATE_MODULES[megatron_core]:
     for i in range(num_layers):
       state[f"{LAYERS}{module}._extra_state/shard_{i}_{num_layers}"] = [None]
   os.makedirs(directory)
@@ -852,13 +885,19 @@ def _write_torch_dist(directory: str, tensors: dict[str, np.ndarray], num_layers
 
 
 def save_nemo(path: str, cfg: ModelConfig, params, tokenizer_path: str | None = None, *,
-              base_config: dict | None = None):
+              base_config: dict | None = None, megatron_core: str = MEGATRON_CORE):
   """Writes a .nemo (megatron-core torch_dist weights) that NeMo and megatron-core load.
 
   `base_config`: a model_config.yaml mapping (e.g. `read_nemo_config(source)`) whose
-  non-architecture keys (data, optim, precision plugins, ...) are kept.
+  non-architecture keys (data, optim, precision plugins, ...) are kept. `megatron_core`: the
+  version whose keys the checkpoint holds, exactly (a strict load refuses any other set):
+  "0.15" for 0.15.0 and later, "0.14" for 0.14 and earlier with Transformer Engine.
   """
   import yaml  # pylint: disable=g-import-not-at-top
+
+  if megatron_core not in EXTRA_STATE_MODULES:
+    raise CheckpointError(f"save_nemo({path}): megatron_core={megatron_core!r} is not one of "
+                          f"{sorted(EXTRA_STATE_MODULES)}")
 
   flat = check_params(cfg, params, f"save_nemo({path})")
   cfg = dataclasses.replace(cfg, param_dtype=dtype_name(flat["embedding"].dtype))
@@ -878,7 +917,7 @@ def save_nemo(path: str, cfg: ModelConfig, params, tokenizer_path: str | None = 
                          base_config)
     with open(os.path.join(stage, CONFIG_NAME), "w") as fh:
       yaml.safe_dump(doc, fh, sort_keys=False)
-    _write_torch_dist(os.path.join(stage, WEIGHTS_DIR), tensors, cfg.num_layers)
+    _write_torch_dist(os.path.join(stage, WEIGHTS_DIR), tensors, cfg.num_layers, megatron_core)
     partial = os.path.join(stage, "out.nemo")
     with tarfile.open(partial, "w:") as tar:  # Uncompressed, members '.', './...' as NeMo's.
       tar.add(stage, arcname=".", filter=_clean_tarinfo)

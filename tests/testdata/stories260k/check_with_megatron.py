@@ -64,7 +64,9 @@ def main(nemo_path, reference_json):
       rotary_percent=c["rotary_percentage"], rotary_base=int(c["rotary_base"]),
       share_embeddings_and_output_weights=c["share_embeddings_and_output_weights"])
   sharded = model.sharded_state_dict(prefix="model.")
-  state = dist_checkpointing.load(sharded, os.path.join(tmp, "model_weights"))
+  from megatron.core.dist_checkpointing.validation import StrictHandling
+  state = dist_checkpointing.load(sharded, os.path.join(tmp, "model_weights"),
+                                  strict=StrictHandling.RAISE_ALL)  # Exactly the keys asked for.
   result = model.load_state_dict({k[len("model."):]: v for k, v in state.items()}, strict=True)
   print("strict load: missing", result.missing_keys, "unexpected", result.unexpected_keys)
   model.eval()

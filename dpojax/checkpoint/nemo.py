@@ -73,7 +73,11 @@ class Archive:
       self._tar = tarfile.open(path, "r:*")  # Plain tar, or gzip for files before NeMo 1.7.
     except (tarfile.TarError, OSError) as e:
       raise CheckpointError(f"{path}: not a .nemo tar file ({e})") from None
-    for member in self._tar.getmembers():
+    try:
+      members = self._tar.getmembers()
+    except (tarfile.TarError, EOFError, OSError) as e:  # A .nemo cut short: a partial copy.
+      raise CheckpointError(f"{path}: truncated or corrupt .nemo tar file ({e})") from None
+    for member in members:
       name = _safe_member_name(path, member)
       if name is None or member.isdir():
         continue

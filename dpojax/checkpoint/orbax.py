@@ -17,6 +17,7 @@ import errno
 import logging as py_logging
 import os
 import re
+import sys
 
 import jax
 import numpy as np
@@ -75,20 +76,36 @@ def _writing(step, directory):
 
 
 class _NoBackgroundTracebacks(py_logging.Filter):
-  """Drops Orbax's log records of a failed background write: it raises the same error to the
-  caller (save, wait, close), which reports it once."""
+  """Drops the log records of a failed background write (Orbax's threads; asyncio's 'Task
+  exception was never retrieved' for its sibling writes): the same error raises to the caller
+  (save, wait, close), which reports it once."""
 
   def filter(self, record):
-    return not (record.levelno >= py_logging.ERROR and record.exc_info
-                and f"{os.sep}orbax{os.sep}" in record.pathname)
+    if record.levelno < py_logging.ERROR or not record.exc_info:
+      return True
+    if f"{os.sep}orbax{os.sep}" in record.pathname:
+      return False
+    return not (record.name == "asyncio" and storage_reason(record.exc_info[1]) is not None)
+
+
+def _is_write_aftermath(unraisable) -> bool:
+  """After one write of a save fails, tensorstore completes the others into Orbax's closed
+  event loop ('Event loop is closed'), and their coroutines die at exit: Python reports each
+  as unraisable, with a traceback."""
+  code = getattr(unraisable.object, "cr_code", None)
+  return (str(unraisable.exc_value) == "Event loop is closed"
+          or f"{os.sep}orbax{os.sep}" in getattr(code, "co_filename", ""))
 
 
 def quiet_background_errors():
-  """For the CLI: no traceback per Orbax thread when a write fails (the error still raises)."""
+  """For the CLI: no traceback per Orbax thread or tensorstore callback when a write fails (the
+  error itself still raises from save, wait or close)."""
   from absl import logging  # pylint: disable=g-import-not-at-top
-  logger = logging.get_absl_logger()
-  if not any(isinstance(f, _NoBackgroundTracebacks) for f in logger.filters):
-    logger.addFilter(_NoBackgroundTracebacks())
+  for logger in (logging.get_absl_logger(), py_logging.getLogger("asyncio")):
+    if not any(isinstance(f, _NoBackgroundTracebacks) for f in logger.filters):
+      logger.addFilter(_NoBackgroundTracebacks())
+  previous = sys.unraisablehook
+  sys.unraisablehook = lambda u: None if _is_write_aftermath(u) else previous(u)
 
 
 class Checkpointer:

@@ -14,6 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from dpojax.checkpoint import orbax as orbax_ckpt
 from dpojax.checkpoint.orbax import Checkpointer
 from dpojax.train import loop
 
@@ -47,13 +48,22 @@ def assert_bitwise(a, b):
 
 # --- non-finite guard -----------------------------------------------------------------------
 
-def test_nonfinite_step_is_skipped_and_counted(tmp_path):
+def test_nonfinite_step_is_skipped_and_counted(tmp_path, capsys):
   config = tiny_config()
   config.train.max_steps = 1
   one = loop.run(config, str(tmp_path / "one"))
   config.train.max_steps = 2
   config.debug.inject_nonfinite_at = (2,)
   two = loop.run(config, str(tmp_path / "two"))
+  # The log line names the source file and the lines of the step's 8 pairs (1-based, real).
+  line = next(l for l in capsys.readouterr().out.splitlines() if "non-finite" in l)
+  path = config.data.train_path
+  assert line.startswith(f"Step 2: non-finite loss or gradient; update skipped (pairs: {path}, "
+                         "lines ")
+  numbers = [int(n) for n in line.split("lines ")[1].rstrip(")").split(",")]
+  with open(path) as f:
+    count = sum(1 for _ in f)
+  assert len(numbers) == 8 and all(1 <= n <= count for n in numbers)
   # Step 2 was refused: parameters and optimizer state are exactly those after step 1.
   assert_bitwise(one["state"].params, two["state"].params)
   assert_bitwise(one["state"].opt_state, two["state"].opt_state)
@@ -78,33 +88,75 @@ def test_consecutive_nonfinite_steps_stop_with_last_good_checkpoint(tmp_path):
 
 # --- checkpoint writes that fail ---------------------------------------------------------------
 
-def failing_save_after(step_limit):
-  original = Checkpointer.save
+# What tensorstore raises (through Orbax, unchanged) when the disk is full mid-save.
+ENOSPC_TEXT = ('RESOURCE_EXHAUSTED: Error writing "opt_state.1.0.mu.embedding/0.0" in OCDBT '
+               'database at local file "/w/checkpoints/6.orbax-checkpoint-tmp/state.orbax-'
+               'checkpoint-tmp/ocdbt.process_0/": Failed writing: "/w/.../d/9f": Failed to write '
+               "615963 bytes to file 7: No space left on device [os_error_code='28']")
 
-  def save(self, step, state, data_state):
-    if step > step_limit:
-      raise OSError(errno.ENOSPC, "No space left on device")
-    return original(self, step, state, data_state)
+
+def failing_save_after(step_limit, folder="checkpoints"):
+  """Orbax's manager.save under `folder` raises tensorstore's full-disk error past a step."""
+  original = ocp.CheckpointManager.save
+
+  def save(self, step, *args, **kwargs):
+    if step > step_limit and os.path.basename(str(self.directory)) == folder:
+      raise ValueError(ENOSPC_TEXT)
+    return original(self, step, *args, **kwargs)
 
   return save
 
 
+def test_storage_reason_tells_refused_writes_from_bugs():
+  assert orbax_ckpt.storage_reason(ValueError(ENOSPC_TEXT)) == (
+      "No space left on device (ENOSPC)")
+  try:  # Wrapped, as Orbax's futures may: the cause still counts.
+    raise RuntimeError("save failed") from ValueError(ENOSPC_TEXT.replace("28", "27"))
+  except RuntimeError as e:
+    assert orbax_ckpt.storage_reason(e) == "File too large (EFBIG)"
+  assert orbax_ckpt.storage_reason(OSError(errno.EACCES, "Permission denied")) == (
+      "Permission denied")
+  assert orbax_ckpt.storage_reason(ValueError("Shapes (3,) and (4,) differ")) is None
+  assert orbax_ckpt.storage_reason(KeyError("params")) is None
+
+
+def test_a_bug_in_a_save_is_not_a_write_failure(tmp_path, monkeypatch):
+  def save(self, step, *args, **kwargs):
+    raise ValueError("Shapes (3,) and (4,) differ")
+  monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+  ckpt = Checkpointer(str(tmp_path), async_save=False)
+  with pytest.raises(ValueError, match="Shapes"):  # Its own traceback, not 'could not write'.
+    ckpt.save(1, {"x": np.zeros(2)}, {})
+  ckpt.close()
+
+
 def test_failed_checkpoint_stops_and_keeps_previous(tmp_path, monkeypatch):
-  monkeypatch.setattr(Checkpointer, "save", failing_save_after(3))
+  monkeypatch.setattr(ocp.CheckpointManager, "save", failing_save_after(3))
   with pytest.raises(loop.CheckpointWriteError,
-                     match=r"step 6 could not be written .*No space left on device.*last "
-                     r"complete checkpoint is step 3; stopping"):
+                     match=r"^checkpoint of step 6 could not be written to .*checkpoints \(No "
+                     r"space left on device \(ENOSPC\)\); the last complete checkpoint is step 3"
+                     r" in .*; stopping"):
     loop.run(tiny_config(), str(tmp_path))
   assert final_params(str(tmp_path))[0] == 3
 
 
+def test_failed_best_checkpoint_stops_and_names_it(tmp_path, monkeypatch):
+  monkeypatch.setattr(ocp.CheckpointManager, "save", failing_save_after(0, folder="best"))
+  with pytest.raises(loop.CheckpointWriteError,
+                     match=r"^best checkpoint of step 3 could not be written to .*best \(No space"
+                     r" left on device \(ENOSPC\)\); no checkpoint has been written yet; stop"):
+    loop.run(tiny_config(), str(tmp_path))
+
+
 def test_failed_checkpoint_can_continue(tmp_path, monkeypatch, capsys):
-  monkeypatch.setattr(Checkpointer, "save", failing_save_after(3))
+  monkeypatch.setattr(ocp.CheckpointManager, "save", failing_save_after(3))
   config = tiny_config()
   config.checkpoint.on_error = "continue"
   out = loop.run(config, str(tmp_path))
   assert out["step"] == 6
-  assert "continuing (checkpoint.on_error=continue)" in capsys.readouterr().out
+  out_text = capsys.readouterr().out
+  assert ("checkpoint of step 6 could not be written" in out_text
+          and "continuing (checkpoint.on_error=continue)" in out_text)
   assert final_params(str(tmp_path))[0] == 3
 
 

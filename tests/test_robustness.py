@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -237,3 +238,138 @@ def test_sigterm_checkpoints_and_exits_zero(uninterrupted, tmp_path):
   finish(workdir)
   assert_same_records(metrics(uninterrupted), metrics(workdir))
   assert_bitwise(final_params(uninterrupted)[1], final_params(workdir)[1])
+
+
+# --- a full disk, for real: the storage layer refuses the write -------------------------------
+
+def cli(workdir, *flags, file_limit_kb=None):
+  """The training CLI; with `file_limit_kb` (ulimit -f) no file it writes may grow past that
+  size, so tensorstore's writes fail with EFBIG the way a full disk fails them with ENOSPC
+  (same path: ValueError 'OUT_OF_RANGE: Error writing ... [os_error_code='27']'). SIGXFSZ is
+  ignored so that the write fails instead of killing the process."""
+  command = [sys.executable, "-m", "dpojax.main", f"--config={TINY_CONFIG}",
+             f"--workdir={workdir}", *flags]
+  if file_limit_kb:  # A shell, not preexec_fn: no fork() of this (threaded) JAX process.
+    command = ["bash", "-c", f"trap '' XFSZ; ulimit -f {file_limit_kb}; exec \"$0\" \"$@\"",
+               *command]
+  return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def error_lines(stderr):
+  """stderr without absl's warnings about the data (lines starting W<date>)."""
+  return [l for l in stderr.splitlines() if l and not (l[0] == "W" and l[1:5].isdigit())]
+
+
+@pytest.fixture(scope="module")
+def three_steps(tmp_path_factory):
+  """A run stopped at step 3 (checkpoint 3, best/3): the last good checkpoint."""
+  workdir = str(tmp_path_factory.mktemp("three"))
+  config = tiny_config()
+  config.train.max_steps = 3
+  loop.run(config, workdir)
+  return workdir
+
+
+# The tiny model's state files are 70-160 KB; metrics, events and run config stay far below.
+FILE_LIMIT_KB = 32
+FULL_DISK_CASES = {
+    "best": (["--config.checkpoint.keep_best=True"], "best checkpoint of step 6", "best"),
+    "step": (["--config.checkpoint.keep_best=False"], "checkpoint of step 6", "checkpoints"),
+    # Async: step 6's write fails in the background; it surfaces at the save of step 9.
+    "async": (["--config.checkpoint.keep_best=False", "--config.checkpoint.async_save=True"],
+              "checkpoint of step 6", "checkpoints"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(FULL_DISK_CASES))
+def test_full_disk_stops_with_one_line_and_keeps_the_last_good(three_steps, tmp_path, case):
+  flags, what, folder = FULL_DISK_CASES[case]
+  workdir = str(tmp_path / "run")
+  shutil.copytree(three_steps, workdir)
+  proc = cli(workdir, "--config.train.max_steps=9", *flags, file_limit_kb=FILE_LIMIT_KB)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert error_lines(proc.stderr) == [
+      f"error: {what} could not be written to {os.path.join(workdir, folder)} (File too large "
+      f"(EFBIG)); the last complete checkpoint is step 3 in "
+      f"{os.path.join(workdir, 'checkpoints')}; stopping (checkpoint.on_error=stop)"]
+  assert final_params(workdir)[0] == 3
+  if case == "async":  # The failed attempt left the last good one intact: resume is exact.
+    config = tiny_config()
+    config.train.max_steps = 9
+    config.checkpoint.keep_best = False
+    straight = str(tmp_path / "straight")
+    shutil.copytree(three_steps, straight)
+    loop.run(config, straight)
+    loop.run(config, workdir)
+    assert final_params(workdir)[0] == 9
+    assert_bitwise(final_params(straight)[1], final_params(workdir)[1])
+
+
+@pytest.mark.slow
+def test_full_disk_with_on_error_continue_trains_on_and_says_so(three_steps, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(three_steps, workdir)
+  proc = cli(workdir, "--config.train.max_steps=9", "--config.checkpoint.on_error=continue",
+             file_limit_kb=FILE_LIMIT_KB)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr and not error_lines(proc.stderr), proc.stderr[-3000:]
+  warnings = [l for l in proc.stdout.splitlines() if "could not be written" in l]
+  assert [w.split(" could not")[0] for w in warnings] == [
+      "WARNING: best checkpoint of step 6", "WARNING: checkpoint of step 6",
+      "WARNING: best checkpoint of step 9", "WARNING: checkpoint of step 9"]
+  assert all(w.endswith("the last complete checkpoint is step 3 in "
+                        f"{os.path.join(workdir, 'checkpoints')}; continuing "
+                        "(checkpoint.on_error=continue)") for w in warnings)
+  assert [r["step"] for r in metrics(workdir) if r["split"] == "train"][-1] == 9
+  assert final_params(workdir)[0] == 3
+
+
+# --- SIGTERM during start-up -----------------------------------------------------------------
+
+def caught_signals(pid) -> int:
+  with open(f"/proc/{pid}/status") as f:
+    return int(next(l for l in f if l.startswith("SigCgt:")).split()[1], 16)
+
+
+@pytest.mark.slow
+def test_sigterm_at_the_first_moment_exits_zero_saying_nothing_was_saved(tmp_path):
+  """SIGTERM as soon as the CLI handles it (main.py's first lines, before its imports)."""
+  workdir = str(tmp_path / "run")
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "dpojax.main", f"--config={TINY_CONFIG}", f"--workdir={workdir}"],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  while proc.poll() is None and not caught_signals(proc.pid) & (1 << (signal.SIGTERM - 1)):
+    time.sleep(0.001)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  assert out.splitlines()[-1] == (
+      "Received signal 15 before the first step: nothing was saved yet; run again with the "
+      "same --workdir to start or resume.")
+  assert not os.path.exists(os.path.join(workdir, "checkpoints"))
+
+
+@pytest.mark.slow
+def test_sigterm_during_start_up_of_a_resumed_run(three_steps, tmp_path):
+  """SIGTERM once the run config is written (start-up: mesh, init, restore still to come):
+  exit 0, and the line says what the workdir holds."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(three_steps, workdir)
+  config_file = os.path.join(workdir, "run_config.json")
+  os.remove(config_file)
+  proc = start(workdir)
+  while proc.poll() is None and not os.path.exists(config_file):
+    time.sleep(0.005)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  last = out.splitlines()[-1]
+  latest = final_params(workdir)[0]
+  if "before the first step" in last:
+    assert latest == 3 and "nothing new was saved; the latest checkpoint is still step 3 in " \
+        f"{os.path.join(workdir, 'checkpoints')}" in last
+  else:  # The signal landed after start-up: that step was saved.
+    assert last.startswith(f"Received signal 15: saved step {latest} to "), last
+    assert latest > 3

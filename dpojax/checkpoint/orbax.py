@@ -18,6 +18,7 @@ import logging as py_logging
 import os
 import re
 import sys
+import warnings
 
 import jax
 import numpy as np
@@ -106,6 +107,9 @@ def quiet_background_errors():
       logger.addFilter(_NoBackgroundTracebacks())
   previous = sys.unraisablehook
   sys.unraisablehook = lambda u: None if _is_write_aftermath(u) else previous(u)
+  # The sibling writes' coroutines that the failed save never awaited, reported at exit.
+  warnings.filterwarnings("ignore", r"coroutine '\S*(serializ|write)\S*' was never awaited",
+                          RuntimeWarning)
 
 
 class Checkpointer:

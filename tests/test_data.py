@@ -152,6 +152,9 @@ def test_on_error_skip_counts_and_summarises(tmp_path, tok, caplog):
       caplog.text)
   assert f"invalid JSON: 1 (first: {path}:2: invalid JSON" in caplog.text
   assert [data[i]["line"] for i in range(2)] == [1, len(NEMO_BAD) + 2]
+  # `line` (the non-finite log line's source) skips the skipped records without reading them.
+  assert [data.line(i) for i in range(2)] == [1, len(NEMO_BAD) + 2]
+  assert data.source_path == path
 
 
 def test_fewer_pairs_than_global_batch_is_a_clear_error(tmp_path, tok):
@@ -531,6 +534,8 @@ def test_pack_cli_writes_a_dataset_training_reads(tmp_path, tok, marker_tok, cap
       np.testing.assert_array_equal(pair[k], want[k])
     assert pair["prompt_len"] == want["prompt_len"]
     assert pair["chosen_reward"] == want["chosen_reward"] and pair["rejected_reward"] is None
+    assert packed.line(i) == pair["line"]
+  assert packed.source_path == src
   assert stats["token_efficiency"] == pytest.approx(
       packed.pair_lengths.sum() / (stats["rows"] * 64))
   # Every pair once per pass over the rows, in the packing the file holds.

@@ -204,6 +204,30 @@ def test_config_errors_name_the_key(key, value, message):
     loop.build(config)
 
 
+@pytest.mark.parametrize("key,value,message", [
+    ("train.learning_rate", -1.0, r"^train.learning_rate=-1.0 must be positive$"),
+    ("train.adam_b2", 1.0, r"^train.adam_b2=1.0 must be in \[0, 1\)$"),
+    ("checkpoint.on_error", "foo",
+     r"^checkpoint.on_error='foo' is not one of \('stop', 'continue'\)$"),
+    ("model.dtype", "float8", r"^model.dtype='float8' is not one of \('float32', "),
+    ("model.param_dtype", "int8", r"^model.param_dtype='int8' is not one of "),
+    ("model.hidden_size", 63,
+     r"^model.hidden_size=63 is not a multiple of model.num_attention_heads=2 \(or set "),
+    ("model.rotary_percentage", 0.1,
+     r"^model.rotary_percentage=0.1 of the head dim 16 gives an odd rotary dim 1$"),
+])
+def test_bad_values_stop_before_anything_compiles(key, value, message, tmp_path, monkeypatch):
+  def compiled(*args, **kwargs):
+    raise AssertionError("compiled before the config was checked")
+  monkeypatch.setattr(loop, "compile_steps", compiled)
+  monkeypatch.setattr(loop, "load_pretrained", compiled)  # Before init.from is even read.
+  config = tiny_config()
+  section, name = key.split(".")
+  config[section][name] = value
+  with pytest.raises(ValueError, match=message):
+    loop.run(config, str(tmp_path))
+
+
 @pytest.mark.slow
 def test_default_cli_run_learns(tmp_path):
   """Quickstart (a): the default config from the command line, as a user runs it."""

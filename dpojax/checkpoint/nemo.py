@@ -84,7 +84,11 @@ class Archive:
     except (tarfile.TarError, OSError) as e:
       why = "not a plain or gzip tar" if isinstance(e, tarfile.ReadError) else str(e)
       raise CheckpointError(f"{path}: not a .nemo tar file ({why})") from None
-    for member in self._tar.getmembers():
+    try:
+      members = self._tar.getmembers()
+    except (tarfile.TarError, EOFError, OSError) as e:  # A .nemo cut short: a partial copy.
+      raise CheckpointError(f"{path}: truncated or corrupt .nemo tar file ({e})") from None
+    for member in members:
       name = _safe_member_name(path, member)
       if name is None or member.isdir():
         continue

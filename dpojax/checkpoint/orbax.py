@@ -4,11 +4,21 @@ Orbax writes each step into a temporary folder and renames it when complete, so 
 kill mid-save leaves the previous checkpoint as the latest restorable one; leftover temporary
 folders are removed when the manager starts. A second manager keeps the best checkpoint by
 validation loss.
+
+A write the storage refuses (disk full, file too large, permissions) is raised as `WriteFailed`
+naming its step; an async save's failure surfaces at the next save, `wait` or `close`, still
+under the step it was for. Anything else (a bug) propagates unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging as py_logging
 import os
+import re
+import sys
+import warnings
 
 import jax
 import numpy as np
@@ -20,6 +30,88 @@ def _manager(directory: str, item_names, **options) -> ocp.CheckpointManager:
       create=True, cleanup_tmp_directories=True, **options))
 
 
+class WriteFailed(Exception):
+  """The storage refused a checkpoint write; the previous checkpoints are untouched."""
+
+  def __init__(self, step: int, directory: str, reason: str):
+    super().__init__(f"checkpoint of step {step} could not be written to {directory} ({reason})")
+    self.step, self.directory, self.reason = step, directory, reason
+
+
+# Tensorstore reports a failed write as ValueError("RESOURCE_EXHAUSTED: Error writing ... No
+# space left on device [os_error_code='28']"); EFBIG comes as OUT_OF_RANGE, EACCES as
+# PERMISSION_DENIED. Orbax re-raises it from its save threads, sometimes wrapped.
+_OS_ERROR_CODE = re.compile(r"\[os_error_code='?(\d+)'?\]")
+_STORAGE_STATUS = ("RESOURCE_EXHAUSTED", "OUT_OF_RANGE", "PERMISSION_DENIED", "DATA_LOSS",
+                   "UNAVAILABLE")
+
+
+def storage_reason(error: BaseException) -> str | None:
+  """A short reason ('No space left on device') if `error` (or what it wraps) is the storage
+  refusing a write; None for anything else."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and (error.errno or error.strerror):
+      return error.strerror or os.strerror(error.errno)
+    text = str(error)
+    code = _OS_ERROR_CODE.search(text)
+    if code:
+      number = int(code.group(1))
+      return f"{os.strerror(number)} ({errno.errorcode.get(number, number)})"
+    if text.startswith(_STORAGE_STATUS):
+      return text.splitlines()[0][:200]
+    error = error.__cause__ or error.__context__
+  return None
+
+
+@contextlib.contextmanager
+def _writing(step, directory):
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    reason = storage_reason(e)
+    if reason is None:
+      raise
+    raise WriteFailed(step, directory, reason) from e
+
+
+class _NoBackgroundTracebacks(py_logging.Filter):
+  """Drops the log records of a failed background write (Orbax's threads; asyncio's 'Task
+  exception was never retrieved' for its sibling writes): the same error raises to the caller
+  (save, wait, close), which reports it once."""
+
+  def filter(self, record):
+    if record.levelno < py_logging.ERROR or not record.exc_info:
+      return True
+    if f"{os.sep}orbax{os.sep}" in record.pathname:
+      return False
+    return not (record.name == "asyncio" and storage_reason(record.exc_info[1]) is not None)
+
+
+def _is_write_aftermath(unraisable) -> bool:
+  """After one write of a save fails, tensorstore completes the others into Orbax's closed
+  event loop ('Event loop is closed'), and their coroutines die at exit: Python reports each
+  as unraisable, with a traceback."""
+  code = getattr(unraisable.object, "cr_code", None)
+  return (str(unraisable.exc_value) == "Event loop is closed"
+          or f"{os.sep}orbax{os.sep}" in getattr(code, "co_filename", ""))
+
+
+def quiet_background_errors():
+  """For the CLI: no traceback per Orbax thread or tensorstore callback when a write fails (the
+  error itself still raises from save, wait or close)."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  for logger in (logging.get_absl_logger(), py_logging.getLogger("asyncio")):
+    if not any(isinstance(f, _NoBackgroundTracebacks) for f in logger.filters):
+      logger.addFilter(_NoBackgroundTracebacks())
+  previous = sys.unraisablehook
+  sys.unraisablehook = lambda u: None if _is_write_aftermath(u) else previous(u)
+  # The sibling writes' coroutines that the failed save never awaited, reported at exit.
+  warnings.filterwarnings("ignore", r"coroutine '\S*(serializ|write)\S*' was never awaited",
+                          RuntimeWarning)
+
+
 class Checkpointer:
 
   def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True,
@@ -29,8 +121,10 @@ class Checkpointer:
     self.manager = _manager(self.directory, ("state", "data"), max_to_keep=max_to_keep,
                             enable_async_checkpointing=async_save)
     self.best = None
+    self.best_directory = os.path.join(root, "best")
+    self._pending = None  # The step of an async save in flight (its failure shows later).
     if keep_best:
-      self.best = _manager(os.path.join(root, "best"), ("state", "data"), max_to_keep=1,
+      self.best = _manager(self.best_directory, ("state", "data"), max_to_keep=1,
                            best_fn=lambda m: m["val_loss"], best_mode="min",
                            enable_async_checkpointing=async_save)
 
@@ -38,16 +132,20 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_state: dict):
-    self.manager.save(step, args=_save_args(state, data_state), force=True)
+    self.wait()  # A failed async save raises here, under its own step.
+    with _writing(step, self.directory):
+      self.manager.save(step, args=_save_args(state, data_state), force=True)
+    self._pending = step
 
   def save_if_best(self, step: int, state, data_state: dict, val_loss: float) -> bool:
     """Keeps `state` under <workdir>/best if its validation loss is the lowest so far."""
     if self.best is None or step in self.best.all_steps():
       return False  # A resumed run recomputes a validation it had already kept.
     previous = self.best.best_step()
-    self.best.save(step, args=_save_args(state, data_state),
-                   metrics={"val_loss": float(val_loss)}, force=True)
-    self.best.wait_until_finished()
+    with _writing(step, self.best_directory):
+      self.best.save(step, args=_save_args(state, data_state),
+                     metrics={"val_loss": float(val_loss)}, force=True)
+      self.best.wait_until_finished()
     return self.best.best_step() != previous
 
   def restore(self, step: int, abstract_state):
@@ -58,13 +156,18 @@ class Checkpointer:
     return restored.state, restored.data
 
   def wait(self):
-    self.manager.wait_until_finished()
+    step, self._pending = self._pending, None
+    with _writing(step, self.directory):
+      self.manager.wait_until_finished()
 
   def close(self):
-    for m in (self.manager, self.best):
-      if m is not None:
-        m.wait_until_finished()
-        m.close()
+    """Waits for the last save; the managers close even if it failed (then it raises)."""
+    try:
+      self.wait()
+    finally:
+      for m in (self.manager, self.best):
+        if m is not None:
+          m.close()
 
 
 def _save_args(state, data_state):

@@ -246,6 +246,17 @@ class PreferenceData:
                        self.opts.truncation, self._keep_prefix)
     return dict(pair, index=i)  # Its place in this split: the key of per-pair tables.
 
+  @property
+  def source_path(self) -> str:
+    """The JSONL file the pairs came from (a packed directory's source)."""
+    return self.meta.get("source", self.path) if self.rows is not None else self.path
+
+  def line(self, i: int) -> int:
+    """The line of pair `i` in `source_path` (1-based)."""
+    if self.rows is not None:
+      return int(self.arrays["line"][i])
+    return self.source.line_number(int(self.indices[i]))
+
   def require(self, num_pairs: int, what: str):
     if len(self) < num_pairs:
       raise DataError(

@@ -30,6 +30,11 @@ NORMALIZATIONS = ("layernorm", "layernorm1p", "rmsnorm")
 POSITION_EMBEDDINGS = ("rope", "learned_absolute")
 REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION_IMPLS = ("auto", "xla", "flash", "sparse")
+DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: x64 reference runs.
+
+
+class ConfigError(ValueError):
+  """A model.* value the model cannot be built with; the message names the key."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,14 +84,25 @@ class ModelConfig:
     _check_choice("position_embedding_type", self.position_embedding_type, POSITION_EMBEDDINGS)
     _check_choice("remat", self.remat, REMAT_POLICIES)
     _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+    _check_choice("param_dtype", self.param_dtype, DTYPES)
+    _check_choice("dtype", self.dtype, DTYPES)
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads",
+                 "ffn_hidden_size"):
+      if getattr(self, name) < 1:
+        raise ConfigError(f"model.{name}={getattr(self, name)} must be positive")
     if self.num_attention_heads % self.groups:
-      raise ValueError(
+      raise ConfigError(
           f"model.num_query_groups={self.groups} must divide "
           f"model.num_attention_heads={self.num_attention_heads}")
+    if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+      raise ConfigError(
+          f"model.hidden_size={self.hidden_size} is not a multiple of "
+          f"model.num_attention_heads={self.num_attention_heads} (or set model.kv_channels)")
     if self.scan_unroll < 1:
-      raise ValueError(f"model.scan_unroll={self.scan_unroll} must be at least 1")
+      raise ConfigError(f"model.scan_unroll={self.scan_unroll} must be at least 1")
     if self.position_embedding_type == "rope" and self.rotary_dim % 2:
-      raise ValueError(f"model.rotary_percentage gives an odd rotary dim {self.rotary_dim}")
+      raise ConfigError(f"model.rotary_percentage={self.rotary_percentage} of the head dim "
+                        f"{self.head_dim} gives an odd rotary dim {self.rotary_dim}")
 
   @property
   def groups(self) -> int:
@@ -109,13 +125,13 @@ class ModelConfig:
     d = dict(d)
     unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
-      raise ValueError(f"unknown model config keys: {sorted('model.' + k for k in unknown)}")
+      raise ConfigError(f"unknown model config keys: {sorted('model.' + k for k in unknown)}")
     return cls(**d)
 
 
 def _check_choice(name, value, choices):
   if value not in choices:
-    raise ValueError(f"model.{name}={value!r} is not one of {choices}")
+    raise ConfigError(f"model.{name}={value!r} is not one of {choices}")
 
 
 def _dtype(name: str):

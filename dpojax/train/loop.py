@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import os
 import signal
+import tarfile
 import tempfile
 import time
 
@@ -33,6 +34,9 @@ class ConfigError(ValueError):
   """An inconsistent configuration; the message names the config key."""
 
 
+CHECKPOINT_ON_ERROR = ("stop", "continue")
+
+
 def check_config(config):
   t = config.train
   if t.global_batch_size <= 0 or t.micro_batch_size <= 0:
@@ -48,6 +52,25 @@ def check_config(config):
       raise ConfigError(f"{key}={config[section][name]} must be positive")
   if config.eval.get("interval_epochs", 0.0) < 0:
     raise ConfigError(f"eval.interval_epochs={config.eval.interval_epochs} must be >= 0")
+  for key, ok, rule in (
+      ("train.learning_rate", lambda v: v > 0, "must be positive"),
+      ("train.warmup_steps", lambda v: v >= 0, "must be >= 0"),
+      ("train.min_lr_ratio", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+      ("train.weight_decay", lambda v: v >= 0, "must be >= 0"),
+      ("train.adam_b1", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+      ("train.adam_b2", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+      ("train.adam_eps", lambda v: v > 0, "must be positive"),
+      ("train.grad_clip", lambda v: v >= 0, "must be >= 0 (0 disables it)"),
+      ("train.max_consecutive_nonfinite", lambda v: v >= 1, "must be at least 1"),
+      ("checkpoint.max_to_keep", lambda v: v >= 1, "must be at least 1")):
+    section, name = key.split(".")
+    value = config[section][name]
+    if not ok(value):  # NaN fails every rule.
+      raise ConfigError(f"{key}={value} {rule}")
+  if config.checkpoint.on_error not in CHECKPOINT_ON_ERROR:
+    raise ConfigError(f"checkpoint.on_error={config.checkpoint.on_error!r} is not one of "
+                      f"{CHECKPOINT_ON_ERROR}")
+  model_lib.ModelConfig.from_dict(config.model)  # Names the model.* key (dtypes, shapes).
   loss_lib.LossConfig.from_config(config.dpo)  # Checks every dpo.* key; names the key.
   logprob_lib.resolve_impl(config.logprob.impl)  # Names logprob.impl if it is unknown.
 
@@ -83,7 +106,10 @@ def load_pretrained(config, workdir: str):
     raise ConfigError(f"init.from={path}: no such file or folder")
   from dpojax import convert  # pylint: disable=g-import-not-at-top
   if convert.is_checkpoint(path):
-    loaded = convert.load(path, extract_dir=_extract_dir(workdir))
+    try:
+      loaded = convert.load(path, extract_dir=_extract_dir(workdir))
+    except (tarfile.TarError, EOFError) as e:  # A member cut short (the header scan passed).
+      raise ConfigError(f"init.from={path}: truncated or corrupt archive ({e})") from None
     arch = {k: getattr(loaded.config, k) for k in convert.ARCHITECTURE_FIELDS}
     model_cfg = dataclasses.replace(model_lib.ModelConfig.from_dict(config.model), **arch)
     return convert.Loaded(model_cfg, loaded.params, loaded.tokenizer_path)
@@ -95,7 +121,10 @@ def load_pretrained(config, workdir: str):
     arch = {k: getattr(policy.config, k) for k in convert.ARCHITECTURE_FIELDS}
     return convert.Loaded(dataclasses.replace(model_cfg, **arch), policy.params,
                           policy.tokenizer_path)
-  params = orbax_ckpt.load_params(path, functools.partial(model_lib.init_params, model_cfg))
+  try:
+    params = orbax_ckpt.load_params(path, functools.partial(model_lib.init_params, model_cfg))
+  except FileNotFoundError as e:
+    raise ConfigError(str(e)) from None
   return convert.Loaded(model_cfg, params, None)
 
 
@@ -188,31 +217,54 @@ class NonFiniteError(RuntimeError):
   """Too many consecutive non-finite steps."""
 
 
-def describe_pairs(host_batch) -> str:
-  """Source lines of the real pairs in a batch, for the non-finite log line."""
-  ids = host_batch.get("pair_index", host_batch.get("line"))
-  if ids is None:
-    return "unknown"
-  ids = np.asarray(ids)
-  mask = np.asarray(host_batch["pair_mask"]).reshape(ids.shape) > 0
-  return ",".join(str(int(i)) for i in ids[mask])
+def describe_pairs(host_batch, data) -> str:
+  """Where the real pairs of a batch come from (file and source lines), for the non-finite
+  log line."""
+  index = np.asarray(host_batch["pair_index"]).reshape(-1)
+  mask = np.asarray(host_batch["pair_mask"]).reshape(index.shape) > 0
+  lines = sorted(data.line(int(i)) for i in index[mask & (index >= 0)])
+  return f"{data.source_path}, lines {','.join(map(str, lines))}" if lines else "none"
 
 
-def save_checkpoint(ckpt, step, state, data_state, config, say):
-  """A checkpoint that cannot be written leaves the previous one restorable (Orbax writes to a
-  temporary folder and renames when complete); training stops or continues by config."""
+def save_checkpoint(ckpt, step, state, data_state, config, say, best_loss=None):
+  """Saves step `step` (or, with `best_loss`, keeps it under best/ if it is the best so far).
+
+  A write the storage refuses leaves the previous checkpoints restorable (Orbax writes to a
+  temporary folder and renames when complete); training stops or continues by
+  checkpoint.on_error. An async save's failure surfaces here at the next save, under its step.
+  """
   try:
+    if best_loss is not None:
+      ckpt.save_if_best(step, state, data_state, best_loss)
+      return
     ckpt.save(step, state, data_state)
     if not config.checkpoint.async_save:
       ckpt.wait()
-  except OSError as e:
-    message = (f"checkpoint of step {step} could not be written to {ckpt.directory} "
-               f"({e.strerror or e}); the last complete checkpoint is step "
-               f"{ckpt.latest_step()}")
-    if config.checkpoint.on_error == "continue":
-      say(f"WARNING: {message}; continuing (checkpoint.on_error=continue)")
-      return
-    raise CheckpointWriteError(message + "; stopping (checkpoint.on_error=stop)") from e
+  except orbax_ckpt.WriteFailed as e:
+    write_failed(ckpt, e, config, say)
+    if best_loss is None and e.step != step:  # An earlier async save failed; try this one.
+      save_checkpoint(ckpt, step, state, data_state, config, say)
+
+
+def close_checkpoints(ckpt, config, say):
+  """Waits for the last (async) save; its failure is handled as any other."""
+  try:
+    ckpt.close()
+  except orbax_ckpt.WriteFailed as e:
+    write_failed(ckpt, e, config, say)
+
+
+def write_failed(ckpt, error, config, say):
+  what = "best checkpoint" if error.directory == ckpt.best_directory else "checkpoint"
+  latest = ckpt.latest_step()
+  last = (f"the last complete checkpoint is step {latest} in {ckpt.directory}"
+          if latest is not None else "no checkpoint has been written yet")
+  message = (f"{what} of step {error.step} could not be written to {error.directory} "
+             f"({error.reason}); {last}")
+  if config.checkpoint.on_error == "continue":
+    say(f"WARNING: {message}; continuing (checkpoint.on_error=continue)")
+    return
+  raise CheckpointWriteError(message + "; stopping (checkpoint.on_error=stop)") from error
 
 
 class CheckpointWriteError(RuntimeError):
@@ -238,15 +290,20 @@ def matmul_peak_flops(n: int | None = None, repeats: int = 3, dtype: str = "floa
 
 
 class StopRequested:
-  """SIGTERM/SIGINT: finish the current step, checkpoint, and leave cleanly."""
+  """SIGTERM/SIGINT: finish the current step, checkpoint, and leave cleanly.
+
+  Entered again while active (main enters it before its imports), it keeps the outer one."""
 
   def __init__(self):
     self.signal = None
     self._previous = {}
+    self._depth = 0
 
   def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      self._previous[sig] = signal.signal(sig, self._handle)
+    if not self._depth:
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    self._depth += 1
     return self
 
   def _handle(self, signum, frame):
@@ -254,15 +311,58 @@ class StopRequested:
     self.signal = signum
 
   def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
+    self._depth -= 1
+    if not self._depth:
+      for sig, handler in self._previous.items():
+        signal.signal(sig, handler)
 
 
-def run(config, workdir: str) -> dict:
-  """Trains to `train.max_steps` (resuming from `workdir` if it has a checkpoint)."""
+def _latest_on_disk(workdir: str) -> int | None:
+  """The latest complete step under <workdir>/checkpoints (Orbax renames a step folder to its
+  number once complete), without starting a manager."""
+  try:
+    steps = [int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit()]
+  except OSError:
+    return None
+  return max(steps, default=None)
+
+
+def _before_first_step(signum, latest, directory) -> str:
+  saved = ("nothing was saved yet" if latest is None else
+           f"nothing new was saved; the latest checkpoint is still step {latest} in {directory}")
+  return (f"Received signal {signum} before the first step: {saved}; run again with the same "
+          "--workdir to start or resume.")
+
+
+def _stopped_before_training(stop, workdir: str) -> dict:
+  latest = _latest_on_disk(workdir)
+  if jax.process_index() == 0:
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    print(_before_first_step(stop.signal, latest, directory), flush=True)
+  return {"state": None, "val": None, "step": latest or 0}
+
+
+def run(config, workdir: str, stop: StopRequested | None = None) -> dict:
+  """Trains to `train.max_steps` (resuming from `workdir` if it has a checkpoint).
+
+  SIGTERM/SIGINT at any moment (from `stop`'s entry, when given) ends the run cleanly: during
+  start-up before the next stage, during training after the current step and its checkpoint.
+  """
+  with stop or StopRequested() as stop:
+    return _run(config, workdir, stop)
+
+
+def _run(config, workdir: str, stop: StopRequested) -> dict:
+  check_config(config)  # Before init.from is read: bad values stop before anything heavy.
   check_workdir(workdir)
+  if stop.signal is not None:
+    return _stopped_before_training(stop, workdir)
   pretrained = load_pretrained(config, workdir)
+  if stop.signal is not None:
+    return _stopped_before_training(stop, workdir)
   tok, train_data, val_data, step_cfg = build(config, pretrained)
+  if stop.signal is not None:
+    return _stopped_before_training(stop, workdir)
   if jax.process_index() == 0:  # What generate/evaluate need to rebuild the run.
     workdir_lib.write_config(workdir, config, step_cfg.model, tok.path)
   t = config.train
@@ -310,6 +410,8 @@ def run(config, workdir: str) -> dict:
   state = jax.jit(lambda p, r: step_lib.init_state(p, tx, ref=r), out_shardings=state_sh)(
       parts.trainable, parts.state_ref)
   del params, parts
+  if stop.signal is not None:  # Before the restore: no manager to close yet.
+    return _stopped_before_training(stop, workdir)
   sync_fn = jax.jit(functools.partial(reference.sync_state, cfg=step_cfg,
                                       alpha=ref_cfg.sync_alpha),
                     in_shardings=(state_sh, ref_sh), out_shardings=state_sh, donate_argnums=0)
@@ -346,7 +448,7 @@ def run(config, workdir: str) -> dict:
   def validate(step):
     metrics = evaluate(eval_fn, state if sync else state.params, ref_params, val_batches, mesh)
     writer.write(step, "val", metrics)
-    ckpt.save_if_best(step, state, data_state(), metrics["loss"])
+    save_checkpoint(ckpt, step, state, data_state(), config, say, best_loss=metrics["loss"])
     return metrics
 
   eval_interval = config.eval.interval
@@ -356,57 +458,64 @@ def run(config, workdir: str) -> dict:
     say(f"Validating every {eval_interval} steps ({config.eval.interval_epochs} of an epoch "
         f"of {epoch_steps:.1f} steps)")
   last_val = None
-  if start == 0 and config.eval.at_start:
+  if start == 0 and config.eval.at_start and stop.signal is None:
     last_val = validate(0)
   tick, tick_step = time.perf_counter(), start
   step, nonfinite_total, nonfinite_run = start, 0, 0
-  with StopRequested() as stop:
-    while step < t.max_steps and stop.signal is None:
-      host_batch = next(train_iter)
-      if precomputed:
-        host_batch = reference.add_ref_logps(host_batch, tables["train"])
-      state, metrics = train_fn(state, ref_params, sharding.global_batch(host_batch, mesh))
-      step += 1
-      if sync and step % ref_cfg.sync_steps == 0:  # TR-DPO, after the optimizer step.
-        state = sync_fn(state, ref_params)
-      # Two scalars per step: the guard must know now, and packed steps vary in pairs.
-      nonfinite, pairs = jax.device_get((metrics["nonfinite"], metrics["num_pairs"]))
-      local_tokens = int(np.sum(np.asarray(host_batch["segment_ids"]) > 0))
-      throughput.add(int(pairs), local_tokens * jax.process_count())
-      consumed += int(pairs)
-      bar.update(1)
-      if float(nonfinite):  # One scalar per step: the guard needs to know now.
-        nonfinite_total, nonfinite_run = nonfinite_total + 1, nonfinite_run + 1
-        say(f"Step {step}: non-finite loss or gradient; update skipped "
-            f"(pairs: {describe_pairs(host_batch)})")
-        if nonfinite_run >= t.max_consecutive_nonfinite:
-          ckpt.close()
-          raise NonFiniteError(
-              f"{nonfinite_run} consecutive non-finite steps (train.max_consecutive_nonfinite="
-              f"{t.max_consecutive_nonfinite}) at step {step}; stopping. The last good "
-              f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}.")
-      else:
-        nonfinite_run = 0
-      if step % t.log_interval == 0 or step == t.max_steps:
-        metrics = loss_lib.finalize_metrics(jax.device_get(metrics))
-        now = time.perf_counter()
-        metrics["step_time"] = (now - tick) / (step - tick_step)
-        metrics["consumed_samples"] = consumed
-        metrics["nonfinite_steps"] = nonfinite_total
-        metrics.update(throughput.report())
-        tick, tick_step = now, step
-        writer.write(step, "train", metrics)
-      if step % eval_interval == 0 or step == t.max_steps:
-        last_val = validate(step)
-      if (step % config.checkpoint.interval == 0 or step == t.max_steps
-          or stop.signal is not None):
-        save_checkpoint(ckpt, step, state, data_state(), config, say)
-    if stop.signal is not None:
+  while step < t.max_steps and stop.signal is None:
+    host_batch = next(train_iter)
+    if precomputed:
+      host_batch = reference.add_ref_logps(host_batch, tables["train"])
+    state, metrics = train_fn(state, ref_params, sharding.global_batch(host_batch, mesh))
+    step += 1
+    if sync and step % ref_cfg.sync_steps == 0:  # TR-DPO, after the optimizer step.
+      state = sync_fn(state, ref_params)
+    # Two scalars per step: the guard must know now, and packed steps vary in pairs.
+    nonfinite, pairs = jax.device_get((metrics["nonfinite"], metrics["num_pairs"]))
+    local_tokens = int(np.sum(np.asarray(host_batch["segment_ids"]) > 0))
+    throughput.add(int(pairs), local_tokens * jax.process_count())
+    consumed += int(pairs)
+    bar.update(1)
+    if float(nonfinite):  # One scalar per step: the guard needs to know now.
+      nonfinite_total, nonfinite_run = nonfinite_total + 1, nonfinite_run + 1
+      say(f"Step {step}: non-finite loss or gradient; update skipped "
+          f"(pairs: {describe_pairs(host_batch, train_data)})")
+      if nonfinite_run >= t.max_consecutive_nonfinite:
+        close_checkpoints(ckpt, config, say)
+        raise NonFiniteError(
+            f"{nonfinite_run} consecutive non-finite steps (train.max_consecutive_nonfinite="
+            f"{t.max_consecutive_nonfinite}) at step {step}; stopping. The last good "
+            f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}.")
+    else:
+      nonfinite_run = 0
+    if step % t.log_interval == 0 or step == t.max_steps:
+      metrics = loss_lib.finalize_metrics(jax.device_get(metrics))
+      now = time.perf_counter()
+      metrics["step_time"] = (now - tick) / (step - tick_step)
+      metrics["consumed_samples"] = consumed
+      metrics["nonfinite_steps"] = nonfinite_total
+      metrics.update(throughput.report())
+      tick, tick_step = now, step
+      writer.write(step, "train", metrics)
+    if step % eval_interval == 0 or step == t.max_steps:
+      last_val = validate(step)
+    if (step % config.checkpoint.interval == 0 or step == t.max_steps
+        or stop.signal is not None):
+      save_checkpoint(ckpt, step, state, data_state(), config, say)
+  bar.close()
+  close_checkpoints(ckpt, config, say)
+  writer.close()
+  if stop.signal is not None:
+    latest = ckpt.latest_step()
+    if step == start:
+      say(_before_first_step(stop.signal, latest, ckpt.directory))
+    elif latest == step:
       say(f"Received signal {stop.signal}: saved step {step} to {ckpt.directory}; "
           "run again with the same --workdir to resume.")
-  bar.close()
-  ckpt.close()
-  writer.close()
+    else:
+      say(f"Received signal {stop.signal} at step {step}: its checkpoint was not written; the "
+          f"latest is step {latest} in {ckpt.directory}; run again with the same --workdir to "
+          "resume from it.")
   if lead:
     from dpojax import plot  # pylint: disable=g-import-not-at-top (matplotlib loads here only)
     try:

@@ -1,0 +1,112 @@
+"""The training CLI: a user error is one `error:` line and exit 1; --debug and bugs keep the
+traceback. The cases run as concurrent subprocesses (each stops before compiling)."""
+
+import io
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from conftest import ROOT, TESTDATA, TINY_CONFIG
+
+LEGACY_NEMO = os.path.join(TESTDATA, "stories260k", "nemo", "stories260k-legacy-ckpt.nemo")
+
+
+def evil_nemo(path):
+  """A .nemo whose tar holds a member that would land outside the extraction folder."""
+  with tarfile.open(path, "w") as tar:
+    data = b"pwned\n"
+    info = tarfile.TarInfo("../../evil.txt")
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+  return path
+
+
+def truncated_nemo(path):
+  with open(LEGACY_NEMO, "rb") as f:
+    data = f.read()
+  with open(path, "wb") as f:
+    f.write(data[:700_000])  # Cut inside model_weights.ckpt, as a partial copy is.
+  return path
+
+
+# name: (extra flags, the exact error line or its start (ending "..."))
+CASES = {
+    "unknown_key": (["--config.train.foo=1"],
+                    "error: --config.train.foo: train has no key 'foo' (its keys: adam_b1, ..."),
+    "unknown_section": (["--config.trian.max_steps=1"],
+                        "error: --config.trian.max_steps: the config has no key 'trian' ..."),
+    "max_steps_0": (["--config.train.max_steps=0"], "error: train.max_steps=0 must be positive"),
+    "dtype": (["--config.model.dtype=float8"],
+              "error: model.dtype='float8' is not one of ('float32', 'bfloat16', 'float16', "
+              "'float64')"),
+    "missing_init": (["--config.init.from={tmp}/missing.nemo"],
+                     "error: init.from={tmp}/missing.nemo: no such file or folder"),
+    "evil_nemo": (["--config.init.from={tmp}/evil.nemo"],
+                  "error: {tmp}/evil.nemo: refusing tar member '../../evil.txt' ('..' "
+                  "component)"),
+    "truncated_nemo": (["--config.init.from={tmp}/cut.nemo"],
+                       "error: {tmp}/cut.nemo: truncated or corrupt .nemo tar file (unexpected "
+                       "end of data)"),
+}
+BUG = ("import sys; from absl import app; from dpojax import main; from dpojax.train import loop;"
+       " loop.run = lambda *a, **k: {}['a bug']; app.run(main.main, flags_parser=main.parse_flags)")
+
+
+def error_lines(stderr):
+  """stderr without absl's warnings about the data (lines starting W<date>)."""
+  return [l for l in stderr.splitlines() if l and not (l[0] == "W" and l[1:5].isdigit())]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+  tmp = str(tmp_path_factory.mktemp("cli"))
+  evil_nemo(os.path.join(tmp, "evil.nemo"))
+  truncated_nemo(os.path.join(tmp, "cut.nemo"))
+  base = [f"--config={TINY_CONFIG}", f"--workdir={tmp}/run"]
+  commands = {name: [sys.executable, "-m", "dpojax.main", *base,
+                     *(f.format(tmp=tmp) for f in flags)] for name, (flags, _) in CASES.items()}
+  commands["debug"] = [*commands["max_steps_0"], "--debug"]
+  commands["bug"] = [sys.executable, "-c", BUG, *base]
+  procs = {name: subprocess.Popen(c, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for name, c in commands.items()}
+  out = {}
+  for name, proc in procs.items():
+    _, err = proc.communicate(timeout=600)
+    out[name] = (proc.returncode, err)
+  return tmp, out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CASES))
+def test_user_error_is_one_line_exit_1(results, name):
+  tmp, out = results
+  code, err = out[name]
+  want = CASES[name][1].format(tmp=tmp)
+  assert code == 1, err[-3000:]
+  assert "Traceback" not in err, err[-3000:]
+  lines = error_lines(err)
+  assert len(lines) == 1, err[-3000:]
+  if want.endswith("..."):
+    assert lines[0].startswith(want[:-3]), lines[0]
+  else:
+    assert lines[0] == want
+  assert not os.path.exists(os.path.join(tmp, "evil.txt"))
+  assert not os.path.exists(os.path.join(tmp, "run", "checkpoints"))  # Stopped before training.
+
+
+@pytest.mark.slow
+def test_debug_shows_the_traceback_of_a_user_error(results):
+  code, err = results[1]["debug"]
+  assert code == 1
+  assert "Traceback" in err and "ConfigError: train.max_steps=0 must be positive" in err
+
+
+@pytest.mark.slow
+def test_a_bug_keeps_its_traceback(results):
+  code, err = results[1]["bug"]
+  assert code == 1
+  assert "Traceback" in err and "KeyError: 'a bug'" in err
+  assert not any(l.startswith("error:") for l in err.splitlines())

@@ -13,14 +13,14 @@ from conftest import tiny_config
 
 def test_write_config_resolves_model_and_tokenizer(tmp_path):
   config = tiny_config()
-  config.init["from"] = "/somewhere/model.nemo"
+  config.init.path = "/somewhere/model.nemo"
   cfg = model_lib.ModelConfig(vocab_size=512, hidden_size=64, num_layers=5, num_query_groups=2)
   path = workdir.write_config(str(tmp_path), config, cfg, "tok.model")
   assert path == str(tmp_path / "run_config.json")
   back = workdir.read_config(path)
   assert workdir.model_config(back) == cfg
   assert back.data.tokenizer_path == os.path.abspath("tok.model")
-  assert back.init["from"] == "/somewhere/model.nemo" and back.dpo.beta == config.dpo.beta
+  assert back.init.path == "/somewhere/model.nemo" and back.dpo.beta == config.dpo.beta
   assert list(back.dpo.losses) == list(config.dpo.losses)
 
 

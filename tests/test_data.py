@@ -9,11 +9,11 @@ import pytest
 import sentencepiece as spm
 
 from dpojax import pack as pack_cli
-from dpojax.data import pipeline, templates
+from dpojax.data import packing, pipeline, templates
 from dpojax.data.sources import DataError, JsonlSource
 from dpojax.data.tokenize import Tokenizer, fit_pair, tokenize_pair
 
-from conftest import ROOT, TESTDATA
+from conftest import ROOT, TESTDATA, load_default_config
 
 TOKENIZER = os.path.join(ROOT, "dpojax", "assets", "tokenizer.model")
 HH_SLICE = os.path.join(TESTDATA, "hh-rlhf", "harmless-base-test-slice.jsonl.gz")
@@ -532,6 +532,63 @@ def test_resume_mid_epoch_yields_exactly_the_uninterrupted_batches(tmp_path, tok
         np.testing.assert_array_equal(got[k], want[k], err_msg=f"{k} after resume at {stop}")
 
 
+@pytest.mark.parametrize("packing_opt", ["none", "first_fit_decreasing"])
+def test_no_shuffle_follows_the_file_order_and_resumes(tmp_path, tok, packing_opt):
+  """data.shuffle=False: step k trains on pairs (k-1)B .. kB-1 of the file (modulo its
+  length: epochs run into each other), as TRL's sequential sampler; packed, on the packing's
+  rows in order every epoch. A resumed iterator continues exactly."""
+  data = toy_data(tmp_path, tok, n=11, packing=packing_opt, pack_size=64, shuffle=False)
+  kw = dict(global_batch_size=4, micro_batch_size=2, seed=7)
+  it = iter(pipeline.train_dataset(data, **kw))
+  batches = [next(it) for _ in range(8)]  # About three epochs.
+  pairs = lambda b: b["pair_index"][b["pair_mask"] > 0].tolist()
+  if packing_opt == "none":
+    for k, b in enumerate(batches):
+      assert pairs(b) == [i % 11 for i in range(4 * k, 4 * k + 4)]
+      np.testing.assert_array_equal(b["tokens"][0, 0, :len(data[pairs(b)[0]]["chosen"])],
+                                    data[pairs(b)[0]]["chosen"])
+    assert [data[i]["line"] for i in range(11)] == list(range(1, 12))  # Index = file order.
+  else:  # Rows of epoch e in the order first_fit_decreasing (seed [7, e]) gives them.
+    rows = []
+    for e in range(4):
+      row_starts, items = packing.pack(data.row_lengths, 64, "first_fit_decreasing", seed=[7, e])
+      rows += [items[row_starts[r]:row_starts[r + 1]].tolist() for r in range(len(row_starts) - 1)]
+    assert len(rows) >= 4 * 4
+    for k, b in enumerate(batches[:len(rows) // 4]):
+      for a in range(2):  # Micro-batch a holds rows 4k + 2a and 4k + 2a + 1.
+        want = rows[4 * k + 2 * a] + rows[4 * k + 2 * a + 1]
+        assert b["pair_index"][a][b["pair_mask"][a] > 0].tolist() == want, (k, a)
+  for stop in (3, 5):
+    resumed = iter(pipeline.train_dataset(data, **kw))
+    resumed.set_state(json.loads(json.dumps(_state_after(data, kw, stop))))
+    for want in batches[stop:]:
+      got = next(resumed)
+      for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=f"{key} after {stop}")
+  with pytest.raises(DataError, match="data.packing=first_fit_shuffle .* data.shuffle=False"):
+    pipeline.DataOptions(max_seq_length=32, packing="first_fit_shuffle", shuffle=False)
+
+
+def _state_after(data, kw, steps):
+  it = iter(pipeline.train_dataset(data, **kw))
+  for _ in range(steps):
+    next(it)
+  return it.get_state()
+
+
+def test_toy_val_warning_names_the_key():
+  user = "/data/my_pairs.jsonl"
+  message = pipeline.toy_val_warning(user, pipeline.TOY_VAL)
+  assert message.startswith(f"WARNING: data.train_path={user} but data.val_path is still the "
+                            f"shipped toy set ({pipeline.TOY_VAL})")
+  assert "--config.data.val_path" in message
+  assert pipeline.toy_val_warning(pipeline.TOY_TRAIN, pipeline.TOY_VAL) is None  # Default run.
+  assert pipeline.toy_val_warning(user, "/data/my_val.jsonl") is None
+  cfg = load_default_config().data  # The config's defaults are the paths it compares with.
+  assert pipeline.toy_val_warning(cfg.train_path, cfg.val_path) is None
+  assert pipeline.toy_val_warning(user, cfg.val_path) is not None
+
+
 def test_reader_threads_do_not_change_the_batches(tmp_path, tok):
   kw = dict(global_batch_size=2, micro_batch_size=1, seed=2)
   base = toy_data(tmp_path, tok, n=9, packing="first_fit_shuffle", pack_size=64)
@@ -651,6 +708,9 @@ def test_pack_cli_writes_a_dataset_training_reads(tmp_path, tok, marker_tok, cap
                      r"data.share_prompt=True; repack"):
     pipeline.PreferenceData(out, tok, pipeline.DataOptions(max_seq_length=32,
                                                            share_prompt=True))
+  with pytest.raises(DataError, match=r"packed with boundary='joint', but "
+                     r"data.boundary='apart'; repack or change data.boundary"):
+    pipeline.PreferenceData(out, tok, pipeline.DataOptions(max_seq_length=32, boundary="apart"))
   # A directory packed before share_prompt existed: its meta.json lacks the key (= False).
   meta_path = os.path.join(out, "meta.json")
   with open(meta_path) as f:
@@ -659,6 +719,15 @@ def test_pack_cli_writes_a_dataset_training_reads(tmp_path, tok, marker_tok, cap
   with open(meta_path, "w") as f:
     json.dump(meta, f)
   assert len(pipeline.PreferenceData(out, tok, opts)) == 9
+  # ... and before data.boundary: its responses were tokenized apart.
+  del meta["boundary"]
+  with open(meta_path, "w") as f:
+    json.dump(meta, f)
+  with pytest.raises(DataError, match=r"packed with boundary='apart', but data.boundary='joint'"):
+    pipeline.PreferenceData(out, tok, opts)
+  meta["boundary"] = "joint"
+  with open(meta_path, "w") as f:
+    json.dump(meta, f)
   with pytest.raises(DataError, match=r"packed with share_prompt=False, but "
                      r"data.share_prompt=True"):
     pipeline.PreferenceData(out, tok, pipeline.DataOptions(max_seq_length=32,

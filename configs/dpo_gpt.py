@@ -41,8 +41,8 @@ def get_config() -> ml_collections.ConfigDict:
   m.scan_unroll = 2  # Layers per scan step; num_layers unrolls all (faster, longer compile).
 
   c.init = ml_collections.ConfigDict()
-  c.init["from"] = ""  # .nemo file, Hugging Face folder or dpojax workdir; "" = random init.
-  c.init.checkpoint_tokenizer = True  # Use the tokenizer stored with init.from, if any.
+  c.init.path = ""  # .nemo file, Hugging Face folder or dpojax workdir; "" = random init.
+  c.init.checkpoint_tokenizer = True  # Use the tokenizer stored with init.path, if any.
 
   c.export = ml_collections.ConfigDict()
   c.export.to = ""  # After training: write the policy as a .nemo (path ends .nemo) or HF folder.
@@ -91,6 +91,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.micro_batch_size = 8  # Pairs per forward/backward; the rest is accumulated.
   t.learning_rate = 1e-3  # Peak learning rate.
   t.warmup_steps = 10  # Linear warmup steps.
+  t.lr_schedule = "cosine"  # After warmup: cosine (to min_lr_ratio) | linear (to 0, TRL) | constant
   t.min_lr_ratio = 0.1  # Final cosine learning rate as a fraction of the peak.
   t.weight_decay = 0.0  # AdamW decoupled weight decay.
   t.adam_b1 = 0.9  # Adam beta1.
@@ -107,6 +108,8 @@ def get_config() -> ml_collections.ConfigDict:
   dt.val_path = os.path.join(_ASSETS, "toy_prefs_val.jsonl")  # Validation JSONL[.gz] (or packed dir).
   dt.tokenizer_path = os.path.join(_ASSETS, "tokenizer.model")  # SentencePiece model.
   dt.format = "auto"  # auto | nemo | trl | hh-rlhf (auto: from the first record's fields).
+  dt.shuffle = True  # A new pair order every epoch; False: the file's order (TRL/NeMo sequential)
+  dt.boundary = "joint"  # Prompt+response tokenized together, as TRL/NeMo | apart (each alone).
   dt.max_seq_length = 64  # Tokens per sequence (prompt + response); see data.truncation.
   dt.truncation = "drop"  # Over-long pairs: drop | truncate_prompt_left | truncate_response_right.
   dt.on_error = "raise"  # Bad records: raise (file:line: field) | skip (counted, summarised).

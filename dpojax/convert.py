@@ -40,7 +40,7 @@ def detect_format(path: str) -> str | None:
 
 
 def is_checkpoint(path: str) -> bool:
-  """True where `load` applies (so `init.from` can tell these from a dpojax workdir)."""
+  """True where `load` applies (so `init.path` can tell these from a dpojax workdir)."""
   return detect_format(path) is not None
 
 

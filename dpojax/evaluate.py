@@ -3,7 +3,7 @@
   python -m dpojax.evaluate --checkpoint WORKDIR --data pairs.jsonl [--output metrics.json]
 
 WORKDIR is a dpojax workdir (its latest checkpoint) or one of its checkpoints/<step> or
-best/<step> folders. The reference is the one the run trained against (init.from, or the
+best/<step> folders. The reference is the one the run trained against (init.path, or the
 random init from train.seed), or --reference PATH (a .nemo, Hugging Face folder or workdir).
 The file is read with the run's data settings (format, template, max_seq_length, truncation)
 and evaluated with the run's loss (dpo.*) by the same jitted eval step and metric reduction
@@ -55,7 +55,7 @@ def evaluate(config, policy_params, ref_params, data_path: str, *, batch_size: i
   # loop.build checks the config and reads the file; batch sizes of 1 keep its training-side
   # checks (enough pairs for a global batch) out of the way of a small file.
   config.train.global_batch_size = config.train.micro_batch_size = 1
-  # The config is resolved (workdir.load_policy): init.from need not be loaded again.
+  # The config is resolved (workdir.load_policy): init.path need not be loaded again.
   _, _, data, step_cfg = loop.build(config)
   model_cfg = step_cfg.model
   batches = pipeline.eval_batches(data, global_batch_size=batch_size,
@@ -102,7 +102,7 @@ def _main(argv) -> int:
                       help="dpojax workdir, or its checkpoints/<step> or best/<step> folder")
   parser.add_argument("--data", required=True, help="preference pairs: JSONL[.gz] or packed dir")
   parser.add_argument("--reference", default=None,
-                      help="reference checkpoint (default: the run's init.from or random init)")
+                      help="reference checkpoint (default: the run's init.path or random init)")
   parser.add_argument("--batch_size", type=int, default=None,
                       help="pairs per evaluation batch (default: the run's micro_batch_size)")
   parser.add_argument("--max_seq_length", type=int, default=None,

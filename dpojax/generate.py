@@ -275,7 +275,7 @@ def _main(argv) -> int:
                       "template's end marker; stories260K ends a story with BOS: 1)")
   parser.add_argument("--batch_size", type=int, default=8)
   parser.add_argument("--compare_reference", action="store_true",
-                      help="also answer with the run's reference (init.from, or the random "
+                      help="also answer with the run's reference (init.path, or the random "
                       "init from train.seed) and print both side by side")
   parser.add_argument("--reference", default=None,
                       help="the reference checkpoint to compare with (default: the run's)")

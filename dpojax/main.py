@@ -11,7 +11,6 @@ hostmem.retain_freed_memory()  # Before any import starts threads.
 
 # pylint: disable=wrong-import-position
 import importlib.util
-import keyword
 import re
 import signal
 import sys
@@ -76,19 +75,25 @@ def _missing_override(argv) -> str | None:
   return None
 
 
-def _keyword_safe(arg: str) -> str:
-  """--config.init.from=X as --config.init["from"]=X: ml_collections parses the path as Python,
-  where `from` is a keyword."""
+RENAMED = {"init.from": "init.path"}  # Old key -> new key, for commands written before.
+
+
+def _renamed(arg: str) -> str:
+  """--config.init.from=X (which ml_collections cannot parse: `from` is a Python keyword) and
+  --config.init["from"]=X as --config.init.path=X, with one warning line."""
   if not arg.startswith("--config.") or "=" not in arg:
     return arg
   path, value = arg[len("--config."):].split("=", 1)
-  parts = [f'["{p}"]' if keyword.iskeyword(p) else f".{p}" for p in path.split(".")]
-  return "--config" + "".join(parts) + "=" + value
+  key = re.sub(r'\["(\w+)"\]', r".\1", path)
+  if key not in RENAMED:
+    return arg
+  print(f"WARNING: config key {key} is now {RENAMED[key]}", file=sys.stderr, flush=True)
+  return f"--config.{RENAMED[key]}={value}"
 
 
 def parse_flags(argv):
   """absl's parsing, with a bad flag or config override as one line (no traceback)."""
-  argv = [argv[0]] + [_keyword_safe(a) for a in argv[1:]]
+  argv = [argv[0]] + [_renamed(a) for a in argv[1:]]
   sys.argv[:] = argv  # ml_collections reads its overrides from sys.argv.
   try:
     return flags.FLAGS(argv)

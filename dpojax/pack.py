@@ -4,8 +4,8 @@
       --strategy first_fit_decreasing --seed 0 --tokenizer_path tok.model [--max_seq_length 512]
 
 OUT_DIR holds .npy arrays and meta.json (no pickles; arrays are memory-mapped when read).
-Train on it with --config.data.train_path=OUT_DIR (and the same tokenizer, template, add_bos
-and append_eos; they are checked). Rows keep their packing; each epoch reorders the rows.
+Train on it with --config.data.train_path=OUT_DIR (and the same tokenizer, template, add_bos,
+append_eos and boundary; they are checked). Rows keep their packing; each epoch reorders the rows.
 Prints the statistics: token efficiency (real tokens / row slots), pairs per row, dropped,
 truncated and skipped pairs, and the efficiency of the padded layout for comparison.
 """
@@ -22,7 +22,7 @@ import time
 from dpojax import cli
 from dpojax.data import packing, pipeline
 from dpojax.data.sources import FORMATS, DataError
-from dpojax.data.tokenize import TEMPLATES, TRUNCATIONS, Tokenizer
+from dpojax.data.tokenize import BOUNDARIES, TEMPLATES, TRUNCATIONS, Tokenizer
 
 
 def parse_args(argv=None):
@@ -42,6 +42,8 @@ def parse_args(argv=None):
   p.add_argument("--truncation", default="drop", choices=TRUNCATIONS)
   p.add_argument("--share_prompt", default=False, action=argparse.BooleanOptionalAction,
                  help="pack for data.share_prompt=True (the prompt once per pair)")
+  p.add_argument("--boundary", default="joint", choices=BOUNDARIES,
+                 help="prompt/response tokenization: joint (as training's default) | apart")
   p.add_argument("--on_error", default="raise", choices=pipeline.ON_ERROR)
   p.add_argument("--cache_dir", default="", help="where .gz input is decompressed")
   p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
@@ -58,7 +60,8 @@ def main(argv=None) -> dict:
       max_seq_length=args.max_seq_length or args.pack_size // 2, format=args.format,
       template=args.template, add_bos=args.add_bos, append_eos=args.append_eos,
       truncation=args.truncation, on_error=args.on_error, packing=args.strategy,
-      pack_size=args.pack_size, cache_dir=args.cache_dir, share_prompt=args.share_prompt)
+      pack_size=args.pack_size, cache_dir=args.cache_dir, share_prompt=args.share_prompt,
+      boundary=args.boundary)
   start = time.perf_counter()
   data = pipeline.PreferenceData(args.input, Tokenizer(args.tokenizer_path), opts)
   data.require(1, "pairs to pack")

@@ -260,7 +260,7 @@ def cache_key(data: pipeline.PreferenceData, step_cfg: step_lib.StepConfig,
       "tokenizer_sha256": data.tok.sha256,
       "data_options": {k: getattr(opts, k) for k in (
           "format", "template", "add_bos", "append_eos", "truncation", "max_seq_length",
-          "on_error")},
+          "on_error", "boundary")},
       # Compute-only options (remat, attention tiles and kernel, scan unrolling) do not change
       # the values.
       "model": {k: v for k, v in dataclasses.asdict(dataclasses.replace(

@@ -2,8 +2,8 @@
 
 The run's config, as JSON, in the workdir:
   run_config.json  (`write_config`, preferred): the whole config with the *resolved* model
-                   architecture (the one `init.from` imposed) and tokenizer path.
-  config.json      (the plain `config.to_json_best_effort()`): read too; when `init.from` is
+                   architecture (the one `init.path` imposed) and tokenizer path.
+  config.json      (the plain `config.to_json_best_effort()`): read too; when `init.path` is
                    a .nemo/Hugging Face checkpoint its architecture and tokenizer are resolved
                    by loading it as the training loop does.
 Caution: a folder holding config.json also looks like a Hugging Face checkpoint to
@@ -24,6 +24,7 @@ import os
 from typing import Any, NamedTuple
 
 import ml_collections
+from absl import logging
 
 RUN_CONFIG = "run_config.json"
 PLAIN_CONFIG = "config.json"
@@ -32,6 +33,25 @@ _SECTIONS = ("model", "data", "train", "init")
 
 class WorkdirError(ValueError):
   """A workdir (or checkpoint path) that later commands cannot use; the message says why."""
+
+
+_warned_init_from = []
+
+
+def init_path(config) -> str:
+  """`init.path`, or `init.from`, its name in run configs and .py files before it was renamed
+  (`from` is a Python keyword: ml_collections cannot parse --config.init.from=...)."""
+  init = config.get("init") or {}
+  path, old = init.get("path") or "", init.get("from") or ""
+  if not old:
+    return path
+  if path and path != old:
+    raise ValueError(f"init.path={path} and init.from={old} (its old name) disagree; "
+                     "set init.path only")
+  if old not in _warned_init_from:  # One line per path, however often the config is read.
+    _warned_init_from.append(old)
+    logging.warning("init.from is now init.path: reading init.from=%s as init.path", old)
+  return old
 
 
 class Model(NamedTuple):
@@ -136,15 +156,15 @@ def model_config(config):
 
 
 def resolve(config, resolved: bool, extract_dir: str | None):
-  """(run config with the architecture and tokenizer the run used, init.from params or None).
+  """(run config with the architecture and tokenizer the run used, init.path params or None).
 
-  An unresolved config is resolved as `loop.run` does it: init.from's architecture, and its
+  An unresolved config is resolved as `loop.run` does it: init.path's architecture, and its
   tokenizer when `init.checkpoint_tokenizer`.
   """
   from dpojax.train import loop  # pylint: disable=g-import-not-at-top
 
   config = ml_collections.ConfigDict(config.to_dict())  # A private, unlocked copy.
-  if resolved or not config.init.get("from"):
+  if resolved or not init_path(config):
     return config, None
   pretrained = loop.load_pretrained(config, extract_dir)
   config.model = dataclasses.asdict(pretrained.config)
@@ -178,7 +198,7 @@ def load_policy(path: str, *, config_path: str | None = None,
   try:
     params = orbax_ckpt.load_params(path, init_fn)
   except FileNotFoundError as e:
-    raise WorkdirError(str(e).replace("init.from=", "--checkpoint=")) from None
+    raise WorkdirError(str(e).replace("init.path=", "--checkpoint=")) from None
   model = Model(cfg, params, config.data.get("tokenizer_path"), config, init)
   if lora_cfg is not None:  # Adapters merged into the base they were trained on.
     import tempfile  # pylint: disable=g-import-not-at-top
@@ -190,7 +210,7 @@ def load_policy(path: str, *, config_path: str | None = None,
 
 
 def load_reference(policy: Model, *, extract_dir: str) -> dict:
-  """The reference `policy`'s run trained against: `init.from` (loaded as the loop loads it),
+  """The reference `policy`'s run trained against: `init.path` (loaded as the loop loads it),
   or the random init from `train.seed` (the loop's own key, so the same numbers)."""
   import jax  # pylint: disable=g-import-not-at-top
 

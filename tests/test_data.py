@@ -9,11 +9,11 @@ import pytest
 import sentencepiece as spm
 
 from dpojax import pack as pack_cli
-from dpojax.data import pipeline, templates
+from dpojax.data import packing, pipeline, templates
 from dpojax.data.sources import DataError, JsonlSource
 from dpojax.data.tokenize import Tokenizer, fit_pair, tokenize_pair
 
-from conftest import ROOT, TESTDATA
+from conftest import ROOT, TESTDATA, load_default_config
 
 TOKENIZER = os.path.join(ROOT, "dpojax", "assets", "tokenizer.model")
 HH_SLICE = os.path.join(TESTDATA, "hh-rlhf", "harmless-base-test-slice.jsonl.gz")
@@ -256,10 +256,10 @@ def test_hh_rlhf_slice(tmp_path, tok):
 
 
 # --- templates and tokenization ------------------------------------------------------------
-def test_separate_tokenization_keeps_the_prompt_an_exact_prefix(tok):
-  # "4." + "1 2 3 4" jointly would be "4.1 ..."; separately the prompt is an exact prefix.
+def test_apart_tokenization_keeps_the_prompt_an_exact_prefix(tok):
+  # data.boundary=apart: "4." + "1 2 3 4" each alone; the response starts a word ("\u25811").
   pair = tokenize_pair(dict(prompt=GOOD["prompt"], chosen=GOOD["chosen_response"],
-                            rejected=GOOD["rejected_response"]), tok)
+                            rejected=GOOD["rejected_response"]), tok, boundary="apart")
   prompt_ids = [tok.bos_id] + tok.encode(GOOD["prompt"])
   assert pair["prompt_len"] == len(prompt_ids)
   for side, text in (("chosen", "1 2 3 4"), ("rejected", "4 3 2 1")):
@@ -268,9 +268,105 @@ def test_separate_tokenization_keeps_the_prompt_an_exact_prefix(tok):
   # the result equals joint tokenization (HH-RLHF's "Assistant:" + " Sure ...").
   record = {"prompt": "Hello there.\n\nAssistant:", "chosen": " Sure thing.",
             "rejected": " No thanks.", "dialogue": False}
-  pair = tokenize_pair(record, tok, add_bos=False, append_eos=False)
+  for boundary in ("apart", "joint"):
+    pair = tokenize_pair(record, tok, add_bos=False, append_eos=False, boundary=boundary)
+    for side in ("chosen", "rejected"):
+      assert pair[side].tolist() == tok.encode(record["prompt"] + record[side])
+
+
+def test_joint_tokenization_has_no_extra_word_start_piece(tok):
+  # The issue's case: a response that starts with "," gets a lone "\u2581" piece alone.
+  record = {"prompt": "Count from 1 to 4", "chosen": ', "Let\'s go"', "rejected": ". No.",
+            "dialogue": False}
+  apart = tokenize_pair(record, tok, boundary="apart")
+  joint = tokenize_pair(record, tok)
+  p = joint["prompt_len"]
+  assert p == apart["prompt_len"] == 1 + len(tok.encode(record["prompt"]))
   for side in ("chosen", "rejected"):
-    assert pair[side].tolist() == tok.encode(record["prompt"] + record[side])
+    assert joint[side].tolist() == ([tok.bos_id] + tok.encode(record["prompt"] + record[side])
+                                    + [tok.eos_id])
+    assert tok.sp.id_to_piece(int(apart[side][p])) == "\u2581"  # What it fixes.
+    assert tok.sp.id_to_piece(int(joint[side][p])) != "\u2581"
+  assert joint["straddled"] == 0
+  with pytest.raises(ValueError, match="data.boundary='both' is not one of"):
+    tokenize_pair(record, tok, boundary="both")
+
+
+def _straddle_tokenizer(tmp_path_factory):
+  """A model with the piece ".1", so that "4." + "1 2" straddles the boundary jointly."""
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(["Count from 1 to 4.1 2 3 4", "4.1 4.1 4.1 .1 .1"] * 20),
+      model_writer=model, vocab_size=300, hard_vocab_limit=False, user_defined_symbols=[".1"],
+      byte_fallback=True, minloglevel=2)
+  path = tmp_path_factory.mktemp("spm_straddle") / "straddle.model"
+  path.write_bytes(model.getvalue())
+  return Tokenizer(str(path))
+
+
+def test_a_piece_across_the_boundary_falls_back_to_apart(tmp_path_factory):
+  tok = _straddle_tokenizer(tmp_path_factory)
+  record = {"prompt": "Count from 1 to 4.", "chosen": "1 2 3 4", "rejected": " 4 3 2 1",
+            "dialogue": False}
+  joint_text = tok.encode(record["prompt"] + record["chosen"])
+  prompt_ids = tok.encode(record["prompt"])
+  assert joint_text[:len(prompt_ids)] != prompt_ids  # ".1" straddles: no exact prefix.
+  pair = tokenize_pair(record, tok, add_bos=False, append_eos=False)
+  apart = tokenize_pair(record, tok, add_bos=False, append_eos=False, boundary="apart")
+  assert pair["straddled"] == 1 and pair["prompt_len"] == len(prompt_ids)
+  assert pair["chosen"].tolist() == apart["chosen"].tolist() == prompt_ids + tok.encode("1 2 3 4")
+  assert pair["rejected"].tolist() == tok.encode(record["prompt"] + record["rejected"])
+
+
+def _joint_reference_check(path, tok, cache_dir, max_seq_length=1 << 20):
+  """Every pair against [BOS] + sp.encode(prompt + response) + [EOS] under the plain template:
+  equal unless that side straddles, which must be exactly the sides where the joint ids do
+  not start with the prompt's. Returns (pairs, pairs apart differs, straddled pairs)."""
+  opts = pipeline.DataOptions(max_seq_length=max_seq_length, on_error="skip", cache_dir=cache_dir)
+  data = pipeline.PreferenceData(path, tok, opts)
+  apart_differs = straddled = 0
+  for k in range(len(data)):
+    record = data.source[int(data.indices[k])]
+    (prompt,), responses = templates.render(record, "plain")
+    pair, prompt_ids = data[k], [tok.bos_id] + tok.encode(prompt)
+    apart = tokenize_pair(record, tok, boundary="apart")
+    sides, differs = 0, False
+    for side in ("chosen", "rejected"):
+      reference = [tok.bos_id] + tok.encode(prompt + responses[side][0]) + [tok.eos_id]
+      assert pair[side][:pair["prompt_len"]].tolist() == prompt_ids
+      if reference[:len(prompt_ids)] == prompt_ids:
+        assert pair[side].tolist() == reference, (path, record["line"], side)
+      else:
+        sides += 1
+        assert pair[side].tolist() == apart[side].tolist()
+      differs |= apart[side].tolist() != reference
+    assert pair["straddled"] == sides
+    straddled += sides > 0
+    apart_differs += differs
+  assert data.stats["straddled"] == straddled
+  return len(data), apart_differs, straddled
+
+
+def test_joint_boundary_equals_encode_of_prompt_plus_response(tok, tmp_path):
+  """The toy data (responses with no leading space: every pair changed), the HH-RLHF slice
+  (responses after one space: none changed), with the toy and the stories260K tokenizers."""
+  stories = Tokenizer(os.path.join(TESTDATA, "stories260k", "hf", "tokenizer.model"))
+  toy = os.path.join(ROOT, "dpojax", "assets", "toy_prefs_val.jsonl")
+  assert _joint_reference_check(toy, tok, str(tmp_path)) == (200, 200, 0)
+  assert _joint_reference_check(toy, stories, str(tmp_path)) == (200, 200, 0)
+  assert _joint_reference_check(HH_SLICE, tok, str(tmp_path)) == (99, 0, 0)
+  assert _joint_reference_check(HH_SLICE, stories, str(tmp_path)) == (99, 0, 0)
+
+
+def test_data_options_from_an_old_run_config_tokenize_apart():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  old = ml_collections.ConfigDict({"max_seq_length": 16, "template": "plain"})
+  assert pipeline.DataOptions.from_config(old).boundary == "apart"
+  new = ml_collections.ConfigDict({"max_seq_length": 16, "boundary": "joint"})
+  assert pipeline.DataOptions.from_config(new).boundary == "joint"
+  assert pipeline.DataOptions.from_config(new).shuffle  # Absent: its default.
+  with pytest.raises(DataError, match="data.boundary='x' is not one of"):
+    pipeline.DataOptions(max_seq_length=16, boundary="x")
 
 
 def test_templates_render_as_documented(marker_tok):
@@ -367,7 +463,9 @@ def test_over_long_pairs_are_dropped_or_truncated_and_counted(tmp_path, tok, cap
   assert "1 pairs truncated, 1 dropped" in caplog.text
   pair = data[1]  # The long prompt, cut from the left after BOS.
   assert len(pair["chosen"]) == 32 and pair["chosen"][0] == tok.bos_id
-  assert pair["chosen"][pair["prompt_len"]:].tolist() == tok.encode("1 2 3 4") + [tok.eos_id]
+  prompt = long_prompt["prompt"]  # Joint: the response's ids after the prompt's.
+  response = tok.encode(prompt + "1 2 3 4")[len(tok.encode(prompt)):]
+  assert pair["chosen"][pair["prompt_len"]:].tolist() == response + [tok.eos_id]
   data = pipeline.PreferenceData(path, tok, pipeline.DataOptions(
       max_seq_length=32, truncation="truncate_response_right"))
   assert (len(data), data.stats["truncated"], data.stats["dropped"]) == (3, 1, 1)
@@ -435,6 +533,63 @@ def test_resume_mid_epoch_yields_exactly_the_uninterrupted_batches(tmp_path, tok
       assert got.keys() == want.keys()
       for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=f"{k} after resume at {stop}")
+
+
+@pytest.mark.parametrize("packing_opt", ["none", "first_fit_decreasing"])
+def test_no_shuffle_follows_the_file_order_and_resumes(tmp_path, tok, packing_opt):
+  """data.shuffle=False: step k trains on pairs (k-1)B .. kB-1 of the file (modulo its
+  length: epochs run into each other), as TRL's sequential sampler; packed, on the packing's
+  rows in order every epoch. A resumed iterator continues exactly."""
+  data = toy_data(tmp_path, tok, n=11, packing=packing_opt, pack_size=64, shuffle=False)
+  kw = dict(global_batch_size=4, micro_batch_size=2, seed=7)
+  it = iter(pipeline.train_dataset(data, **kw))
+  batches = [next(it) for _ in range(8)]  # About three epochs.
+  pairs = lambda b: b["pair_index"][b["pair_mask"] > 0].tolist()
+  if packing_opt == "none":
+    for k, b in enumerate(batches):
+      assert pairs(b) == [i % 11 for i in range(4 * k, 4 * k + 4)]
+      np.testing.assert_array_equal(b["tokens"][0, 0, :len(data[pairs(b)[0]]["chosen"])],
+                                    data[pairs(b)[0]]["chosen"])
+    assert [data[i]["line"] for i in range(11)] == list(range(1, 12))  # Index = file order.
+  else:  # Rows of epoch e in the order first_fit_decreasing (seed [7, e]) gives them.
+    rows = []
+    for e in range(4):
+      row_starts, items = packing.pack(data.row_lengths, 64, "first_fit_decreasing", seed=[7, e])
+      rows += [items[row_starts[r]:row_starts[r + 1]].tolist() for r in range(len(row_starts) - 1)]
+    assert len(rows) >= 4 * 4
+    for k, b in enumerate(batches[:len(rows) // 4]):
+      for a in range(2):  # Micro-batch a holds rows 4k + 2a and 4k + 2a + 1.
+        want = rows[4 * k + 2 * a] + rows[4 * k + 2 * a + 1]
+        assert b["pair_index"][a][b["pair_mask"][a] > 0].tolist() == want, (k, a)
+  for stop in (3, 5):
+    resumed = iter(pipeline.train_dataset(data, **kw))
+    resumed.set_state(json.loads(json.dumps(_state_after(data, kw, stop))))
+    for want in batches[stop:]:
+      got = next(resumed)
+      for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=f"{key} after {stop}")
+  with pytest.raises(DataError, match="data.packing=first_fit_shuffle .* data.shuffle=False"):
+    pipeline.DataOptions(max_seq_length=32, packing="first_fit_shuffle", shuffle=False)
+
+
+def _state_after(data, kw, steps):
+  it = iter(pipeline.train_dataset(data, **kw))
+  for _ in range(steps):
+    next(it)
+  return it.get_state()
+
+
+def test_toy_val_warning_names_the_key():
+  user = "/data/my_pairs.jsonl"
+  message = pipeline.toy_val_warning(user, pipeline.TOY_VAL)
+  assert message.startswith(f"WARNING: data.train_path={user} but data.val_path is still the "
+                            f"shipped toy set ({pipeline.TOY_VAL})")
+  assert "--config.data.val_path" in message
+  assert pipeline.toy_val_warning(pipeline.TOY_TRAIN, pipeline.TOY_VAL) is None  # Default run.
+  assert pipeline.toy_val_warning(user, "/data/my_val.jsonl") is None
+  cfg = load_default_config().data  # The config's defaults are the paths it compares with.
+  assert pipeline.toy_val_warning(cfg.train_path, cfg.val_path) is None
+  assert pipeline.toy_val_warning(user, cfg.val_path) is not None
 
 
 def test_reader_threads_do_not_change_the_batches(tmp_path, tok):
@@ -558,6 +713,9 @@ def test_pack_cli_writes_a_dataset_training_reads(tmp_path, tok, marker_tok, cap
                      r"data.share_prompt=True; repack"):
     pipeline.PreferenceData(out, tok, pipeline.DataOptions(max_seq_length=32,
                                                            share_prompt=True))
+  with pytest.raises(DataError, match=r"packed with boundary='joint', but "
+                     r"data.boundary='apart'; repack or change data.boundary"):
+    pipeline.PreferenceData(out, tok, pipeline.DataOptions(max_seq_length=32, boundary="apart"))
   # A directory packed before share_prompt existed: its meta.json lacks the key (= False).
   meta_path = os.path.join(out, "meta.json")
   with open(meta_path) as f:
@@ -566,6 +724,15 @@ def test_pack_cli_writes_a_dataset_training_reads(tmp_path, tok, marker_tok, cap
   with open(meta_path, "w") as f:
     json.dump(meta, f)
   assert len(pipeline.PreferenceData(out, tok, opts)) == 9
+  # ... and before data.boundary: its responses were tokenized apart.
+  del meta["boundary"]
+  with open(meta_path, "w") as f:
+    json.dump(meta, f)
+  with pytest.raises(DataError, match=r"packed with boundary='apart', but data.boundary='joint'"):
+    pipeline.PreferenceData(out, tok, opts)
+  meta["boundary"] = "joint"
+  with open(meta_path, "w") as f:
+    json.dump(meta, f)
   with pytest.raises(DataError, match=r"packed with share_prompt=False, but "
                      r"data.share_prompt=True"):
     pipeline.PreferenceData(out, tok, pipeline.DataOptions(max_seq_length=32,

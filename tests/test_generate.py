@@ -216,14 +216,14 @@ STORY_ARGS = ["--prompt", "", "--prompt", "Once upon a time", "--max_new_tokens"
 
 @pytest.mark.parametrize("resolved", [True, False], ids=["run_config", "plain_config"])
 def test_workdir_policy_and_init_from_reference(stories, resolved, tmp_path):
-  """init.from = the stories260K HF folder. run_config.json (workdir.write_config) holds the
+  """init.path = the stories260K HF folder. run_config.json (workdir.write_config) holds the
   resolved architecture and tokenizer; a plain config.json (as loop.run writes it) holds
   tiny_config's model section (width 32, 1 layer) and the toy tokenizer, so both come from
-  init.from as in training. Either way the reference answer is the fixture's greedy text and
+  init.path as in training. Either way the reference answer is the fixture's greedy text and
   the policy answer that of the checkpoint's (different) params."""
   cfg, _, tokenizer = stories
   config = tiny_config()
-  config.init["from"] = S.HF_DIR
+  config.init.path = S.HF_DIR
   if resolved:
     for k, v in dataclasses.asdict(cfg).items():
       config.model[k] = v

@@ -1,4 +1,4 @@
-"""init.from (a .nemo, an HF folder, a dpojax workdir) and export.to at the end of a run."""
+"""init.path (a .nemo, an HF folder, a dpojax workdir) and export.to at the end of a run."""
 
 import os
 
@@ -16,7 +16,7 @@ STORIES = os.path.join(TESTDATA, "stories260k")
 
 def stories_config(init_from):
   config = tiny_config()
-  config.init["from"] = init_from
+  config.init.path = init_from
   config.train.max_steps = 2
   config.eval.interval = 2
   config.checkpoint.interval = 2
@@ -55,7 +55,7 @@ def test_init_from_hf_exports_nemo(tmp_path):
 def test_init_from_dpojax_workdir(tmp_path):
   loop.run(tiny_config(), str(tmp_path / "first"))
   config = tiny_config()
-  config.init["from"] = str(tmp_path / "first")
+  config.init.path = str(tmp_path / "first")
   config.model.hidden_size = 64  # The architecture comes from the first run's run config.
   config.train.max_steps = 1
   config.eval.at_start = True
@@ -99,7 +99,7 @@ def test_lora_run_checkpoints_adapters_and_exports_them_merged(tmp_path):
   on_disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(step_dir) for f in fs)
   full = sum(np.asarray(x).nbytes for x in jax.tree.leaves(initial.params))
   assert on_disk < full, (on_disk, full)
-  # A LoRA workdir is a valid init.from: training continues from the merged policy.
+  # A LoRA workdir is a valid init.path: training continues from the merged policy.
   second = stories_config(run)
   second.train.max_steps, second.eval.at_start = 1, True
   loop.run(second, str(tmp_path / "second"))

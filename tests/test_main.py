@@ -42,12 +42,12 @@ CASES = {
     "dtype": (["--config.model.dtype=float8"],
               "error: model.dtype='float8' is not one of ('float32', 'bfloat16', 'float16', "
               "'float64')"),
-    "missing_init": (["--config.init.from={tmp}/missing.nemo"],
-                     "error: init.from={tmp}/missing.nemo: no such file or folder"),
-    "evil_nemo": (["--config.init.from={tmp}/evil.nemo"],
+    "missing_init": (["--config.init.path={tmp}/missing.nemo"],
+                     "error: init.path={tmp}/missing.nemo: no such file or folder"),
+    "evil_nemo": (["--config.init.path={tmp}/evil.nemo"],
                   "error: {tmp}/evil.nemo: refusing tar member '../../evil.txt' ('..' "
                   "component)"),
-    "truncated_nemo": (["--config.init.from={tmp}/cut.nemo"],
+    "truncated_nemo": (["--config.init.path={tmp}/cut.nemo"],
                        "error: {tmp}/cut.nemo: truncated or corrupt .nemo tar file (unexpected "
                        "end of data)"),
 }
@@ -69,6 +69,9 @@ def results(tmp_path_factory):
   commands = {name: [sys.executable, "-m", "dpojax.main", *base,
                      *(f.format(tmp=tmp) for f in flags)] for name, (flags, _) in CASES.items()}
   commands["debug"] = [*commands["max_steps_0"], "--debug"]
+  for i, old in enumerate(("init.from", 'init["from"]')):  # The key's old name, both spellings.
+    commands[f"old_key{i}"] = [*commands["missing_init"][:-1],
+                               f"--config.{old}={tmp}/missing.nemo"]
   commands["bug"] = [sys.executable, "-c", BUG, *base]
   procs = {name: subprocess.Popen(c, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True) for name, c in commands.items()}
@@ -95,6 +98,16 @@ def test_user_error_is_one_line_exit_1(results, name):
     assert lines[0] == want
   assert not os.path.exists(os.path.join(tmp, "evil.txt"))
   assert not os.path.exists(os.path.join(tmp, "run", "checkpoints"))  # Stopped before training.
+
+
+@pytest.mark.slow
+def test_the_old_init_from_spelling_reads_as_init_path(results):
+  tmp, out = results
+  for name in ("old_key0", "old_key1"):
+    code, err = out[name]
+    assert code == 1 and error_lines(err) == [
+        "WARNING: config key init.from is now init.path",
+        f"error: init.path={tmp}/missing.nemo: no such file or folder"], err[-3000:]
 
 
 @pytest.mark.slow

@@ -137,6 +137,53 @@ def data(tmp_path_factory):
   return out
 
 
+# --- learning-rate schedules -----------------------------------------------------------------
+def _hf_linear(step, peak, warmup, total):
+  """transformers.get_linear_schedule_with_warmup's lr_lambda (TRL's default), times peak."""
+  if step < warmup:
+    return peak * step / max(1, warmup)
+  return peak * max(0.0, (total - step) / max(1, total - warmup))
+
+
+@pytest.mark.parametrize("warmup", [0, 4])
+def test_linear_schedule_is_trl_warmup_then_decay_to_zero(warmup):
+  train = tiny_config().train
+  train.lr_schedule, train.learning_rate, train.max_steps, train.warmup_steps = (
+      "linear", 5e-4, 20, warmup)
+  schedule = step_lib.make_schedule(train)
+  got = [float(schedule(s)) for s in range(23)]
+  np.testing.assert_allclose(got, [_hf_linear(s, 5e-4, warmup, 20) for s in range(23)],
+                             rtol=1e-6, atol=1e-12)
+  assert got[20] == 0.0 and max(got) == pytest.approx(5e-4)
+  # And the optimizer applies it: AdamW's first update is -lr * sign-ish(g) = -lr exactly for
+  # a constant gradient with eps -> 0 and no decay.
+  train.adam_eps, train.grad_clip, train.weight_decay = 1e-30, 0.0, 0.0
+  tx, _ = step_lib.make_optimizer(train)
+  params = {"w": jnp.zeros(3)}
+  opt_state = tx.init(params)
+  for s in range(6):
+    update, opt_state = tx.update({"w": jnp.ones(3)}, opt_state, params)
+    np.testing.assert_allclose(update["w"], -_hf_linear(s, 5e-4, warmup, 20), rtol=1e-5)
+
+
+def test_schedules_cosine_default_constant_and_errors():
+  train = tiny_config().train
+  train.learning_rate, train.max_steps, train.warmup_steps, train.min_lr_ratio = 1e-3, 12, 2, 0.1
+  cosine = step_lib.make_schedule(train)  # The default; also for configs without the key.
+  del train["lr_schedule"]
+  old = step_lib.make_schedule(train)
+  for s in range(14):
+    c = 1e-3 * s / 2 if s < 2 else 1e-4 + 0.5 * (1e-3 - 1e-4) * (
+        1 + math.cos(math.pi * min(s - 2, 10) / 10))
+    assert float(cosine(s)) == pytest.approx(c, rel=1e-5) == float(old(s))
+  train.lr_schedule = "constant"
+  constant = step_lib.make_schedule(train)
+  assert [float(constant(s)) for s in range(5)] == pytest.approx([0, 5e-4, 1e-3, 1e-3, 1e-3])
+  train.lr_schedule = "step"
+  with pytest.raises(ValueError, match=r"train.lr_schedule='step' is not one of"):
+    step_lib.make_optimizer(train)
+
+
 # --- exact reductions ----------------------------------------------------------------------
 @pytest.mark.slow
 def test_micro_batches_equal_one_big_batch_for_a_rich_loss(data, tiny_model):

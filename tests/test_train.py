@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -82,6 +83,71 @@ def assert_same_records(a, b, tol):
     for key in ra:
       if key not in TIMING_METRICS and key != "split":
         assert rb[key] == pytest.approx(ra[key], abs=tol, rel=tol), (ra["step"], key)
+
+
+class _SpyDataset:
+  """Wraps train_dataset's result: records the pair indices of every batch the loop draws."""
+
+  def __init__(self, ds, seen):
+    self.ds, self.seen = ds, seen
+
+  def __iter__(self):
+    return _SpyIterator(iter(self.ds), self.seen)
+
+
+class _SpyIterator:
+
+  def __init__(self, it, seen):
+    self.it, self.seen = it, seen
+
+  def __next__(self):
+    batch = next(self.it)
+    self.seen.append(batch["pair_index"][batch["pair_mask"] > 0].tolist())
+    return batch
+
+  def get_state(self):
+    return self.it.get_state()
+
+  def set_state(self, state):
+    self.it.set_state(state)
+
+
+@pytest.mark.slow
+def test_no_shuffle_trains_on_the_file_in_order_and_resumes_exactly(tmp_path, monkeypatch,
+                                                                   capsys):
+  """data.shuffle=False with TRL's schedule (linear decay, no warmup): step k trains on pairs
+  8(k-1) .. 8k-1 of the file, as TRL's sequential sampler, and a run resumed from its step-3
+  checkpoint gives the uninterrupted run's batches and metrics."""
+  seen = []
+  real = pipeline.train_dataset
+  monkeypatch.setattr(loop.pipeline, "train_dataset",
+                      lambda *a, **k: _SpyDataset(real(*a, **k), seen))
+  train_copy = tmp_path / "my_pairs.jsonl"  # The toy pairs under a user's name.
+  train_copy.write_text(open(pipeline.TOY_TRAIN).read())
+
+  def config(steps):
+    c = tiny_config()
+    c.data.shuffle, c.data.train_path = False, str(train_copy)
+    c.train.lr_schedule, c.train.warmup_steps, c.train.max_steps = "linear", 0, steps
+    return c
+
+  loop.run(config(6), str(tmp_path / "straight"))
+  straight_seen, seen[:] = list(seen), []  # (Eval batches come from eval_batches.)
+  assert straight_seen == [list(range(8 * k, 8 * k + 8)) for k in range(6)]
+  printed = capsys.readouterr().out
+  assert (f"WARNING: data.train_path={train_copy} but data.val_path is still the shipped toy "
+          "set") in printed
+  # Interrupted after step 3: the workdir as the checkpoint of step 3 left it.
+  shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+  shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "6")
+  shutil.rmtree(tmp_path / "resumed" / "best", ignore_errors=True)
+  loop.run(config(6), str(tmp_path / "resumed"))
+  assert seen == straight_seen[3:]
+  assert_same_records(read_metrics(str(tmp_path / "straight")),
+                      read_metrics(str(tmp_path / "resumed")), 1e-6)
+  lrs = [r["learning_rate"] for r in read_metrics(str(tmp_path / "straight"))
+         if r["split"] == "train"]  # Step k's update used lr * (6 - (k - 1)) / 6.
+  assert lrs == pytest.approx([1e-3 * (6 - k) / 6 for k in range(6)], rel=1e-5)
 
 
 @pytest.mark.slow

@@ -13,14 +13,14 @@ from conftest import tiny_config
 
 def test_write_config_resolves_model_and_tokenizer(tmp_path):
   config = tiny_config()
-  config.init["from"] = "/somewhere/model.nemo"
+  config.init.path = "/somewhere/model.nemo"
   cfg = model_lib.ModelConfig(vocab_size=512, hidden_size=64, num_layers=5, num_query_groups=2)
   path = workdir.write_config(str(tmp_path), config, cfg, "tok.model")
   assert path == str(tmp_path / "run_config.json")
   back = workdir.read_config(path)
   assert workdir.model_config(back) == cfg
   assert back.data.tokenizer_path == os.path.abspath("tok.model")
-  assert back.init["from"] == "/somewhere/model.nemo" and back.dpo.beta == config.dpo.beta
+  assert back.init.path == "/somewhere/model.nemo" and back.dpo.beta == config.dpo.beta
   assert list(back.dpo.losses) == list(config.dpo.losses)
 
 
@@ -57,3 +57,31 @@ def test_errors_name_the_file(tmp_path):
   (tmp_path / "run_config.json").write_text(config.to_json_best_effort())
   with pytest.raises(workdir.WorkdirError, match=r"model.activation='tanh'"):
     workdir.model_config(workdir.read_config(str(tmp_path / "run_config.json")))
+
+
+def test_init_from_the_old_spelling_still_reads_with_one_warning(tmp_path, caplog):
+  """`init.from` (a Python keyword: --config.init.from=... cannot parse) is now init.path;
+  run configs and .py files that say init.from still load the same checkpoint."""
+  import logging  # pylint: disable=g-import-not-at-top
+
+  from dpojax.train import loop  # pylint: disable=g-import-not-at-top
+  from stories260k import HF_DIR  # pylint: disable=g-import-not-at-top
+
+  d = json.loads(tiny_config().to_json_best_effort())
+  del d["init"]["path"]
+  d["init"]["from"] = HF_DIR  # As run_config.json of an earlier version holds it.
+  (tmp_path / "run_config.json").write_text(json.dumps(d))
+  old = workdir.read_config(str(tmp_path / "run_config.json"))
+  with caplog.at_level(logging.WARNING):
+    assert workdir.init_path(old) == HF_DIR
+    assert workdir.init_path(old) == HF_DIR
+    loaded = loop.load_pretrained(old, str(tmp_path / "x"))
+  assert caplog.text.count("init.from is now init.path") == 1
+  new = tiny_config()
+  new.init.path = HF_DIR
+  want = loop.load_pretrained(new, str(tmp_path / "y"))
+  assert loaded.config == want.config and loaded.config.hidden_size != new.model.hidden_size
+  assert workdir.init_path(tiny_config()) == ""
+  new.init["from"] = "/elsewhere"
+  with pytest.raises(ValueError, match="init.path=.* and init.from=/elsewhere .* disagree"):
+    workdir.init_path(new)

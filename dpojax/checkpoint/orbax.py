@@ -188,9 +188,9 @@ def load_params(path: str, init_fn):
       if step is not None:
         break
   else:
-    raise FileNotFoundError(f"init.from={path}: no dpojax checkpoint found")
+    raise FileNotFoundError(f"init.path={path}: no dpojax checkpoint found")
   if step is None:
-    raise FileNotFoundError(f"init.from={path}: no dpojax checkpoint found")
+    raise FileNotFoundError(f"init.path={path}: no dpojax checkpoint found")
   abstract_params = jax.eval_shape(init_fn, jax.random.key(0))
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.PyTreeRestore(

@@ -14,9 +14,11 @@ Packed (data.packing=first_fit_*, or a directory written by `python -m dpojax.pa
   1 s per million pairs; resuming in epoch e recounts the rows of epochs before e). A packed
   directory keeps its file's packing and pack size (data.packing may stay none) and only
   reorders its rows each epoch.
-Both: a new order every epoch from the seed, epochs run into each other, each JAX process
-reads only its slice of every global batch (the global batches do not depend on the number
-of processes), prefetched in a thread; the iterator state ({"next_index"}) resumes exactly.
+Both: a new order every epoch from the seed (data.shuffle=False: the file's order, or the
+packing's, every epoch, as TRL's and NeMo's sequential samplers), epochs run into each other,
+each JAX process reads only its slice of every global batch (the global batches do not depend
+on the number of processes), prefetched in a thread; the iterator state ({"next_index"})
+resumes exactly.
 """
 
 from __future__ import annotations
@@ -34,12 +36,18 @@ from absl import logging
 
 from dpojax.data import packing, templates
 from dpojax.data.sources import FORMATS, DataError, JsonlSource, RecordError, where
-from dpojax.data.tokenize import TEMPLATES, TRUNCATIONS, Tokenizer, fit_pair, tokenize_pair
+from dpojax.data.tokenize import (BOUNDARIES, TEMPLATES, TRUNCATIONS, Tokenizer, fit_pair,
+                                   tokenize_pair)
 
 BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_mask", "sequence_ids")
 PAIR_KEYS = ("pair_mask", "chosen_reward", "rejected_reward", "pair_index")
 ON_ERROR = ("raise", "skip")
 PACKED_FORMAT = "dpojax-packed-v1"
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+TOY_TRAIN = os.path.join(ASSETS, "toy_prefs_train.jsonl")  # configs/dpo_gpt.py's defaults.
+TOY_VAL = os.path.join(ASSETS, "toy_prefs_val.jsonl")
+# A run config written before a field existed ran with this value, not today's default.
+_BEFORE_FIELD = {"boundary": "apart"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,9 +67,12 @@ class DataOptions:
   default_chosen_reward: float = 1.0
   default_rejected_reward: float = 0.0
   share_prompt: bool = False
+  shuffle: bool = True  # False: every epoch in the file's (or the packing's) order.
+  boundary: str = "joint"  # tokenize.BOUNDARIES.
 
   def __post_init__(self):
     for key, value, allowed in (("format", self.format, FORMATS),
+                                ("boundary", self.boundary, BOUNDARIES),
                                 ("template", self.template, TEMPLATES),
                                 ("truncation", self.truncation, TRUNCATIONS),
                                 ("on_error", self.on_error, ON_ERROR),
@@ -74,6 +85,9 @@ class DataOptions:
       raise DataError(
           f"data.pack_size={self.pack_size} is smaller than 2 x data.max_seq_length="
           f"{self.max_seq_length}: a pair (chosen + rejected) must fit one row")
+    if not self.shuffle and self.packing == "first_fit_shuffle":
+      raise DataError("data.packing=first_fit_shuffle re-packs every epoch in a random order, "
+                      "but data.shuffle=False; use first_fit_decreasing (or shuffle)")
     if self.read_threads < 1 or self.prefetch < 0:
       raise DataError(f"data.read_threads={self.read_threads} must be >= 1 and "
                       f"data.prefetch={self.prefetch} >= 0")
@@ -85,8 +99,21 @@ class DataOptions:
   @classmethod
   def from_config(cls, data_cfg) -> DataOptions:
     """From the `data` section of a run config (a field it lacks, as in a run config written
-    before the field existed, takes its default)."""
-    return cls(**{f.name: data_cfg[f.name] for f in dataclasses.fields(cls) if f.name in data_cfg})
+    before the field existed, takes the value runs had then: its default, or _BEFORE_FIELD's)."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    return cls(**{n: data_cfg[n] if n in data_cfg else _BEFORE_FIELD[n] for n in names
+                  if n in data_cfg or n in _BEFORE_FIELD})
+
+
+def toy_val_warning(train_path: str, val_path: str) -> str | None:
+  """A start-up warning when a user's train file is validated on the shipped toy set (the
+  default data.val_path, kept so that old commands run), else None."""
+  same = lambda a, b: os.path.realpath(a) == os.path.realpath(b)
+  if not same(val_path, TOY_VAL) or same(train_path, TOY_TRAIN):
+    return None
+  return (f"WARNING: data.train_path={train_path} but data.val_path is still the shipped toy "
+          f"set ({val_path}): validation metrics and best/ are about the toy data; set "
+          "--config.data.val_path")
 
 
 class PreferenceData:
@@ -125,7 +152,7 @@ class PreferenceData:
     self._keep_prefix = len(self.tok.special(templates.BOS)) if opts.add_bos else 0
     indices, lens = [], []
     skipped, first_skipped = collections.Counter(), {}
-    dropped, truncated = collections.Counter(), 0
+    dropped, truncated, straddled = collections.Counter(), 0, 0
     for i in range(len(self.source)):
       try:
         pair = self._tokenize(i)
@@ -140,6 +167,7 @@ class PreferenceData:
         dropped[status] += 1
         continue
       truncated += status == "truncated"
+      straddled += pair["straddled"] > 0
       indices.append(i)
       lens.append((pair["prompt_len"], len(pair["chosen"]), len(pair["rejected"])))
     self.indices = np.asarray(indices, np.int64)
@@ -148,11 +176,17 @@ class PreferenceData:
     self.stats = {"records": len(self.source), "pairs": len(indices),
                   "skipped": sum(skipped.values()), "dropped": sum(dropped.values()),
                   "truncated": truncated, "skipped_by_reason": dict(skipped),
-                  "dropped_by_reason": dict(dropped), "format": self.source.format}
+                  "dropped_by_reason": dict(dropped), "format": self.source.format,
+                  "straddled": straddled}
     if skipped:
       details = "; ".join(f"{r}: {n} (first: {first_skipped[r]})" for r, n in skipped.items())
       logging.warning("%s: data.on_error=skip skipped %d of %d records: %s", path,
                       sum(skipped.values()), len(self.source), details)
+    if straddled:
+      logging.warning(
+          "%s: %d of %d pairs have a SentencePiece piece across the prompt/response boundary "
+          "when tokenized jointly (data.boundary=joint); their responses are tokenized apart",
+          path, straddled, len(indices))
     if dropped or truncated:
       logging.warning(
           "%s: data.max_seq_length=%d, data.truncation=%s: %d pairs truncated, %d dropped %s",
@@ -165,7 +199,8 @@ class PreferenceData:
 
   def tokenize(self, record: dict) -> dict:
     return tokenize_pair(record, self.tok, template=self.opts.template,
-                         add_bos=self.opts.add_bos, append_eos=self.opts.append_eos)
+                         add_bos=self.opts.add_bos, append_eos=self.opts.append_eos,
+                         boundary=self.opts.boundary)
 
   def _tokenize(self, source_index: int) -> dict:
     record = self.source[source_index]
@@ -184,8 +219,10 @@ class PreferenceData:
   def _load_packed(self, path):
     meta = read_packed_meta(path)
     opts, tok = self.opts, self.tok
-    packed_with = dict(meta, share_prompt=meta.get("share_prompt", False))  # Older files.
-    for key in ("template", "add_bos", "append_eos", "share_prompt"):
+    # Older files: no shared prompt, responses tokenized apart.
+    packed_with = dict(meta, share_prompt=meta.get("share_prompt", False),
+                       boundary=meta.get("boundary", "apart"))
+    for key in ("template", "add_bos", "append_eos", "share_prompt", "boundary"):
       if packed_with[key] != getattr(opts, key):
         raise DataError(f"{path}: packed with {key}={packed_with[key]!r}, but data.{key}="
                         f"{getattr(opts, key)!r}; repack or change data.{key}")
@@ -319,8 +356,8 @@ class RowStream:
   """The endless stream of packed rows: epoch e is packed (or, for a fixed packing, its rows
   are permuted) from (seed, e); epochs follow each other. Thread-safe; caches two epochs."""
 
-  def __init__(self, data: PreferenceData, seed: int):
-    self.data, self.seed = data, seed
+  def __init__(self, data: PreferenceData, seed: int, shuffle: bool = True):
+    self.data, self.seed, self.shuffle = data, seed, shuffle
     self._counts = []  # Rows per epoch, for the epochs seen so far.
     self._cache = collections.OrderedDict()
     self._lock = threading.RLock()
@@ -335,7 +372,8 @@ class RowStream:
         else:
           row_starts, items = packing.pack(data.row_lengths, data.packed_size,
                                            data.opts.packing, seed=[self.seed, e])
-        order = rng.permutation(len(row_starts) - 1)
+        n_rows = len(row_starts) - 1
+        order = rng.permutation(n_rows) if self.shuffle else np.arange(n_rows)
         sizes = np.diff(row_starts)[order]
         new_starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         # Item k of new row j comes from old row order[j]: shift each run of positions.
@@ -442,7 +480,8 @@ def _collate_fn(data: PreferenceData, shard: ProcessShard):
 def train_dataset(data: PreferenceData, *, global_batch_size: int, micro_batch_size: int,
                   seed: int, process_index: int | None = None,
                   process_count: int | None = None) -> grain.IterDataset:
-  """Shuffled (a new order each epoch), repeated forever, batched, sharded, prefetched.
+  """Shuffled (a new order each epoch; data.shuffle=False: the file's order), repeated
+  forever, batched, sharded, prefetched.
 
   Padded: batch sizes count pairs. Packed: they count rows of data.pack_size tokens.
   Each process (default: this JAX process of all of them) gets block process_index of every
@@ -454,7 +493,7 @@ def train_dataset(data: PreferenceData, *, global_batch_size: int, micro_batch_s
   fn = _collate_fn(data, shard)
   if data.packed:
     data.require(1, "pairs")
-    stream = RowStream(data, seed)
+    stream = RowStream(data, seed, data.opts.shuffle)
     row_starts, items = stream.epoch(0)
     data.stats["packing"] = packing_stats(data, row_starts, items)
     logging.info("%s: packing %s", data.path, data.stats["packing"])
@@ -466,8 +505,9 @@ def train_dataset(data: PreferenceData, *, global_batch_size: int, micro_batch_s
     ds = grain.MapDataset.source(_GlobalBatches(stream, global_batch_size)).map(fn)
   else:
     data.require(global_batch_size, "train.global_batch_size")
-    ds = (grain.MapDataset.range(len(data)).shuffle(seed=seed).repeat(None)
-          .batch(global_batch_size, drop_remainder=True, batch_fn=list).map(fn))
+    ds = grain.MapDataset.range(len(data))
+    ds = ds.shuffle(seed=seed) if data.opts.shuffle else ds
+    ds = ds.repeat(None).batch(global_batch_size, drop_remainder=True, batch_fn=list).map(fn)
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=data.opts.read_threads,
                                               prefetch_buffer_size=data.opts.prefetch))
 
@@ -556,7 +596,7 @@ def write_packed(data: PreferenceData, out_dir: str, *, strategy: str, seed: int
   opts = data.opts
   meta = {"format": PACKED_FORMAT, "pack_size": pack_size, "strategy": strategy, "seed": seed,
           "max_seq_length": opts.max_seq_length, "template": opts.template,
-          "add_bos": opts.add_bos, "append_eos": opts.append_eos,
+          "add_bos": opts.add_bos, "append_eos": opts.append_eos, "boundary": opts.boundary,
           "share_prompt": data.share_prompt, "truncation": opts.truncation, "source": data.path,
           "tokenizer_path": data.tok.path, "tokenizer_sha256": data.tok.sha256,
           "stats": stats, **(extra_meta or {})}

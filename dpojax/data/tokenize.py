@@ -1,13 +1,19 @@
 """SentencePiece tokenization of preference pairs, and fitting them to data.max_seq_length.
 
-Choice: the prompt and each response are tokenized separately and concatenated (each text
-part between template markers is its own SentencePiece call, as NeMo's tokenizer does around
-special tokens). So the prompt's tokens are always an exact prefix of both sequences, no token
-straddles the prompt/response boundary, and the loss mask is exact. NeMo instead tokenizes
-prompt+response jointly and asserts the prefix property, which fails when the tokenizer merges
-across the boundary. A response part that starts with one space loses it when the tokenizer
-adds SentencePiece's dummy-prefix space, which stands for it ("Assistant:" + " Sure" ->
-"▁Sure", as joint tokenization gives).
+Choice (data.boundary=joint, the default): the prompt and the response are tokenized as one
+text and split where the prompt's own tokens end, as TRL and NeMo-Aligner do (TRL tokenizes
+prompt + completion; NeMo asserts the prompt is a prefix). So a response that starts without
+a space (", sure" after "Hi") gets no extra word-start piece "\u2581" that it would get
+tokenized alone, and the sequence equals `encode(prompt + response)`. Text between template
+markers is its own SentencePiece call (as NeMo's tokenizer does around special tokens), so
+"jointly" means the prompt's last text run with the response's first one. The prompt's
+tokens stay an exact prefix of both sequences (the loss mask is exact): where the joint
+tokens do not start with the prompt's own (a piece straddles the boundary, e.g. "4." + "1"
+with a piece ".1"), that response is tokenized apart, and the pairs are counted
+(`straddled`; PreferenceData logs the count at start-up).
+data.boundary=apart (dpojax before this option): each part alone; a response that starts
+with one space loses it when the tokenizer adds SentencePiece's dummy-prefix space, which
+stands for it ("Assistant:" + " Sure" -> "\u2581Sure", as joint tokenization gives).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from dpojax.data.sources import DataError
 
 TEMPLATES = templates.TEMPLATES
 TRUNCATIONS = ("drop", "truncate_prompt_left", "truncate_response_right")
+BOUNDARIES = ("joint", "apart")
 
 
 class Tokenizer:
@@ -91,21 +98,52 @@ class Tokenizer:
     return ids
 
 
+def _trailing_text(parts: list) -> str:
+  """The run of text that ends `parts` ("" when a marker ends them)."""
+  text = ""
+  for part in reversed(parts):
+    if not isinstance(part, str):
+      break
+    text = part + text
+  return text
+
+
+def _leading_text(parts: list) -> tuple[str, list]:
+  """(the run of text that starts `parts`, the parts after it)."""
+  n = next((i for i, part in enumerate(parts) if not isinstance(part, str)), len(parts))
+  return "".join(parts[:n]), parts[n:]
+
+
 def tokenize_pair(record: dict, tok: Tokenizer, *, template: str = "plain",
-                  add_bos: bool = True, append_eos: bool = True) -> dict:
+                  add_bos: bool = True, append_eos: bool = True,
+                  boundary: str = "joint") -> dict:
   """Token ids of both sequences and the prompt length they share.
 
   Returns {"chosen", "rejected": int32 arrays (prompt + response [+ EOS]), "prompt_len",
-  "line", "chosen_reward", "rejected_reward"}.
+  "line", "chosen_reward", "rejected_reward", "straddled": sides (0-2) whose joint tokens
+  did not keep the prompt's as a prefix and were tokenized apart}.
   """
+  if boundary not in BOUNDARIES:
+    raise ValueError(f"data.boundary={boundary!r} is not one of {BOUNDARIES}")
   prompt_parts, response_parts = templates.render(record, template)
   prompt = tok.special(templates.BOS) if add_bos else []
   prompt = prompt + tok.encode_parts(prompt_parts)
+  last = _trailing_text(prompt_parts)
+  last_ids = tok.encode(last)  # The end of `prompt`: encode_parts encodes each run whole.
   eos = tok.special(templates.EOS) if append_eos else []
-  out = {"prompt_len": len(prompt), "line": record.get("line", -1)}
+  out = {"prompt_len": len(prompt), "line": record.get("line", -1), "straddled": 0}
   for side in ("chosen", "rejected"):
-    response = tok.encode_parts(response_parts[side], response=True) + eos
-    out[side] = np.asarray(prompt + response, np.int32)
+    first, rest = _leading_text(response_parts[side])
+    response = None
+    if boundary == "joint" and last and first:
+      joint = tok.encode(last + first)
+      if joint[:len(last_ids)] == last_ids:
+        response = joint[len(last_ids):] + tok.encode_parts(rest)
+      else:
+        out["straddled"] += 1
+    if response is None:
+      response = tok.encode_parts(response_parts[side], response=True)
+    out[side] = np.asarray(prompt + response + eos, np.int32)
   out["chosen_reward"] = record.get("chosen_reward")
   out["rejected_reward"] = record.get("rejected_reward")
   return out

@@ -89,27 +89,27 @@ def check_workdir(workdir: str):
 
 
 def _extract_dir(workdir: str) -> str:
-  """Where init.from's tokenizer is unpacked: one folder per process (they share the workdir)."""
+  """Where init.path's tokenizer is unpacked: one folder per process (they share the workdir)."""
   index = jax.process_index()
   return os.path.join(workdir, "init_tokenizer" if index == 0 else f"init_tokenizer.{index}")
 
 
 def load_pretrained(config, workdir: str):
-  """`init.from`: a .nemo file, a Hugging Face folder, or a dpojax workdir/checkpoint folder.
+  """`init.path`: a .nemo file, a Hugging Face folder, or a dpojax workdir/checkpoint folder.
 
   Returns None (random init) or a `convert.Loaded` (ModelConfig, host params, tokenizer).
   """
-  path = config.init.get("from")
+  path = workdir_lib.init_path(config)  # Or init.from, its old name.
   if not path:
     return None
   if not os.path.exists(path):
-    raise ConfigError(f"init.from={path}: no such file or folder")
+    raise ConfigError(f"init.path={path}: no such file or folder")
   from dpojax import convert  # pylint: disable=g-import-not-at-top
   if convert.is_checkpoint(path):
     try:
       loaded = convert.load(path, extract_dir=_extract_dir(workdir))
     except (tarfile.TarError, EOFError) as e:  # A member cut short (the header scan passed).
-      raise ConfigError(f"init.from={path}: truncated or corrupt archive ({e})") from None
+      raise ConfigError(f"init.path={path}: truncated or corrupt archive ({e})") from None
     arch = {k: getattr(loaded.config, k) for k in convert.ARCHITECTURE_FIELDS}
     model_cfg = dataclasses.replace(model_lib.ModelConfig.from_dict(config.model), **arch)
     return convert.Loaded(model_cfg, loaded.params, loaded.tokenizer_path)
@@ -353,7 +353,7 @@ def run(config, workdir: str, stop: StopRequested | None = None) -> dict:
 
 
 def _run(config, workdir: str, stop: StopRequested) -> dict:
-  check_config(config)  # Before init.from is read: bad values stop before anything heavy.
+  check_config(config)  # Before init.path is read: bad values stop before anything heavy.
   check_workdir(workdir)
   if stop.signal is not None:
     return _stopped_before_training(stop, workdir)
@@ -365,6 +365,8 @@ def _run(config, workdir: str, stop: StopRequested) -> dict:
     return _stopped_before_training(stop, workdir)
   if jax.process_index() == 0:  # What generate/evaluate need to rebuild the run.
     workdir_lib.write_config(workdir, config, step_cfg.model, tok.path)
+    if warning := pipeline.toy_val_warning(config.data.train_path, config.data.val_path):
+      print(warning, flush=True)
   t = config.train
   mesh = sharding.make_mesh(config.mesh)
   step_cfg = dataclasses.replace(step_cfg, mesh=mesh)  # Vocab-parallel log-probs, flash shards.
@@ -529,6 +531,6 @@ def _run(config, workdir: str, stop: StopRequested) -> dict:
           state.params, ref_params)
     host_params = multihost_utils.process_allgather(policy, tiled=True)
     if lead:
-      export(config, step_cfg.model, host_params, tok.path, config.init.get("from"))
+      export(config, step_cfg.model, host_params, tok.path, workdir_lib.init_path(config))
       say(f"Exported the policy to {config.export.to}")
   return {"state": state, "val": last_val, "step": step}

@@ -80,13 +80,41 @@ class TrainState(flax.struct.PyTreeNode):
   ref: Any = None  # TR-DPO only: the evolving reference (None otherwise: not a leaf).
 
 
+LR_SCHEDULES = ("cosine", "linear", "constant")
+
+
+def linear_schedule(peak: float, warmup_steps: int, max_steps: int) -> optax.Schedule:
+  """TRL's default (transformers' get_linear_schedule_with_warmup): step s of the update
+  (0 for the first) gets peak * s / warmup during warmup, then peak * (max_steps - s) /
+  (max_steps - warmup), down to 0 at max_steps."""
+  def schedule(count):
+    count = jnp.asarray(count, jnp.float32)
+    warm = count / max(warmup_steps, 1)
+    decay = jnp.maximum(0.0, (max_steps - count) / max(max_steps - warmup_steps, 1))
+    return peak * jnp.where(count < warmup_steps, warm, decay)
+  return schedule
+
+
+def make_schedule(train_cfg) -> optax.Schedule:
+  """train.lr_schedule after train.warmup_steps of linear warmup from 0 (cosine for run
+  configs written before the key existed)."""
+  kind = train_cfg.get("lr_schedule", "cosine")
+  peak, warmup, steps = train_cfg.learning_rate, train_cfg.warmup_steps, train_cfg.max_steps
+  if kind == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=peak, warmup_steps=warmup,
+        decay_steps=max(steps, warmup + 1), end_value=peak * train_cfg.min_lr_ratio)
+  if kind == "linear":
+    return linear_schedule(peak, warmup, steps)
+  if kind == "constant":
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup, 1)),
+                                 optax.constant_schedule(peak)], [warmup])
+  raise ValueError(f"train.lr_schedule={kind!r} is not one of {LR_SCHEDULES}")
+
+
 def make_optimizer(train_cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with linear warmup and cosine decay, after global-norm clipping."""
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=train_cfg.learning_rate,
-      warmup_steps=train_cfg.warmup_steps,
-      decay_steps=max(train_cfg.max_steps, train_cfg.warmup_steps + 1),
-      end_value=train_cfg.learning_rate * train_cfg.min_lr_ratio)
+  """AdamW with linear warmup and train.lr_schedule's decay, after global-norm clipping."""
+  schedule = make_schedule(train_cfg)
   chain = []
   if train_cfg.grad_clip > 0:
     chain.append(optax.clip_by_global_norm(train_cfg.grad_clip))

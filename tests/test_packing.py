@@ -215,7 +215,7 @@ def tiny_step():
   @jax.jit
   def step(micro, normalizers):  # One compilation per layout: log-probs, loss and metrics.
     out = step_lib.sequence_logps(params, micro, cfg)
-    ref = step_lib.sequence_logps(ref_params, micro, cfg, policy=False)["logps"]
+    ref = step_lib.sequence_logps(ref_params, micro, cfg, policy=False)
     return out, ref, step_lib.micro_loss(params, ref_params, micro, cfg, normalizers)
 
   def run(micro, normalizers):  # NumPy out: jax ops outside the context would drop to fp32.
@@ -240,8 +240,9 @@ def test_packed_and_padded_give_the_same_logps_loss_and_metrics(toy_pairs, tiny_
   assert ("branch_ids" in packed) == share_prompt
   first = lambda b: {k: jnp.asarray(v[0]) for k, v in b.items()}
   normalizers = {"pairs": np.float64(n)}
-  padded_out, want_ref, (want_loss, want_m) = tiny_step(first(padded), normalizers)
-  packed_out, got_ref, (got_loss, got_m) = tiny_step(first(packed), normalizers)
+  padded_out, padded_ref, (want_loss, want_m) = tiny_step(first(padded), normalizers)
+  packed_out, packed_ref, (got_loss, got_m) = tiny_step(first(packed), normalizers)
+  want_ref, got_ref = padded_ref["logps"], packed_ref["logps"]
   want, want_counts = np.asarray(padded_out["logps"]), np.asarray(padded_out["counts"])
   got, got_counts = np.asarray(packed_out["logps"]), np.asarray(packed_out["counts"])
   assert want.dtype == np.float64
@@ -257,6 +258,8 @@ def test_packed_and_padded_give_the_same_logps_loss_and_metrics(toy_pairs, tiny_
   assert tol["policy"].max() < 1e-8  # Far below any layout effect (tokens' log-probs ~ -6).
   assert (np.abs(got[slots] - want) <= tol["policy"]).all(), np.abs(got[slots] - want).max()
   assert (np.abs(np.asarray(got_ref)[slots] - want_ref) <= tol["ref"]).all()
+  np.testing.assert_allclose(np.asarray(packed_ref["ld_logps"])[slots], padded_ref["ld_logps"],
+                             rtol=0, atol=tol["ref"].max())
   assert np.abs(want).min() > 1.0  # Real sums, not zeros.
   for key in ("ld_logps", "wpo_logps"):  # LD-DPO weights (<= 1) and WPO's per-token means.
     np.testing.assert_allclose(np.asarray(packed_out[key])[slots], padded_out[key], rtol=0,
@@ -265,9 +268,13 @@ def test_packed_and_padded_give_the_same_logps_loss_and_metrics(toy_pairs, tiny_
   assert abs(float(want_loss) - np.log(2)) > 1e-3  # Policy != reference: a real loss.
   # Loss and metrics are sums over pairs of smooth functions of the four log-probs of a pair,
   # with slopes at most beta (1 + 2 max|reward|) (the squared rewards have the steepest) or 1
-  # (the log-prob sums); add the rounding of a sum of n pairs.
-  margins = cfg.loss.beta * ((want[:, 0] - want_ref[:, 0]) - (want[:, 1] - want_ref[:, 1]))
-  rewards = cfg.loss.beta * (want - want_ref)
+  # (the log-prob sums); add the rounding of a sum of n pairs. The rewards compare the
+  # statistic the loss uses (LD-DPO's weighted sums here, each within tol of its layout twin).
+  key = step_lib.reference_key(cfg)
+  assert key == "ld_logps"
+  pi, rho = np.asarray(padded_out[key]), np.asarray(padded_ref[key])
+  margins = cfg.loss.beta * ((pi[:, 0] - rho[:, 0]) - (pi[:, 1] - rho[:, 1]))
+  rewards = cfg.loss.beta * (pi - rho)
   slope = max(1.0, cfg.loss.beta * (1 + 2 * np.abs(rewards).max()))
   total = slope * (tol["policy"].sum() + tol["ref"].sum())
   bound = lambda value: total + tolerance.sum_tolerance(n, abs(value), np.float64)

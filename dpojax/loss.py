@@ -18,6 +18,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+from dpojax.errors import ConfigError
 
 NEMO_LOSSES = ("dpo", "ipo", "rpo_sq", "rpo_bwd_kl", "rpo_fwd_kl")
 TRL_LOSSES = ("sigmoid", "hinge", "ipo_normalized", "robust", "exo_pair", "nca_pair", "bco_pair",
@@ -40,10 +41,6 @@ EXP_CLAMP = 80.0  # TRL's clamp of f-divergence exponents in fp32/bf16.
 PAIR_MEAN_METRICS = (
     "loss", "preference_loss", "sft_loss", "accuracy", "rewards_chosen_mean",
     "rewards_rejected_mean", "rewards_margin_mean", "logps_chosen_mean", "logps_rejected_mean")
-
-
-class ConfigError(ValueError):
-  """An invalid `dpo` config section; the message names the key."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,11 +24,10 @@ signal.signal(signal.SIGINT, lambda signum, frame: _EARLY.append(signum))
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dpojax import loss, reference, workdir
+from dpojax import errors, workdir
 from dpojax.checkpoint import convert_common
 from dpojax.checkpoint import orbax as orbax_ckpt
 from dpojax.data import sources
-from dpojax.model import lora, transformer
 from dpojax.train import loop, sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.")
@@ -37,8 +36,7 @@ _DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of user errors to
 flags.mark_flags_as_required(["config", "workdir"])
 
 # The package's user errors: each message already names the key, file or step.
-USER_ERRORS = (loop.ConfigError, loss.ConfigError, reference.ConfigError, lora.ConfigError,
-               transformer.ConfigError, sources.DataError, workdir.WorkdirError,
+USER_ERRORS = (errors.ConfigError, sources.DataError, workdir.WorkdirError,
                convert_common.CheckpointError, loop.CheckpointWriteError, loop.NonFiniteError)
 
 

@@ -41,13 +41,10 @@ from dpojax.data import pipeline
 from dpojax.model import lora as lora_lib
 from dpojax.train import sharding
 from dpojax.train import step as step_lib
+from dpojax.errors import ConfigError
 
 MODES = ("auto",) + step_lib.REFERENCE_MODES
 CACHE_VERSION = 1
-
-
-class ConfigError(ValueError):
-  """An invalid `reference` config section; the message names the key."""
 
 
 @dataclasses.dataclass(frozen=True)

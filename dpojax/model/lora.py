@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from dpojax.model import transformer
+from dpojax.errors import ConfigError
 
 TARGETS = ("attention_qkv", "attention_dense", "mlp_fc1", "mlp_fc2")
 ALIASES = {"attention": ("attention_qkv", "attention_dense"), "mlp": ("mlp_fc1", "mlp_fc2"),
@@ -38,10 +39,6 @@ ALIASES = {"attention": ("attention_qkv", "attention_dense"), "mlp": ("mlp_fc1",
 # Target -> where its adapter lives under adapters["layers"].
 _PATHS = {"attention_qkv": ("attention", "qkv"), "attention_dense": ("attention", "out"),
           "mlp_fc1": ("mlp", "fc1"), "mlp_fc2": ("mlp", "fc2")}
-
-
-class ConfigError(ValueError):
-  """An invalid `lora` config section; the message names the key."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from dpojax.ops import flash_attention, sparse_attention
+from dpojax.errors import ConfigError
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "squared_relu", "swiglu")
 NORMALIZATIONS = ("layernorm", "layernorm1p", "rmsnorm")
@@ -31,10 +32,6 @@ POSITION_EMBEDDINGS = ("rope", "learned_absolute")
 REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION_IMPLS = ("auto", "xla", "flash", "sparse")
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: x64 reference runs.
-
-
-class ConfigError(ValueError):
-  """A model.* value the model cannot be built with; the message names the key."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,10 +28,7 @@ from dpojax.train import sharding
 from dpojax.train import step as step_lib
 from dpojax.train import metrics as metrics_lib
 from dpojax.train.metrics import MetricWriter
-
-
-class ConfigError(ValueError):
-  """An inconsistent configuration; the message names the config key."""
+from dpojax.errors import ConfigError
 
 
 CHECKPOINT_ON_ERROR = ("stop", "continue")

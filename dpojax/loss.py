@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -260,84 +260,126 @@ def _masked_sort(x_P, mask_P):
   return x_P[jnp.argsort(jnp.where(mask_P > 0, x_P, jnp.inf))]
 
 
+class _Terms(NamedTuple):
+  """What the pairwise losses are functions of, computed once per micro-batch."""
+
+  stats: PairStats
+  cfg: LossConfig
+  counts: Any  # [P, 2] response tokens, at least 1.
+  pi: Any  # [P, 2] policy statistics (per-token means under preference_average_log_probs).
+  rho: Any  # [P, 2] the reference's, likewise.
+  lr: Any  # [P, 2] log-ratios pi - rho: the implicit rewards before beta.
+  s: Any  # [P, 2] f-divergence scores of lr (lr itself for reverse_kl).
+  delta: Any  # [P] s_chosen - s_rejected.
+  z: Any  # [P] beta * delta.
+  rew: Any  # [P, 2] beta * lr.
+
+
+def _ipo(t):  # NeMo: delta itself, not beta * delta.
+  return (t.delta - 1.0 / (2 * t.cfg.beta)) ** 2
+
+
+def _norm_delta(t):
+  return t.s[:, 0] / t.counts[:, 0] - t.s[:, 1] / t.counts[:, 1]
+
+
+def _gt_margin(t):
+  return t.cfg.gt_reward_scale * (t.stats.gt_rewards[:, 0] - t.stats.gt_rewards[:, 1])
+
+
+def _rpo_kl(t, forward: bool):
+  """rpo_bwd_kl: KL(Bern(sigmoid(g)) || Bern(sigmoid(beta delta))); rpo_fwd_kl the reverse."""
+  g = _gt_margin(t)
+  lb_c, lb_r = jax.nn.log_sigmoid(t.z), jax.nn.log_sigmoid(-t.z)
+  la_c, la_r = jax.nn.log_sigmoid(g), jax.nn.log_sigmoid(-g)
+  if forward:
+    return jnp.exp(lb_c) * (lb_c - la_c) + jnp.exp(lb_r) * (lb_r - la_r)
+  return jnp.exp(la_c) * (la_c - lb_c) + jnp.exp(la_r) * (la_r - lb_r)
+
+
+def _exo_pair(t):
+  z, eps = t.z, t.cfg.label_smoothing
+  return (jax.nn.sigmoid(z) * (jax.nn.log_sigmoid(z) - math.log1p(-eps))
+          + jax.nn.sigmoid(-z) * (jax.nn.log_sigmoid(-z) - math.log(eps)))
+
+
+def _robust(t):
+  z, eps = t.z, t.cfg.label_smoothing
+  return ((1 - eps) * jax.nn.softplus(-z) - eps * jax.nn.softplus(z)) / (1 - 2 * eps)
+
+
+def _nca_pair(t):
+  rew = t.rew
+  return (jax.nn.softplus(-rew[:, 0]) + 0.5 * jax.nn.softplus(rew[:, 0])
+          + 0.5 * jax.nn.softplus(rew[:, 1]))
+
+
+def _bco_pair(t):
+  rew, base = t.rew, 0.0
+  if t.cfg.bco_baseline == "micro_batch_mean":  # Stand-in for TRL <= 0.28's running mean.
+    m = t.stats.pair_mask.astype(jnp.float32)
+    base = jax.lax.stop_gradient(
+        jnp.sum((rew[:, 0] + rew[:, 1]) * m) / jnp.maximum(2 * jnp.sum(m), 1.0))
+  return jax.nn.softplus(-(rew[:, 0] - base)) + jax.nn.softplus(rew[:, 1] - base)
+
+
+def _sorted(t, a, b):
+  """AOT: the sorted-difference loss of a and b (padding pairs sort last)."""
+  mask = t.stats.pair_mask
+  return _smoothed_sigmoid(t.cfg.beta * (_masked_sort(a, mask) - _masked_sort(b, mask)),
+                           t.cfg.label_smoothing)
+
+
+def _discopop(t):
+  # (1 - m) * -log sigmoid(z) + m * exp(-z), m = sigmoid(z / tau); m * exp(-z) is taken
+  # in log space so that 0 * inf never happens at extreme margins.
+  z, tau = t.z, t.cfg.discopop_tau
+  return jax.nn.sigmoid(-z / tau) * jax.nn.softplus(-z) + jnp.exp(jax.nn.log_sigmoid(z / tau) - z)
+
+
+_sigmoid = lambda t: _smoothed_sigmoid(t.z, t.cfg.label_smoothing)
+# Per-pair [P] loss of each pairwise entry, by name (docs/losses.md has the formulas).
+PAIR_LOSSES = {
+    "dpo": _sigmoid,
+    "sigmoid": _sigmoid,
+    "ipo": _ipo,
+    "ipo_normalized": lambda t: (_norm_delta(t) - 1.0 / (2 * t.cfg.beta)) ** 2,
+    "sigmoid_norm": lambda t: jax.nn.softplus(-t.cfg.beta * _norm_delta(t)),
+    "rpo_sq": lambda t: (t.z - _gt_margin(t)) ** 2,
+    "rpo_bwd_kl": lambda t: _rpo_kl(t, forward=False),
+    "rpo_fwd_kl": lambda t: _rpo_kl(t, forward=True),
+    "hinge": lambda t: jax.nn.relu(1.0 - t.z),
+    "exo_pair": _exo_pair,
+    "robust": _robust,
+    "nca_pair": _nca_pair,
+    "bco_pair": _bco_pair,
+    "sppo_hard": lambda t: ((t.lr[:, 0] - 0.5 / t.cfg.beta) ** 2
+                            + (t.lr[:, 1] + 0.5 / t.cfg.beta) ** 2),
+    "apo_zero": lambda t: jax.nn.sigmoid(-t.rew[:, 0]) + jax.nn.sigmoid(t.rew[:, 1]),
+    "apo_down": lambda t: (jax.nn.sigmoid(t.rew[:, 0])
+                           + jax.nn.sigmoid(-(t.rew[:, 0] - t.rew[:, 1]))),
+    "aot": lambda t: _sorted(t, t.pi[:, 0] - t.pi[:, 1], t.rho[:, 0] - t.rho[:, 1]),
+    "aot_unpaired": lambda t: _sorted(t, t.lr[:, 0], t.lr[:, 1]),
+    "discopop": _discopop,
+}
+
+
 def pair_losses(stats: PairStats, cfg: LossConfig) -> dict:
   """Per-pair loss [P] of every pairwise entry of `cfg.losses` (not 'sft', a token mean).
 
   For aot/aot_unpaired, entry i is the loss of the i-th smallest values (real pairs first),
   so only the masked sum is meaningful.
   """
-  beta, eps = cfg.beta, cfg.label_smoothing
   counts = jnp.maximum(stats.counts, 1.0)
   pi, rho = stats.policy_logps, stats.reference_logps
   if cfg.preference_average_log_probs:
     pi, rho = pi / counts, rho / counts
-  lr = pi - rho  # Log-ratios: the implicit rewards before beta.
+  lr = pi - rho
   s = _scores(lr, cfg)
   delta = s[:, 0] - s[:, 1]
-  z = beta * delta
-  rew = beta * lr
-  out = {}
-  for name in dict.fromkeys(cfg.losses):
-    if name in ("dpo", "sigmoid"):
-      out[name] = _smoothed_sigmoid(z, eps)
-    elif name == "ipo":  # NeMo: delta itself, not beta * delta.
-      out[name] = (delta - 1.0 / (2 * beta)) ** 2
-    elif name in ("ipo_normalized", "sigmoid_norm"):
-      norm_delta = s[:, 0] / counts[:, 0] - s[:, 1] / counts[:, 1]
-      out[name] = ((norm_delta - 1.0 / (2 * beta)) ** 2 if name == "ipo_normalized"
-                   else jax.nn.softplus(-beta * norm_delta))
-    elif name.startswith("rpo_"):
-      g = cfg.gt_reward_scale * (stats.gt_rewards[:, 0] - stats.gt_rewards[:, 1])
-      if name == "rpo_sq":
-        out[name] = (z - g) ** 2
-      else:
-        lb_c, lb_r = jax.nn.log_sigmoid(z), jax.nn.log_sigmoid(-z)
-        la_c, la_r = jax.nn.log_sigmoid(g), jax.nn.log_sigmoid(-g)
-        if name == "rpo_bwd_kl":  # KL(Bern(sigmoid(g)) || Bern(sigmoid(beta delta))).
-          out[name] = jnp.exp(la_c) * (la_c - lb_c) + jnp.exp(la_r) * (la_r - lb_r)
-        else:  # rpo_fwd_kl: KL(Bern(sigmoid(beta delta)) || Bern(sigmoid(g))).
-          out[name] = jnp.exp(lb_c) * (lb_c - la_c) + jnp.exp(lb_r) * (lb_r - la_r)
-    elif name == "hinge":
-      out[name] = jax.nn.relu(1.0 - z)
-    elif name == "exo_pair":
-      out[name] = (jax.nn.sigmoid(z) * (jax.nn.log_sigmoid(z) - math.log1p(-eps))
-                   + jax.nn.sigmoid(-z) * (jax.nn.log_sigmoid(-z) - math.log(eps)))
-    elif name == "robust":
-      out[name] = ((1 - eps) * jax.nn.softplus(-z) - eps * jax.nn.softplus(z)) / (1 - 2 * eps)
-    elif name == "nca_pair":
-      out[name] = (jax.nn.softplus(-rew[:, 0]) + 0.5 * jax.nn.softplus(rew[:, 0])
-                   + 0.5 * jax.nn.softplus(rew[:, 1]))
-    elif name == "bco_pair":
-      base = 0.0
-      if cfg.bco_baseline == "micro_batch_mean":  # Stand-in for TRL <= 0.28's running mean.
-        m = stats.pair_mask.astype(jnp.float32)
-        base = jax.lax.stop_gradient(
-            jnp.sum((rew[:, 0] + rew[:, 1]) * m) / jnp.maximum(2 * jnp.sum(m), 1.0))
-      out[name] = jax.nn.softplus(-(rew[:, 0] - base)) + jax.nn.softplus(rew[:, 1] - base)
-    elif name == "sppo_hard":
-      out[name] = (lr[:, 0] - 0.5 / beta) ** 2 + (lr[:, 1] + 0.5 / beta) ** 2
-    elif name == "apo_zero":
-      out[name] = jax.nn.sigmoid(-rew[:, 0]) + jax.nn.sigmoid(rew[:, 1])
-    elif name == "apo_down":
-      out[name] = jax.nn.sigmoid(rew[:, 0]) + jax.nn.sigmoid(-(rew[:, 0] - rew[:, 1]))
-    elif name in SORTING_LOSSES:
-      if name == "aot":
-        a, b = pi[:, 0] - pi[:, 1], rho[:, 0] - rho[:, 1]
-      else:
-        a, b = lr[:, 0], lr[:, 1]
-      sorted_delta = _masked_sort(a, stats.pair_mask) - _masked_sort(b, stats.pair_mask)
-      out[name] = _smoothed_sigmoid(beta * sorted_delta, eps)
-    elif name == "discopop":
-      # (1 - m) * -log sigmoid(z) + m * exp(-z), m = sigmoid(z / tau); m * exp(-z) is taken
-      # in log space so that 0 * inf never happens at extreme margins.
-      tau = cfg.discopop_tau
-      out[name] = (jax.nn.sigmoid(-z / tau) * jax.nn.softplus(-z)
-                   + jnp.exp(jax.nn.log_sigmoid(z / tau) - z))
-    elif name == "sft":
-      continue
-    else:  # Unreachable after validation.
-      raise ValueError(name)
-  return out
+  terms = _Terms(stats=stats, cfg=cfg, counts=counts, pi=pi, rho=rho, lr=lr, s=s, delta=delta,
+                 z=cfg.beta * delta, rew=cfg.beta * lr)
+  return {name: PAIR_LOSSES[name](terms) for name in dict.fromkeys(cfg.losses) if name != "sft"}
 
 
 def dpo_loss(stats: PairStats, cfg: LossConfig, *, num_pairs, num_chosen_tokens=None):

@@ -30,10 +30,13 @@ import numpy as np
 
 from dpojax import cli
 from dpojax import model as model_lib
+from dpojax import pretrained
 from dpojax import workdir as workdir_lib
 from dpojax.data import pipeline
-from dpojax.train import loop, sharding
-from dpojax.train import step as step_lib
+from dpojax.train import build as build_lib
+from dpojax.train import compiled
+from dpojax.train import metrics as metrics_lib
+from dpojax.train import sharding
 
 # Printed first, in this order; every other metric follows.
 HEADLINE = ("accuracy", "loss", "rewards_margin_mean", "rewards_chosen_mean",
@@ -42,36 +45,31 @@ HEADLINE = ("accuracy", "loss", "rewards_margin_mean", "rewards_chosen_mean",
 
 def evaluate(config, policy_params, ref_params, data_path: str, *, batch_size: int | None = None,
              max_seq_length: int | None = None, max_batches: int = -1) -> dict:
-  """Metric means over every usable pair of `data_path` (as `loop.evaluate` gives them), plus
-  `dropped` (pairs over data.max_seq_length) and `skipped` (bad records, data.on_error=skip).
+  """Metric means over every usable pair of `data_path` (as validation in training gives
+  them), plus `dropped` (pairs over data.max_seq_length) and `skipped` (bad records,
+  data.on_error=skip).
 
   `config` is the run config (workdir.read_config); params are host or device trees.
   """
   config = ml_collections.ConfigDict(config.to_dict())  # A private, unlocked copy.
-  config.data.train_path = config.data.val_path = data_path
   if max_seq_length:
     config.data.max_seq_length = max_seq_length
   batch_size = batch_size or config.train.micro_batch_size
-  # loop.build checks the config and reads the file; batch sizes of 1 keep its training-side
-  # checks (enough pairs for a global batch) out of the way of a small file.
-  config.train.global_batch_size = config.train.micro_batch_size = 1
-  # The config is resolved (workdir.load_policy): init.path need not be loaded again.
-  _, _, data, step_cfg = loop.build(config)
+  # The config is resolved (pretrained.load_policy): init.path need not be loaded again.
+  data, step_cfg = build_lib.build_eval(config, data_path)
   model_cfg = step_cfg.model
   batches = pipeline.eval_batches(data, global_batch_size=batch_size,
                                   micro_batch_size=batch_size, max_batches=max_batches)
   mesh = _mesh(config.mesh)
-  tx, schedule = step_lib.make_optimizer(config.train)
   abstract_params = jax.eval_shape(functools.partial(model_lib.init_params, model_cfg),
                                    jax.random.key(0))
-  abstract_state = jax.eval_shape(lambda p: step_lib.init_state(p, tx), abstract_params)
-  _, eval_fn, state_sh, ref_sh = loop.compile_steps(
-      step_cfg, tx, schedule, abstract_state, abstract_params, mesh, batches[0])
+  eval_fn, params_sh, ref_sh = compiled.compile_eval_step(
+      step_cfg, abstract_params, abstract_params, mesh, batches[0])
   dtype = np.dtype(jax.numpy.dtype(model_cfg.param_dtype))
   place = lambda tree, sh: jax.device_put(
       jax.tree.map(lambda x: np.asarray(x, dtype), tree), sh)
-  metrics = loop.evaluate(eval_fn, place(policy_params, state_sh.params),
-                          place(ref_params, ref_sh), batches, mesh)
+  metrics = metrics_lib.evaluate(eval_fn, place(policy_params, params_sh),
+                                 place(ref_params, ref_sh), batches, mesh)
   metrics = {k: float(v) for k, v in metrics.items()}
   metrics["dropped"] = data.stats.get("dropped", 0)
   metrics["skipped"] = data.stats.get("skipped", 0)
@@ -116,17 +114,17 @@ def _main(argv) -> int:
   if args.batch_size is not None and args.batch_size < 1:
     raise ValueError(f"--batch_size={args.batch_size} must be >= 1")
   with tempfile.TemporaryDirectory(prefix="dpojax-evaluate-") as tmp:
-    policy = workdir_lib.load_policy(args.checkpoint, config_path=args.config,
-                                     extract_dir=os.path.join(tmp, "policy"))
+    policy = pretrained.load_policy(args.checkpoint, config_path=args.config,
+                                    extract_dir=os.path.join(tmp, "policy"))
     if policy.run_config is None:
       raise workdir_lib.WorkdirError(
           f"--checkpoint={args.checkpoint}: expected a dpojax workdir (a .nemo or Hugging "
           "Face checkpoint records no run config); evaluate its run's workdir instead")
     if args.reference:
-      ref_params = workdir_lib.load_policy(
+      ref_params = pretrained.load_policy(
           args.reference, extract_dir=os.path.join(tmp, "reference")).params
     else:
-      ref_params = workdir_lib.load_reference(policy, extract_dir=os.path.join(tmp, "ref"))
+      ref_params = pretrained.load_reference(policy, extract_dir=os.path.join(tmp, "ref"))
     metrics = evaluate(policy.run_config, policy.params, ref_params, args.data,
                        batch_size=args.batch_size, max_seq_length=args.max_seq_length,
                        max_batches=args.max_batches)

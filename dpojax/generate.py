@@ -309,7 +309,7 @@ def _main(argv) -> int:
 
 
 def _run(args, tmp: str) -> list[dict[str, Any]]:
-  from dpojax import workdir  # pylint: disable=g-import-not-at-top
+  from dpojax import pretrained  # pylint: disable=g-import-not-at-top
   from dpojax.data.tokenize import Tokenizer  # pylint: disable=g-import-not-at-top
 
   sampling = Sampling(args.temperature, args.top_k, args.top_p)
@@ -318,8 +318,8 @@ def _run(args, tmp: str) -> list[dict[str, Any]]:
   prompts = list(args.prompt) + (read_prompts(args.input) if args.input else [])
   if not prompts:
     raise ValueError("give --prompt TEXT or --input FILE.jsonl")
-  policy = workdir.load_policy(args.checkpoint, config_path=args.config,
-                               extract_dir=os.path.join(tmp, "policy"))
+  policy = pretrained.load_policy(args.checkpoint, config_path=args.config,
+                                  extract_dir=os.path.join(tmp, "policy"))
   if args.compare_reference and not args.reference and policy.run_config is None:
     raise ValueError(f"--compare_reference: {args.checkpoint} is not a dpojax workdir, so it "
                      "records no reference; pass --reference PATH")
@@ -349,12 +349,13 @@ def _run(args, tmp: str) -> list[dict[str, Any]]:
 
 
 def _reference(args, policy, tmp: str):
-  from dpojax import workdir  # pylint: disable=g-import-not-at-top
+  from dpojax import pretrained  # pylint: disable=g-import-not-at-top
 
   if args.reference:
-    ref = workdir.load_policy(args.reference, extract_dir=os.path.join(tmp, "reference"))
+    ref = pretrained.load_policy(args.reference, extract_dir=os.path.join(tmp, "reference"))
     return ref.config, ref.params
-  return policy.config, workdir.load_reference(policy, extract_dir=os.path.join(tmp, "reference"))
+  return policy.config, pretrained.load_reference(policy,
+                                                   extract_dir=os.path.join(tmp, "reference"))
 
 
 if __name__ == "__main__":

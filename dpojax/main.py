@@ -10,7 +10,6 @@ from dpojax import hostmem
 hostmem.retain_freed_memory()  # Before any import starts threads.
 
 # pylint: disable=wrong-import-position
-import importlib.util
 import re
 import signal
 import sys
@@ -37,7 +36,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 # The package's user errors: each message already names the key, file or step.
 USER_ERRORS = (errors.ConfigError, sources.DataError, workdir.WorkdirError,
-               convert_common.CheckpointError, loop.CheckpointWriteError, loop.NonFiniteError)
+               convert_common.CheckpointError, orbax_ckpt.CheckpointWriteError,
+               loop.NonFiniteError)
 
 
 def fail(message: str):
@@ -51,10 +51,7 @@ def _missing_override(argv) -> str | None:
   paths = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
   if paths:  # The flag failed before it kept the config: load it again to look.
     try:
-      spec = importlib.util.spec_from_file_location("config_file", paths[-1])
-      module = importlib.util.module_from_spec(spec)
-      spec.loader.exec_module(module)
-      config = module.get_config()
+      config = workdir.load_config_file(paths[-1])
     except Exception:  # pylint: disable=broad-exception-caught (the flag's error says why)
       return None
   for arg in argv[1:]:

@@ -10,21 +10,22 @@ Caution: a folder holding config.json also looks like a Hugging Face checkpoint 
 `convert.detect_format`; here a JSON with dpojax's sections (model, data, train, init) marks a
 dpojax workdir and is checked first.
 
-`load_policy(path)` gives the policy of a dpojax workdir (its latest checkpoint, or one
-`checkpoints/<step>` / `best/<step>` folder), a .nemo file or a Hugging Face folder, with the
-run config resolved; `load_reference(...)` the reference that run trained against.
+Loading the model such a workdir holds is `dpojax.pretrained`'s (load_policy, load_reference).
+`load_config_file` reads a get_config() .py file: the one loader of configs/*.py and the tests'.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
+import importlib.util
 import json
 import os
-from typing import Any, NamedTuple
+from typing import Any
 
 import ml_collections
 from absl import logging
+
+from dpojax import model as model_lib
 
 RUN_CONFIG = "run_config.json"
 PLAIN_CONFIG = "config.json"
@@ -52,18 +53,6 @@ def init_path(config) -> str:
     _warned_init_from.append(old)
     logging.warning("init.from is now init.path: reading init.from=%s as init.path", old)
   return old
-
-
-class Model(NamedTuple):
-  """A model to run: architecture, host params, tokenizer and (for a workdir) its run config
-  with `model` and `data.tokenizer_path` resolved; `init` holds init.from's params when they
-  had to be loaded to resolve it (they are the reference)."""
-
-  config: Any  # model.ModelConfig
-  params: dict
-  tokenizer_path: str | None
-  run_config: ml_collections.ConfigDict | None  # None for a .nemo or Hugging Face checkpoint.
-  init: dict | None = None
 
 
 def write_config(workdir: str, config, model_cfg=None, tokenizer_path: str | None = None) -> str:
@@ -113,15 +102,19 @@ def find_config(path: str) -> str | None:
   return None
 
 
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """The config of a get_config() .py file (configs/*.py), run as its own module."""
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def read_config(path: str) -> ml_collections.ConfigDict:
   """A run config from run_config.json (or any JSON config), or a get_config() .py file."""
   if path.endswith(".py"):
-    import importlib.util  # pylint: disable=g-import-not-at-top
-
-    spec = importlib.util.spec_from_file_location("run_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config_file(path)
   try:
     with open(path) as f:
       d = json.load(f)
@@ -147,82 +140,8 @@ def workdir_config(path: str, config_path: str | None = None) -> tuple[Any, bool
 
 
 def model_config(config):
-  from dpojax import model as model_lib  # pylint: disable=g-import-not-at-top
-
+  """The run config's `model` section as a ModelConfig; a bad value is a WorkdirError."""
   try:
     return model_lib.ModelConfig.from_dict(config.model.to_dict())
   except (TypeError, ValueError) as e:
     raise WorkdirError(f"run config: {e}") from None
-
-
-def resolve(config, resolved: bool, extract_dir: str | None):
-  """(run config with the architecture and tokenizer the run used, init.path params or None).
-
-  An unresolved config is resolved as `loop.run` does it: init.path's architecture, and its
-  tokenizer when `init.checkpoint_tokenizer`.
-  """
-  from dpojax.train import loop  # pylint: disable=g-import-not-at-top
-
-  config = ml_collections.ConfigDict(config.to_dict())  # A private, unlocked copy.
-  if resolved or not init_path(config):
-    return config, None
-  pretrained = loop.load_pretrained(config, extract_dir)
-  config.model = dataclasses.asdict(pretrained.config)
-  if pretrained.tokenizer_path and config.init.get("checkpoint_tokenizer", True):
-    config.data.tokenizer_path = pretrained.tokenizer_path
-  return config, pretrained.params
-
-
-def load_policy(path: str, *, config_path: str | None = None,
-                extract_dir: str | None = None) -> Model:
-  """The policy at `path`: a dpojax workdir (or one of its step folders), a .nemo file or a
-  Hugging Face folder."""
-  from dpojax import convert  # pylint: disable=g-import-not-at-top
-  from dpojax.checkpoint import orbax as orbax_ckpt  # pylint: disable=g-import-not-at-top
-  from dpojax import model as model_lib  # pylint: disable=g-import-not-at-top
-
-  if not os.path.exists(path):
-    raise WorkdirError(f"--checkpoint={path}: no such file or folder")
-  if config_path is None and find_config(path) is None and convert.is_checkpoint(path):
-    cfg, params, tokenizer = convert.load(path, extract_dir=extract_dir)
-    return Model(cfg, params, tokenizer, None)
-  config, init = resolve(*workdir_config(path, config_path), extract_dir)
-  cfg = model_config(config)
-  lora_cfg = None
-  if config.get("lora", {}).get("enabled", False):  # The checkpoint holds adapters only.
-    from dpojax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
-    lora_cfg = lora_lib.LoraConfig.from_config(config.lora)
-    init_fn = functools.partial(lora_lib.init, cfg, lora_cfg)
-  else:
-    init_fn = functools.partial(model_lib.init_params, cfg)
-  try:
-    params = orbax_ckpt.load_params(path, init_fn)
-  except FileNotFoundError as e:
-    raise WorkdirError(str(e).replace("init.path=", "--checkpoint=")) from None
-  model = Model(cfg, params, config.data.get("tokenizer_path"), config, init)
-  if lora_cfg is not None:  # Adapters merged into the base they were trained on.
-    import tempfile  # pylint: disable=g-import-not-at-top
-    base = load_reference(model, extract_dir=os.path.join(extract_dir, "base") if extract_dir
-                          else tempfile.mkdtemp(prefix="dpojax-base-"))
-    import jax  # pylint: disable=g-import-not-at-top
-    model = model._replace(params=jax.device_get(lora_lib.merge(base, params, cfg, lora_cfg)))
-  return model
-
-
-def load_reference(policy: Model, *, extract_dir: str) -> dict:
-  """The reference `policy`'s run trained against: `init.path` (loaded as the loop loads it),
-  or the random init from `train.seed` (the loop's own key, so the same numbers)."""
-  import jax  # pylint: disable=g-import-not-at-top
-
-  from dpojax import model as model_lib  # pylint: disable=g-import-not-at-top
-  from dpojax.train import loop  # pylint: disable=g-import-not-at-top
-
-  if policy.run_config is None:
-    raise WorkdirError("a .nemo or Hugging Face checkpoint records no reference")
-  if policy.init is not None:
-    return policy.init
-  config, model_cfg = policy.run_config, policy.config
-  pretrained = loop.load_pretrained(config, extract_dir)
-  if pretrained is not None:
-    return pretrained.params
-  return jax.device_get(model_lib.init_params(model_cfg, jax.random.key(config.train.seed)))

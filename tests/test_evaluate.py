@@ -8,7 +8,7 @@ import os
 import pytest
 
 from dpojax import evaluate as evaluate_lib
-from dpojax import workdir as workdir_lib
+from dpojax import pretrained
 from dpojax.train import loop
 
 from conftest import tiny_config
@@ -51,7 +51,7 @@ def test_cli_reproduces_the_runs_validation(trained, tmp_path, capsys):
 
 def test_policy_against_itself_is_ln2(trained):
   path, _, pairs = trained
-  policy = workdir_lib.load_policy(path)
+  policy = pretrained.load_policy(path)
   m = evaluate_lib.evaluate(policy.run_config, policy.params, policy.params, pairs, batch_size=8,
                             max_seq_length=40)
   assert m["loss"] == pytest.approx(math.log(2), abs=1e-6)

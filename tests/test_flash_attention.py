@@ -147,7 +147,7 @@ def test_dpo_steps_with_the_kernel_equal_the_dense_path(variant):
   dense path's parameters and metrics."""
   from dpojax import reference
   from dpojax.data import packing
-  from dpojax.train import loop
+  from dpojax.train import build as build_lib
   from dpojax.train import step as step_lib
 
   from conftest import tiny_config
@@ -158,7 +158,7 @@ def test_dpo_steps_with_the_kernel_equal_the_dense_path(variant):
   if variant == "lora":
     config.lora.enabled, config.lora.targets, config.lora.rank = True, ("all",), 4
   config.train.learning_rate = 1e-2
-  _, _, _, base_cfg = loop.build(config)
+  _, _, _, base_cfg = build_lib.build(config)
   pairs = synthetic_pairs(6, base_cfg.model.vocab_size, 2)
   batch = packing.collate_rows([[0, 1, 2], [3, 4, 5]], pairs.__getitem__, micro_rows=1,
                                pack_size=160, pairs_per_row=3, default_rewards=(1.0, 0.0))

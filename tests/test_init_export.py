@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from dpojax import convert
+from dpojax import pretrained
 from dpojax.train import loop
 
 from conftest import TESTDATA, tiny_config
@@ -90,8 +91,7 @@ def test_lora_run_checkpoints_adapters_and_exports_them_merged(tmp_path):
   assert not np.array_equal(exported.params["layers"]["attention"]["query"],
                             initial.params["layers"]["attention"]["query"])
   # The workdir loads as the same merged policy (generate/evaluate use this path).
-  from dpojax import workdir as workdir_lib
-  policy = workdir_lib.load_policy(run, extract_dir=str(tmp_path / "x"))
+  policy = pretrained.load_policy(run, extract_dir=str(tmp_path / "x"))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6),
                policy.params, exported.params)
   # The checkpoint holds adapters and their Adam moments: a fraction of the full model.

@@ -15,7 +15,7 @@ from dpojax.checkpoint.orbax import Checkpointer
 from dpojax.data import pipeline
 from dpojax.model import lora
 from dpojax.ops import logprob as logprob_lib
-from dpojax.train import loop
+from dpojax.train import build as build_lib
 from dpojax.train import step as step_lib
 
 from conftest import tiny_config
@@ -157,7 +157,7 @@ def test_lora_training_learns_with_small_state(tmp_path):
   config.lora.enabled, config.lora.targets, config.lora.rank = True, ("all",), 8
   config.train.learning_rate, config.train.max_steps = 1e-2, 20
   config.train.global_batch_size, config.train.micro_batch_size = 16, 8
-  _, train_data, val_data, step_cfg = loop.build(config)
+  _, train_data, val_data, step_cfg = build_lib.build(config)
   step_cfg = reference.step_config(config, step_cfg)
   assert step_cfg.reference == "lora_base" and step_cfg.lora.targets == lora.TARGETS
   params = jax.device_put(numpy_params(step_cfg.model, 0), jax.devices()[0])

@@ -15,6 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from dpojax import errors
 from dpojax.checkpoint import orbax as orbax_ckpt
 from dpojax.checkpoint.orbax import Checkpointer
 from dpojax.train import loop
@@ -136,7 +137,7 @@ def test_a_bug_in_a_save_is_not_a_write_failure(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_failed_checkpoint_stops_and_keeps_previous(tmp_path, monkeypatch):
   monkeypatch.setattr(ocp.CheckpointManager, "save", failing_save_after(3))
-  with pytest.raises(loop.CheckpointWriteError,
+  with pytest.raises(orbax_ckpt.CheckpointWriteError,
                      match=r"^checkpoint of step 6 could not be written to .*checkpoints \(No "
                      r"space left on device \(ENOSPC\)\); the last complete checkpoint is step 3"
                      r" in .*; stopping"):
@@ -147,7 +148,7 @@ def test_failed_checkpoint_stops_and_keeps_previous(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_failed_best_checkpoint_stops_and_names_it(tmp_path, monkeypatch):
   monkeypatch.setattr(ocp.CheckpointManager, "save", failing_save_after(0, folder="best"))
-  with pytest.raises(loop.CheckpointWriteError,
+  with pytest.raises(orbax_ckpt.CheckpointWriteError,
                      match=r"^best checkpoint of step 3 could not be written to .*best \(No space"
                      r" left on device \(ENOSPC\)\); no checkpoint has been written yet; stop"):
     loop.run(tiny_config(), str(tmp_path))
@@ -169,7 +170,7 @@ def test_failed_checkpoint_can_continue(tmp_path, monkeypatch, capsys):
 def test_unwritable_workdir_fails_before_compiling(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("x")
-  with pytest.raises(loop.ConfigError, match="--workdir=.*file/run is not writable"):
+  with pytest.raises(errors.ConfigError, match="--workdir=.*file/run is not writable"):
     loop.run(tiny_config(), str(blocker / "run"))
 
 

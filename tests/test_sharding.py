@@ -24,14 +24,14 @@ SCRIPT = textwrap.dedent("""
     from conftest import tiny_config
     from dpojax import model as model_lib
     from dpojax.data import pipeline
-    from dpojax.train import loop, sharding, step as step_lib
+    from dpojax.train import build as build_lib, compiled, sharding, step as step_lib
 
     config = tiny_config()
     config.model.num_attention_heads = 4
     config.model.num_query_groups = 2
     config.train.global_batch_size = 8
     config.train.micro_batch_size = 4
-    _, train_data, _, step_cfg = loop.build(config)
+    _, train_data, _, step_cfg = build_lib.build(config)
     batches = [pipeline.collate([train_data[i] for i in range(8 * s, 8 * s + 8)],
                                 micro_batch_size=4, seq_len=48, opts=train_data.opts)
                for s in range(5)]
@@ -49,8 +49,8 @@ SCRIPT = textwrap.dedent("""
       cfg = dataclasses.replace(step_cfg, mesh=mesh)  # As the loop does.
       params = model_lib.init_params(cfg.model, jax.random.key(0))
       state = step_lib.init_state(params, tx)
-      fn, _, state_sh, ref_sh = loop.compile_steps(cfg, tx, schedule, state, params, mesh,
-                                                   batches[0])
+      fn, _, state_sh, ref_sh = compiled.compile_steps(cfg, tx, schedule, state, params, mesh,
+                                                       batches[0])
       ref = jax.device_put(jax.tree.map(jnp.copy, params), ref_sh)
       state = jax.device_put(state, state_sh)
       metrics, margins = [], []

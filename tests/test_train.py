@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 
 from dpojax import model as model_lib
+from dpojax import pretrained
 from dpojax.data import pipeline
+from dpojax.train import build as build_lib
+from dpojax.train import compiled as compiled_lib
 from dpojax.train import loop
 from dpojax.train import step as step_lib
 
@@ -196,7 +199,7 @@ def test_eval_interval_as_a_fraction_of_an_epoch(tmp_path):
   config.eval.interval_epochs = 0.01
   workdir = str(tmp_path / "run")
   loop.run(config, workdir)
-  train_data = loop.build(config)[1]
+  train_data = build_lib.build(config)[1]
   epoch_steps = len(train_data) / config.train.global_batch_size  # Padded: pairs / batch.
   every = round(0.01 * epoch_steps)
   assert every == 2, (len(train_data), epoch_steps)
@@ -205,7 +208,7 @@ def test_eval_interval_as_a_fraction_of_an_epoch(tmp_path):
 @pytest.mark.slow
 def test_gradient_accumulation_equals_one_big_batch():
   config = tiny_config()
-  _, train_data, _, step_cfg = loop.build(config)
+  _, train_data, _, step_cfg = build_lib.build(config)
   pairs = [train_data[i] for i in range(8)]
   params = model_lib.init_params(step_cfg.model, jax.random.key(0))
   ref = jax.tree.map(jnp.copy, params)
@@ -267,7 +270,7 @@ def test_config_errors_name_the_key(key, value, message):
   section, name = key.split(".")
   config[section][name] = value
   with pytest.raises(ValueError, match=message):
-    loop.build(config)
+    build_lib.build(config)
 
 
 @pytest.mark.parametrize("key,value,message", [
@@ -285,8 +288,8 @@ def test_config_errors_name_the_key(key, value, message):
 def test_bad_values_stop_before_anything_compiles(key, value, message, tmp_path, monkeypatch):
   def compiled(*args, **kwargs):
     raise AssertionError("compiled before the config was checked")
-  monkeypatch.setattr(loop, "compile_steps", compiled)
-  monkeypatch.setattr(loop, "load_pretrained", compiled)  # Before init.from is even read.
+  monkeypatch.setattr(compiled_lib, "compile_steps", compiled)
+  monkeypatch.setattr(pretrained, "load_pretrained", compiled)  # Before init.from is even read.
   config = tiny_config()
   section, name = key.split(".")
   config[section][name] = value

@@ -6,6 +6,7 @@ import os
 import pytest
 
 from dpojax import model as model_lib
+from dpojax import pretrained
 from dpojax import workdir
 
 from conftest import tiny_config
@@ -51,7 +52,7 @@ def test_errors_name_the_file(tmp_path):
   with pytest.raises(workdir.WorkdirError, match="no 'init' section"):
     workdir.read_config(str(bad))
   with pytest.raises(workdir.WorkdirError, match="no such file or folder"):
-    workdir.load_policy(str(tmp_path / "nowhere"), extract_dir=str(tmp_path))
+    pretrained.load_policy(str(tmp_path / "nowhere"), extract_dir=str(tmp_path))
   config = tiny_config()
   config.model.activation = "tanh"
   (tmp_path / "run_config.json").write_text(config.to_json_best_effort())
@@ -64,7 +65,6 @@ def test_init_from_the_old_spelling_still_reads_with_one_warning(tmp_path, caplo
   run configs and .py files that say init.from still load the same checkpoint."""
   import logging  # pylint: disable=g-import-not-at-top
 
-  from dpojax.train import loop  # pylint: disable=g-import-not-at-top
   from stories260k import HF_DIR  # pylint: disable=g-import-not-at-top
 
   d = json.loads(tiny_config().to_json_best_effort())
@@ -75,11 +75,11 @@ def test_init_from_the_old_spelling_still_reads_with_one_warning(tmp_path, caplo
   with caplog.at_level(logging.WARNING):
     assert workdir.init_path(old) == HF_DIR
     assert workdir.init_path(old) == HF_DIR
-    loaded = loop.load_pretrained(old, str(tmp_path / "x"))
+    loaded = pretrained.load_pretrained(old, str(tmp_path / "x"))
   assert caplog.text.count("init.from is now init.path") == 1
   new = tiny_config()
   new.init.path = HF_DIR
-  want = loop.load_pretrained(new, str(tmp_path / "y"))
+  want = pretrained.load_pretrained(new, str(tmp_path / "y"))
   assert loaded.config == want.config and loaded.config.hidden_size != new.model.hidden_size
   assert workdir.init_path(tiny_config()) == ""
   new.init["from"] = "/elsewhere"

@@ -7,7 +7,9 @@ validation loss.
 
 A write the storage refuses (disk full, file too large, permissions) is raised as `WriteFailed`
 naming its step; an async save's failure surfaces at the next save, `wait` or `close`, still
-under the step it was for. Anything else (a bug) propagates unchanged.
+under the step it was for. Anything else (a bug) propagates unchanged. The training loop saves
+through `save_checkpoint` and `close_checkpoints`, which apply checkpoint.on_error to such a
+failure (stop with `CheckpointWriteError`, or warn and continue).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import warnings
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 
 
 def _manager(directory: str, item_names, **options) -> ocp.CheckpointManager:
@@ -101,8 +104,7 @@ def _is_write_aftermath(unraisable) -> bool:
 def quiet_background_errors():
   """For the CLI: no traceback per Orbax thread or tensorstore callback when a write fails (the
   error itself still raises from save, wait or close)."""
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  for logger in (logging.get_absl_logger(), py_logging.getLogger("asyncio")):
+  for logger in (absl_logging.get_absl_logger(), py_logging.getLogger("asyncio")):
     if not any(isinstance(f, _NoBackgroundTracebacks) for f in logger.filters):
       logger.addFilter(_NoBackgroundTracebacks())
   previous = sys.unraisablehook
@@ -168,6 +170,51 @@ class Checkpointer:
       for m in (self.manager, self.best):
         if m is not None:
           m.close()
+
+
+def save_checkpoint(ckpt, step, state, data_state, config, say, best_loss=None):
+  """Saves step `step` (or, with `best_loss`, keeps it under best/ if it is the best so far).
+
+  A write the storage refuses leaves the previous checkpoints restorable (Orbax writes to a
+  temporary folder and renames when complete); training stops or continues by
+  checkpoint.on_error. An async save's failure surfaces here at the next save, under its step.
+  """
+  try:
+    if best_loss is not None:
+      ckpt.save_if_best(step, state, data_state, best_loss)
+      return
+    ckpt.save(step, state, data_state)
+    if not config.checkpoint.async_save:
+      ckpt.wait()
+  except WriteFailed as e:
+    write_failed(ckpt, e, config, say)
+    if best_loss is None and e.step != step:  # An earlier async save failed; try this one.
+      save_checkpoint(ckpt, step, state, data_state, config, say)
+
+
+def close_checkpoints(ckpt, config, say):
+  """Waits for the last (async) save; its failure is handled as any other."""
+  try:
+    ckpt.close()
+  except WriteFailed as e:
+    write_failed(ckpt, e, config, say)
+
+
+def write_failed(ckpt, error, config, say):
+  what = "best checkpoint" if error.directory == ckpt.best_directory else "checkpoint"
+  latest = ckpt.latest_step()
+  last = (f"the last complete checkpoint is step {latest} in {ckpt.directory}"
+          if latest is not None else "no checkpoint has been written yet")
+  message = (f"{what} of step {error.step} could not be written to {error.directory} "
+             f"({error.reason}); {last}")
+  if config.checkpoint.on_error == "continue":
+    say(f"WARNING: {message}; continuing (checkpoint.on_error=continue)")
+    return
+  raise CheckpointWriteError(message + "; stopping (checkpoint.on_error=stop)") from error
+
+
+class CheckpointWriteError(RuntimeError):
+  """A checkpoint could not be written."""
 
 
 def _save_args(state, data_state):

@@ -1,15 +1,21 @@
-"""Metric writers: console, `<workdir>/metrics.jsonl` and TensorBoard event files."""
+"""Metrics: writers (console, `<workdir>/metrics.jsonl`, TensorBoard event files), the
+validation reduction, throughput and MFU."""
 
 from __future__ import annotations
 
 import json
 import os
-
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import tqdm
 from tensorboardX import SummaryWriter
+
+from dpojax import loss as loss_lib
+from dpojax.train import sharding
 
 METRICS_FILE = "metrics.jsonl"
 # Wall-clock figures: they differ between otherwise identical runs.
@@ -64,6 +70,24 @@ class MetricWriter:
       return
     self._jsonl.close()
     self._tb.close()
+
+
+def evaluate(eval_fn, params, ref_params, batches, mesh) -> dict:
+  """Metric means over `batches`: the eval step's sums, added up, then finalized."""
+  total = None
+  for batch in batches:
+    sums = eval_fn(params, ref_params, sharding.global_batch(batch, mesh))
+    total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+  return loss_lib.finalize_metrics(jax.device_get(total))
+
+
+def describe_pairs(host_batch, data) -> str:
+  """Where the real pairs of a batch come from (file and source lines), for the non-finite
+  log line."""
+  index = np.asarray(host_batch["pair_index"]).reshape(-1)
+  mask = np.asarray(host_batch["pair_mask"]).reshape(index.shape) > 0
+  lines = sorted(data.line(int(i)) for i in index[mask & (index >= 0)])
+  return f"{data.source_path}, lines {','.join(map(str, lines))}" if lines else "none"
 
 
 def flops_per_token(n_params: int, *, reference: str = "copy", lora: bool = False) -> float:

@@ -3,18 +3,16 @@
 Usable from the command line too: --config=tests/configs/tiny.py.
 """
 
-import importlib.util
 import os
+
+from dpojax import workdir
 
 _DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs",
                         "dpo_gpt.py")
 
 
 def get_config():
-  spec = importlib.util.spec_from_file_location("dpo_gpt", _DEFAULT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  c = workdir.load_config_file(_DEFAULT)
   c.model.hidden_size = 32
   c.model.num_layers = 1
   c.model.num_attention_heads = 2

@@ -1,0 +1,61 @@
+"""What a run needs before its first step, in pieces: the tokenizer and model architecture,
+the preference data, the step config. Training takes them all (`build`); evaluating a trained
+run on a file takes no optimizer and no training split (`build_eval`)."""
+
+from __future__ import annotations
+
+from dpojax import loss as loss_lib
+from dpojax import model as model_lib
+from dpojax import reference
+from dpojax.data import pipeline
+from dpojax.data.tokenize import Tokenizer
+from dpojax.errors import ConfigError
+from dpojax.train import checks
+from dpojax.train import step as step_lib
+
+
+def tokenizer_and_model(config, pretrained=None):
+  """(Tokenizer, ModelConfig): the config's, or `pretrained`'s (init.path) architecture and,
+  with init.checkpoint_tokenizer, its tokenizer."""
+  tokenizer_path = config.data.tokenizer_path
+  if pretrained is not None and pretrained.tokenizer_path and config.init.checkpoint_tokenizer:
+    tokenizer_path = pretrained.tokenizer_path
+  tok = Tokenizer(tokenizer_path)
+  model_cfg = (model_lib.ModelConfig.from_dict(config.model) if pretrained is None
+               else pretrained.config)
+  if model_cfg.vocab_size < tok.vocab_size:
+    raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the "
+                      f"tokenizer's {tok.vocab_size} ({tok.path})")
+  return tok, model_cfg
+
+
+def step_config(config, model_cfg) -> step_lib.StepConfig:
+  """The step's config: model, loss (dpo.*), log-probs (logprob.*), lora.* and reference.*."""
+  step_cfg = step_lib.StepConfig(model=model_cfg,
+                                 loss=loss_lib.LossConfig.from_config(config.dpo),
+                                 logprob_impl=config.logprob.impl,
+                                 logprob_token_block=config.logprob.token_block,
+                                 logprob_vocab_block=config.logprob.vocab_block)
+  return reference.step_config(config, step_cfg)  # lora.* and reference.* (checked).
+
+
+def build(config, pretrained=None):
+  """Everything a run needs before the first step; fails early on bad config or data."""
+  checks.check_config(config)
+  tok, model_cfg = tokenizer_and_model(config, pretrained)
+  opts = pipeline.DataOptions.from_config(config.data)
+  train_data = pipeline.PreferenceData(config.data.train_path, tok, opts)
+  val_data = pipeline.PreferenceData(config.data.val_path, tok, opts)
+  train_data.require(config.train.global_batch_size, "train.global_batch_size")
+  val_data.require(1, "validation pairs")
+  return tok, train_data, val_data, step_config(config, model_cfg)
+
+
+def build_eval(config, data_path: str):
+  """(pairs of `data_path`, step config) for evaluating a run: its config as training checked
+  it, its data settings and loss. `config` is resolved (init.path's architecture in place)."""
+  checks.check_config(config)
+  tok, model_cfg = tokenizer_and_model(config)
+  data = pipeline.PreferenceData(data_path, tok, pipeline.DataOptions.from_config(config.data))
+  data.require(1, "pairs to evaluate")
+  return data, step_config(config, model_cfg)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpojax.model import transformer
+from dpojax.ops import attention as attention_ops
 from dpojax.ops import flash_attention
 from dpojax.ops import logprob as lp
 
@@ -97,7 +97,7 @@ ATTENTION = ("xla", "flash", "flash_jax")  # Dense; our segment-skipping kernel;
 def attention_fn(impl):
   def fn(q, k, v, seg, cot):
     if impl == "xla":
-      attend = lambda q, k, v: transformer.attend(q, k, v, transformer.attention_mask(seg))
+      attend = lambda q, k, v: attention_ops.attend(q, k, v, attention_ops.attention_mask(seg))
     else:
       attend = lambda q, k, v: flash_attention.attention(q, k, v, seg,
                                                          jax_kernel=impl == "flash_jax")

@@ -9,6 +9,9 @@ import pytest
 from scipy.special import erf
 
 from dpojax import model as model_lib
+from dpojax.model import lora
+from dpojax.model import transformer
+from dpojax.ops import dense as dense_ops
 
 # Jitted: eager Flax dispatch op by op is far slower than one compilation.
 apply = jax.jit(model_lib.apply, static_argnums=1)
@@ -208,7 +211,6 @@ def test_attention_values_and_gradients_match_jax_autodiff(block):
 def test_swiglu_gradient_matches_autodiff(dtype, tol):
   """swiglu's own backward (d[gate; up] in one pass) against autodiff of the two slices,
   computed in float64: values, and gradients at both halves of fc1's output."""
-  from dpojax.model import transformer
   rng = np.random.default_rng(3)
   h = rng.normal(scale=3.0, size=(2, 5, 2, 7))
   dy = rng.normal(size=(2, 5, 7))
@@ -216,7 +218,7 @@ def test_swiglu_gradient_matches_autodiff(dtype, tol):
   with jax.enable_x64():
     want_y, pull = jax.vjp(reference, jnp.asarray(h, jnp.float64))
     want_dh = pull(jnp.asarray(dy, jnp.float64))[0]
-  got_y, pull = jax.vjp(transformer.swiglu, jnp.asarray(h, dtype))
+  got_y, pull = jax.vjp(dense_ops.swiglu, jnp.asarray(h, dtype))
   got_dh = pull(jnp.asarray(dy, dtype))[0]
   assert got_dh.shape == h.shape and got_dh.dtype == dtype
   for got, want in ((got_y, want_y), (got_dh, want_dh)):
@@ -228,7 +230,6 @@ def test_dense_gradient_matches_einsum_autodiff():
   """dense's own backward (two 2-D products) against autodiff of the einsum it replaces, in
   float64: fc1's [D, 2, F] weight (one contracted axis) and the output projection's
   [N, K, D] (two)."""
-  from dpojax.model import transformer
   rng = np.random.default_rng(11)
   cases = [("btd,dcf->btcf", (2, 5, 6), (6, 2, 3), 1), ("btnk,nkd->btd", (2, 5, 4, 3), (4, 3, 6), 2)]
   with jax.enable_x64():
@@ -236,7 +237,7 @@ def test_dense_gradient_matches_einsum_autodiff():
       x, w = (jnp.asarray(rng.normal(size=s), jnp.float64) for s in (x_shape, w_shape))
       y = jnp.einsum(spec, x, w)
       cot = jnp.asarray(rng.normal(size=y.shape), jnp.float64)
-      got_y, pull = jax.vjp(lambda x, w: transformer.dense(x, w, contract), x, w)
+      got_y, pull = jax.vjp(lambda x, w: dense_ops.dense(x, w, contract), x, w)
       want_dx, want_dw = jax.vjp(lambda x, w: jnp.einsum(spec, x, w), x, w)[1](cot)
       np.testing.assert_allclose(got_y, y, rtol=1e-12)
       for got, want in zip(pull(cot), (want_dx, want_dw)):
@@ -247,7 +248,6 @@ def test_dense_gradient_matches_einsum_autodiff():
 def test_rope_table_gathered_equals_computed():
   """The trace-time table (training rows) gives the angles computed per position bit for
   bit."""
-  from dpojax.model import transformer
   pos = jnp.asarray(np.random.default_rng(0).integers(0, 64, (3, 64)), jnp.int32)
   for dim, base in ((8, 10000.0), (16, 500000.0)):
     computed = jax.jit(lambda p: transformer.rope_table(p, dim, base, jnp.float32))(pos)
@@ -261,7 +261,6 @@ def test_rope_table_gathered_equals_computed():
 def test_unrolled_layer_scan_gives_the_same_model():
   """scan_unroll only changes how XLA sees the layers: hidden states and parameter
   gradients equal the rolled scan's, for the base model and through LoRA adapters."""
-  from dpojax.model import lora
   cfg = dataclasses.replace(BASE, num_query_groups=2, num_layers=3)
   params = randomize(model_lib.init_params(cfg, jax.random.key(8)), 2)
   lcfg = lora.LoraConfig(targets=("all",), rank=2, alpha=4.0, dropout=0.0)

@@ -90,12 +90,12 @@ SCRIPT = textwrap.dedent("""
 
     # dense with fc1's weight [D, 2, F] sharded on F over the tensor axis, and its backward.
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from dpojax.model import transformer
+    from dpojax.ops import dense as dense_ops
     mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "tensor"))
     x = jax.device_put(jnp.ones((4, 6, 16)), NamedSharding(mesh, P("data")))
     w = jax.device_put(jnp.ones((16, 2, 8)), NamedSharding(mesh, P(None, None, "tensor")))
     grad = jax.jit(jax.value_and_grad(
-        lambda x, w: jnp.sum(jnp.sin(transformer.dense(x, w))), argnums=(0, 1)))
+        lambda x, w: jnp.sum(jnp.sin(dense_ops.dense(x, w))), argnums=(0, 1)))
     hlo = grad.lower(x, w).compile().as_text()
     out["dense_tp_collectives"] = sorted(set(re.findall(
         r"all-gather|all-to-all|collective-permute|all-reduce|reduce-scatter", hlo)))

@@ -12,9 +12,9 @@ B is [r, N + 2G, K]), attention_dense (out), mlp_fc1 (fc1; gated B is [r, 2, F])
 axis like the base, are float32 (the optimizer's master copy), and are named lora_a/lora_b
 (unknown to the sharding rules, so replicated: they are small).
 
-`apply` mirrors `transformer.Transformer` with plain functions over the layer-stacked
-params (the `Block`'s linear layers are inlined here to reach their inputs); a test checks
-that zero adapters give exactly the base model's hidden states.
+`apply` is the one model (`transformer.Transformer`) with the adapters passed in: each
+adapted projection adds its term there, so an architecture option is written once; a test
+checks that zero adapters give exactly the base model's hidden states.
 Dropout (training only, `dropout_rng`) is applied to the adapter output, NeMo's default
 `dropout_position: post`.
 """
@@ -127,64 +127,6 @@ def _init(model_cfg, lora_cfg, rng):
   return {"layers": layers}
 
 
-def _adapter(x, ab, scale, dt, rng, rate):
-  """scale * dropout((x A) B) for one layer: x [B, T, *in], A [*in, r], B [r, *out]."""
-  a, b = ab["lora_a"].astype(dt), ab["lora_b"].astype(dt)
-  n_in = a.ndim - 1
-  xa = jax.lax.dot_general(x, a, ((tuple(range(2, 2 + n_in)), tuple(range(n_in))), ((), ())))
-  y = jnp.tensordot(xa, b, axes=1) * jnp.asarray(scale, dt)
-  if rng is not None and rate > 0:
-    keep = jax.random.bernoulli(rng, 1.0 - rate, y.shape)
-    y = jnp.where(keep, y / jnp.asarray(1.0 - rate, dt), jnp.zeros_like(y))
-  return y
-
-
-def _block(cfg, lcfg, p, ad, x_BxTxD, rope, mask_Bx1xTxT, rng):
-  """transformer.Block with adapters: the same ops in the same order (adapter terms added)."""
-  dt = jnp.dtype(cfg.dtype)
-  n, g = cfg.num_attention_heads, cfg.groups
-  att, ad_att = p["attention"], ad.get("attention", {})
-  mlp, ad_mlp = p["mlp"], ad.get("mlp", {})
-  rngs = [None] * 4 if rng is None else list(jax.random.split(rng, 4))
-  extra = lambda x, module, name, i: (
-      0 if name not in module else _adapter(x, module[name], lcfg.scale, dt, rngs[i],
-                                            lcfg.dropout))
-  norm = lambda name, x: transformer.Norm(cfg).apply({"params": p[name]}, x)
-
-  # Attention.
-  h = norm("input_norm", x_BxTxD)
-
-  def proj(name):
-    y = transformer.dense(h, att[name].astype(dt))
-    if cfg.bias:
-      y = y + att[name + "_bias"].astype(dt)
-    return y
-
-  q, k, v = proj("query"), proj("key"), proj("value")
-  if "qkv" in ad_att:
-    qkv = extra(h, ad_att, "qkv", 0)
-    q, k, v = q + qkv[:, :, :n], k + qkv[:, :, n:n + g], v + qkv[:, :, n + g:]
-  if rope is not None:
-    q, k = transformer.apply_rope(q, rope), transformer.apply_rope(k, rope)
-  o = transformer.attend(q, k, v, mask_Bx1xTxT, cfg.attention_block)
-  y = transformer.dense(o, att["out"].astype(dt), contract=2)
-  if cfg.bias:
-    y = y + att["out_bias"].astype(dt)
-  x_BxTxD = x_BxTxD + (y + extra(o, ad_att, "out", 1))
-
-  # MLP.
-  h = norm("pre_mlp_norm", x_BxTxD)
-  u = transformer.dense(h, mlp["fc1"].astype(dt))
-  if cfg.bias:
-    u = u + mlp["fc1_bias"].astype(dt)
-  u = u + extra(h, ad_mlp, "fc1", 2)
-  u = transformer.activate(cfg, u)
-  y = transformer.dense(u, mlp["fc2"].astype(dt))
-  if cfg.bias:
-    y = y + mlp["fc2_bias"].astype(dt)
-  return x_BxTxD + (y + extra(u, ad_mlp, "fc2", 3))
-
-
 def apply(base: Any, adapters: Any, model_cfg: transformer.ModelConfig, lora_cfg: LoraConfig,
           tokens_BxT, positions_BxT, segment_ids_BxT, branch_ids_BxT=None, *,
           dropout_rng=None, mesh=None):
@@ -196,28 +138,9 @@ def apply(base: Any, adapters: Any, model_cfg: transformer.ModelConfig, lora_cfg
   if adapters is None:
     return transformer.apply(base, model_cfg, tokens_BxT, positions_BxT, segment_ids_BxT,
                              branch_ids_BxT, mesh)
-  cfg = model_cfg
-  dt = jnp.dtype(cfg.dtype)
-  x = jnp.take(base["embedding"], tokens_BxT, axis=0).astype(dt)
-  if cfg.position_embedding_type == "learned_absolute":
-    x = x + jnp.take(base["position_embedding"], positions_BxT, axis=0).astype(dt)
-  mask = transformer.layer_mask(cfg, segment_ids_BxT, branch_ids_BxT, mesh)
-  rope = None
-  if cfg.position_embedding_type == "rope":
-    rope = transformer.rope_table(positions_BxT, cfg.rotary_dim, cfg.rotary_base, dt,
-                                  tokens_BxT.shape[1])
-
-  def body(x, layer):
-    p, ad, i = layer
-    rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-    return _block(cfg, lora_cfg, p, ad, x, rope, mask, rng), None
-
-  if cfg.remat != "none":
-    policy = None if cfg.remat == "full" else jax.checkpoint_policies.dots_saveable
-    body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-  layers = (base["layers"], adapters["layers"], jnp.arange(cfg.num_layers))
-  x, _ = jax.lax.scan(body, x, layers, unroll=min(cfg.scan_unroll, cfg.num_layers))
-  return transformer.Norm(cfg).apply({"params": base["final_norm"]}, x)
+  return transformer.Transformer(model_cfg, mesh, lora_cfg).apply(
+      {"params": base}, tokens_BxT, positions_BxT, segment_ids_BxT,
+      branch_ids_BxT=branch_ids_BxT, adapters=adapters, dropout_rng=dropout_rng)
 
 
 def deltas(adapters: Any, model_cfg: transformer.ModelConfig, lora_cfg: LoraConfig) -> dict:

@@ -233,7 +233,7 @@ def attention(q_BxTxNxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT, interpret: bool 
               batch_axes=("data", "fsdp"), head_axis="tensor"):
   """softmax(q k^T / sqrt(K)) v over keys at or before each query in its segment: [B, T, N, K].
 
-  Same mask as `transformer.attention_mask` without branches (padding, segment 0, attends to
+  Same mask as `ops.attention.attention_mask` without branches (padding, segment 0, attends to
   earlier padding; its outputs are never read). T is padded (`_padded_length`) with an id
   (-1) no real token has, after every real token, so causality hides it. `bounds`:
   `segment_bounds(segment_ids)` when the caller has them (the model computes them once per

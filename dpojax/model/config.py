@@ -1,0 +1,112 @@
+"""The decoder's architecture settings (the `model` config section)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from dpojax.errors import ConfigError
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "squared_relu", "swiglu")
+NORMALIZATIONS = ("layernorm", "layernorm1p", "rmsnorm")
+POSITION_EMBEDDINGS = ("rope", "learned_absolute")
+REMAT_POLICIES = ("none", "full", "dots")
+ATTENTION_IMPLS = ("auto", "xla", "flash", "sparse")
+DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: x64 reference runs.
+
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture; field names follow NeMo's model_config.yaml where one exists."""
+
+  vocab_size: int = 1000
+  hidden_size: int = 64
+  num_layers: int = 2
+  num_attention_heads: int = 4
+  num_query_groups: int | None = None  # None: multi-head attention (groups = heads).
+  kv_channels: int | None = None  # None: hidden_size // num_attention_heads.
+  ffn_hidden_size: int = 256
+  activation: str = "swiglu"
+  normalization: str = "rmsnorm"
+  layernorm_epsilon: float = 1e-5
+  position_embedding_type: str = "rope"
+  rotary_percentage: float = 1.0
+  rotary_base: float = 10000.0
+  max_position_embeddings: int = 2048
+  bias: bool = False  # Linear layers only; layernorms keep their bias (as in megatron-core).
+  share_embeddings_and_output_weights: bool = True
+  init_method_std: float = 0.02
+  param_dtype: str = "float32"
+  dtype: str = "float32"  # Compute dtype.
+  remat: str = "none"
+  # Query tile of causal attention: each tile skips the keys after it (1.4x faster policy
+  # forward+backward at 1024 tokens on CPU); 0 = one T x T block. At most 8 tiles.
+  attention_block: int = 0
+  # xla: the dense path above. flash: a flash-attention kernel for causal + packed-segment
+  # masks that skips other segments' key blocks (ops/flash_attention.py; GPU, interpreted
+  # elsewhere: slow); rows with shared-prompt branches and the decoding cache keep the dense
+  # path. sparse: only the (query, key) tiles of attention_block tokens that share a segment,
+  # in plain XLA ops (ops/sparse_attention.py): the CPU choice for packed or padded rows on
+  # one device, best with attention_block=64 there (HH-RLHF rows: 1.3x the tiles' pairs/s;
+  # rows of one full sequence: the tiles' speed; xla on a multi-device mesh).
+  # auto: flash on GPU for 16/32-bit compute, xla elsewhere.
+  attention_impl: str = "auto"
+  # Layers per step of the layer scan; num_layers unrolls it all, so that XLA can fuse and
+  # schedule across layers (issue-10 benchmark on CPU: 0.67-0.69 s a step unrolled, 0.78
+  # rolled) at the cost of compile time that grows with the unrolled layers.
+  scan_unroll: int = 1
+
+  def __post_init__(self):
+    _check_choice("activation", self.activation, ACTIVATIONS)
+    _check_choice("normalization", self.normalization, NORMALIZATIONS)
+    _check_choice("position_embedding_type", self.position_embedding_type, POSITION_EMBEDDINGS)
+    _check_choice("remat", self.remat, REMAT_POLICIES)
+    _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+    _check_choice("param_dtype", self.param_dtype, DTYPES)
+    _check_choice("dtype", self.dtype, DTYPES)
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads",
+                 "ffn_hidden_size"):
+      if getattr(self, name) < 1:
+        raise ConfigError(f"model.{name}={getattr(self, name)} must be positive")
+    if self.num_attention_heads % self.groups:
+      raise ConfigError(
+          f"model.num_query_groups={self.groups} must divide "
+          f"model.num_attention_heads={self.num_attention_heads}")
+    if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+      raise ConfigError(
+          f"model.hidden_size={self.hidden_size} is not a multiple of "
+          f"model.num_attention_heads={self.num_attention_heads} (or set model.kv_channels)")
+    if self.scan_unroll < 1:
+      raise ConfigError(f"model.scan_unroll={self.scan_unroll} must be at least 1")
+    if self.position_embedding_type == "rope" and self.rotary_dim % 2:
+      raise ConfigError(f"model.rotary_percentage={self.rotary_percentage} of the head dim "
+                        f"{self.head_dim} gives an odd rotary dim {self.rotary_dim}")
+
+  @property
+  def groups(self) -> int:
+    return self.num_query_groups or self.num_attention_heads
+
+  @property
+  def head_dim(self) -> int:
+    return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+  @property
+  def rotary_dim(self) -> int:
+    return int(self.head_dim * self.rotary_percentage)
+
+  @property
+  def gated(self) -> bool:
+    return self.activation == "swiglu"
+
+  @classmethod
+  def from_dict(cls, d) -> ModelConfig:
+    d = dict(d)
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ConfigError(f"unknown model config keys: {sorted('model.' + k for k in unknown)}")
+    return cls(**d)
+
+
+def _check_choice(name, value, choices):
+  if value not in choices:
+    raise ConfigError(f"model.{name}={value!r} is not one of {choices}")

@@ -16,7 +16,7 @@ MODEL = transformer.ModelConfig(
     vocab_size=1000, hidden_size=256, ffn_hidden_size=688, num_layers=4,
     num_attention_heads=8, num_query_groups=4, activation="swiglu", normalization="rmsnorm",
     position_embedding_type="rope", share_embeddings_and_output_weights=True,
-    max_position_embeddings=8192)
+    max_position_embeddings=8192, attention_block=0, scan_unroll=1)
 
 
 # ~1B Llama (TinyLlama-1.1B's shape: vocab 32000, hidden 2048, FFN 5632, 22 layers, 32 heads,
@@ -25,7 +25,7 @@ MODEL_1B = transformer.ModelConfig(
     vocab_size=32000, hidden_size=2048, ffn_hidden_size=5632, num_layers=22,
     num_attention_heads=32, num_query_groups=4, activation="swiglu", normalization="rmsnorm",
     position_embedding_type="rope", share_embeddings_and_output_weights=False,
-    max_position_embeddings=4096, dtype="bfloat16")
+    max_position_embeddings=4096, dtype="bfloat16", attention_block=0, scan_unroll=1)
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,5 +1,6 @@
 """LoRA adapters: the adapted forward, the merge for export, training and its state."""
 
+import dataclasses
 import functools
 import math
 import os
@@ -18,11 +19,13 @@ from dpojax.ops import logprob as logprob_lib
 from dpojax.train import build as build_lib
 from dpojax.train import step as step_lib
 
-from conftest import tiny_config
+from conftest import load_default_config, tiny_config
 
 GATED = model_lib.ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_attention_heads=4,
-                              num_query_groups=2, ffn_hidden_size=48)
+                              num_query_groups=2, ffn_hidden_size=48, attention_block=0,
+                              scan_unroll=1)
 PLAIN = model_lib.ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_attention_heads=4,
+                              num_query_groups=None, attention_block=0, scan_unroll=1,
                               ffn_hidden_size=48, activation="gelu", normalization="layernorm",
                               bias=True, position_embedding_type="learned_absolute",
                               share_embeddings_and_output_weights=False, remat="dots")
@@ -203,3 +206,16 @@ def test_lora_training_learns_with_small_state(tmp_path):
   assert adapter_bytes < full_bytes / 2
   merged = reference.policy_params(step_cfg, state.params, parts.frozen)  # What export writes.
   assert jax.tree.structure(merged) == jax.tree.structure(params)
+
+
+def test_lora_config_defaults_are_the_config_files():
+  """configs/dpo_gpt.py's `lora` section gives the dataclass defaults; its one other key,
+  `enabled`, is whether a LoraConfig exists at all (from_config returns None when off)."""
+  section = load_default_config().lora.to_dict()
+  defaults = {f.name: f.default for f in dataclasses.fields(lora.LoraConfig)}
+  assert set(section) == set(defaults) | {"enabled"} and section["enabled"] is False
+  for name, default in defaults.items():
+    got = tuple(section[name]) if name == "targets" else section[name]
+    assert got == default, name
+  section["enabled"] = True
+  assert lora.LoraConfig.from_config(section) == lora.LoraConfig()

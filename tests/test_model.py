@@ -13,6 +13,8 @@ from dpojax.model import lora
 from dpojax.model import transformer
 from dpojax.ops import dense as dense_ops
 
+from conftest import load_default_config
+
 # Jitted: eager Flax dispatch op by op is far slower than one compilation.
 apply = jax.jit(model_lib.apply, static_argnums=1)
 
@@ -334,3 +336,13 @@ def test_bfloat16_compute_stays_close():
 def test_config_errors_name_the_key(bad, key):
   with pytest.raises(ValueError, match=key):
     dataclasses.replace(BASE, **bad)
+
+
+def test_model_config_defaults_are_the_config_files():
+  """configs/dpo_gpt.py is the one source of defaults: each `model.*` key there equals the
+  dataclass default, and every dataclass field has its key."""
+  section = load_default_config().model.to_dict()
+  defaults = {f.name: f.default for f in dataclasses.fields(model_lib.ModelConfig)}
+  assert set(section) == set(defaults)
+  for name, default in defaults.items():
+    assert section[name] == default, name

@@ -154,7 +154,7 @@ with open(os.path.join(os.path.dirname(__file__), "testdata", "megatron_core_key
 @pytest.mark.parametrize("name", sorted(MCORE_KEYS["configs"]))
 def test_export_holds_exactly_the_keys_megatron_core_asks_for(name, tmp_path):
   want = MCORE_KEYS["configs"][name]
-  cfg = model_lib.ModelConfig(**want["model_config"])
+  cfg = model_lib.ModelConfig(**{"num_query_groups": None, **want["model_config"]})  # MHA.
   out = str(tmp_path / "m.nemo")
   nemo.save_nemo(out, cfg, S.random_params(cfg))
   tensors, objects = stored_keys(out)
@@ -182,7 +182,7 @@ CONFIGS = {
         vocab_size=40, hidden_size=24, num_layers=2, num_attention_heads=6,
         num_query_groups=3, ffn_hidden_size=10, activation="swiglu", bias=True),
     "mha_bf16_learned": model_lib.ModelConfig(
-        vocab_size=40, hidden_size=16, num_layers=3, num_attention_heads=4,
+        vocab_size=40, hidden_size=16, num_layers=3, num_attention_heads=4, num_query_groups=None,
         ffn_hidden_size=12, activation="squared_relu", normalization="layernorm1p",
         position_embedding_type="learned_absolute", max_position_embeddings=32,
         share_embeddings_and_output_weights=False, param_dtype="bfloat16"),

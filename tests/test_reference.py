@@ -231,7 +231,7 @@ def test_lora_base_saves_one_parameter_copy_of_peak_memory():
   """XLA's compiled memory analysis of the LoRA train step: the base as reference needs about
   one copy of the parameters less than a separate reference copy."""
   mcfg = model_lib.ModelConfig(vocab_size=512, hidden_size=128, num_layers=1,
-                               num_attention_heads=4, ffn_hidden_size=256)
+                               num_attention_heads=4, num_query_groups=None, ffn_hidden_size=256)
   lcfg = lora.LoraConfig(rank=4)
   params = jax.eval_shape(functools.partial(model_lib.init_params, mcfg), jax.random.key(0))
   batch = {k: jax.ShapeDtypeStruct((1, 4, 16), jnp.int32) for k in pipeline.BATCH_KEYS}

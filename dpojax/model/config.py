@@ -17,22 +17,23 @@ DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: x64 reference
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Architecture; field names follow NeMo's model_config.yaml where one exists."""
+  """Architecture; field names follow NeMo's model_config.yaml where one exists. The
+  defaults are configs/dpo_gpt.py's `model` section (a test holds them equal)."""
 
-  vocab_size: int = 1000
+  vocab_size: int = 384
   hidden_size: int = 64
   num_layers: int = 2
   num_attention_heads: int = 4
-  num_query_groups: int | None = None  # None: multi-head attention (groups = heads).
+  num_query_groups: int | None = 2  # None: multi-head attention (groups = heads).
   kv_channels: int | None = None  # None: hidden_size // num_attention_heads.
-  ffn_hidden_size: int = 256
+  ffn_hidden_size: int = 192
   activation: str = "swiglu"
   normalization: str = "rmsnorm"
   layernorm_epsilon: float = 1e-5
   position_embedding_type: str = "rope"
   rotary_percentage: float = 1.0
   rotary_base: float = 10000.0
-  max_position_embeddings: int = 2048
+  max_position_embeddings: int = 512
   bias: bool = False  # Linear layers only; layernorms keep their bias (as in megatron-core).
   share_embeddings_and_output_weights: bool = True
   init_method_std: float = 0.02
@@ -41,7 +42,7 @@ class ModelConfig:
   remat: str = "none"
   # Query tile of causal attention: each tile skips the keys after it (1.4x faster policy
   # forward+backward at 1024 tokens on CPU); 0 = one T x T block. At most 8 tiles.
-  attention_block: int = 0
+  attention_block: int = 32
   # xla: the dense path above. flash: a flash-attention kernel for causal + packed-segment
   # masks that skips other segments' key blocks (ops/flash_attention.py; GPU, interpreted
   # elsewhere: slow); rows with shared-prompt branches and the decoding cache keep the dense
@@ -54,7 +55,7 @@ class ModelConfig:
   # Layers per step of the layer scan; num_layers unrolls it all, so that XLA can fuse and
   # schedule across layers (issue-10 benchmark on CPU: 0.67-0.69 s a step unrolled, 0.78
   # rolled) at the cost of compile time that grows with the unrolled layers.
-  scan_unroll: int = 1
+  scan_unroll: int = 2
 
   def __post_init__(self):
     _check_choice("activation", self.activation, ACTIVATIONS)

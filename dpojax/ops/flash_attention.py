@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
+from jax.experimental.pallas.ops.gpu import attention as mha_lib
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 BLOCK_Q = 64  # Query tile (all kernels).
@@ -305,7 +306,6 @@ def _padded_length(t: int) -> int:
 
 def _jax_mha(q, k, v, seg, scale, interpret):
   """JAX's own causal segment-masked kernel (no block skipping), GQA by repeating groups."""
-  from jax.experimental.pallas.ops.gpu import attention as mha_lib  # pylint: disable=g-import-not-at-top
   n, t = q.shape[2], q.shape[1]
   r = n // k.shape[2]
   fwd = next(x for x in (128, 64, 32, 16) if t % x == 0)

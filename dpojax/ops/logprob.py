@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from dpojax.ops import logprob_chunked
+from dpojax.ops import logprob_pallas
 
 IMPLEMENTATIONS = ("xla", "chunked", "pallas", "triton")
 # What `auto` picks per backend: chunked, measured on CPU and on an H100 (BUILD.md) to keep
@@ -93,9 +94,9 @@ def logprob(hidden_BxTxD, out_weight_VxD, targets_BxT, mask_BxT, impl: str = "au
   elif impl == "chunked":
     logp_N = logprob_chunked.chunked_logprob(*args, **blocks)
   elif impl == "pallas":
-    from dpojax.ops import logprob_pallas  # pylint: disable=g-import-not-at-top
     logp_N = logprob_pallas.pallas_logprob(*args, **blocks)
   else:
+    # jax-triton (optional, GPU only) cannot even import without a GPU.
     from dpojax.ops import logprob_triton  # pylint: disable=g-import-not-at-top
     logp_N = logprob_triton.triton_logprob(*args, **blocks)
   return logp_N.reshape(lead)

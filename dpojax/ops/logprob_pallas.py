@@ -24,6 +24,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
 
 from dpojax.ops import logprob_chunked
 
@@ -90,7 +91,6 @@ def _fwd_kernel(count_ref, h_ref, w_ref, t_ref, m_ref, s_ref, tgt_ref, *, vocab,
 def _bwd_kernel(count_ref, h_ref, w_ref, t_ref, coef_ref, lse_ref, dh0_ref, dw0_ref, dh_ref,
                 dw_ref, *, vocab, bv, bk):
   del dh0_ref, dw0_ref  # Aliased to dh_ref / dw_ref: the zeros the atomics add into.
-  from jax.experimental.pallas import triton as plt  # pylint: disable=g-import-not-at-top
 
   i, j = pl.program_id(0), pl.program_id(1)
   bn, d = h_ref.shape
@@ -182,7 +182,6 @@ def _backward(h_NxD, w_VxD, targets_N, coef_N, lse_N, count, token_block, vocab_
 def _compiler_params(interpret):
   if interpret:
     return None
-  from jax.experimental.pallas import triton as plt  # pylint: disable=g-import-not-at-top
   return plt.CompilerParams(num_warps=4, num_stages=2)
 
 

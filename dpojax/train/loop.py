@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 
 from dpojax import loss as loss_lib
 from dpojax import model as model_lib
+from dpojax import plot  # Loads matplotlib only when it draws.
 from dpojax import pretrained as pretrained_lib
 from dpojax import reference
 from dpojax import workdir as workdir_lib
@@ -272,7 +273,6 @@ def _run(config, workdir: str, stop: StopRequested) -> dict:
           f"latest is step {latest} in {ckpt.directory}; run again with the same --workdir to "
           "resume from it.")
   if lead:
-    from dpojax import plot  # pylint: disable=g-import-not-at-top (matplotlib loads here only)
     try:
       say(f"Wrote {plot.plot_metrics(workdir)}")
     except (OSError, ValueError) as e:

@@ -11,9 +11,7 @@ import os
 import re
 import sys
 
-# dpojax.ops.logprob_triton: the module that imports jax_triton (it cannot import without a GPU).
-OPTIONAL = ("torch", "transformers", "jax_triton", "triton", "matplotlib", "yaml",
-            "dpojax.ops.logprob_triton")
+OPTIONAL = ("torch", "transformers", "jax_triton", "triton", "matplotlib", "yaml")
 # How a branch on the reference mode reads: the mode strings, or LoRA's presence (which
 # decided the reference tree's layout before the mode was resolved once).
 MODE_BRANCH = re.compile(
@@ -47,7 +45,7 @@ def imports(tree, name, modules):
       if isinstance(child, (ast.Import, ast.ImportFrom)):
         names = targets(child)
         if in_function:
-          if not any(n.split(".")[0] in OPTIONAL or n in OPTIONAL for n in names):
+          if not any(n.split(".")[0] in OPTIONAL for n in names):
             local.append((child.lineno, names))
         else:
           top.update(n for n in names if n in modules)

@@ -35,11 +35,16 @@ def make_case(seed, b, t, d, v, dtype=jnp.float32):
           jnp.asarray(mask), jnp.asarray(g, jnp.float32))
 
 
-def float64_reference(h, w, targets, mask, g):
-  """log p(target) and the cotangents of sum(g * log p), from the textbook formulas."""
+def float64_reference(h, w, targets, mask, g, cap=None):
+  """log p(target) and the cotangents of sum(g * log p), from the textbook formulas; with
+  `cap`, of the capped logits c * tanh(z / c) (chain rule: times 1 - tanh^2)."""
   h, w = np.asarray(h, np.float64), np.asarray(w, np.float64)
   d, t, m = h.shape[-1], np.asarray(targets).reshape(-1), np.asarray(mask).reshape(-1)
   z = h.reshape(-1, d) @ w.T
+  chain = 1.0
+  if cap:
+    chain = 1.0 / np.cosh(z / cap) ** 2  # d/dz c tanh(z / c).
+    z = cap * np.tanh(z / cap)
   zmax = z.max(axis=1, keepdims=True)
   lse = np.log(np.exp(z - zmax).sum(axis=1)) + zmax[:, 0]
   rows = np.arange(len(t))
@@ -47,15 +52,16 @@ def float64_reference(h, w, targets, mask, g):
   onehot = np.zeros_like(z)
   onehot[rows, t] = 1.0
   dz = np.where(m, np.asarray(g).reshape(-1), 0.0)[:, None] * (onehot - np.exp(z - lse[:, None]))
+  dz = dz * chain
   return logp.reshape(targets.shape), (dz @ w).reshape(h.shape), dz.T @ h.reshape(-1, d)
 
 
 @functools.cache
-def value_and_vjp(impl, token_block=None, vocab_block=None):
+def value_and_vjp(impl, token_block=None, vocab_block=None, softcap=None):
   """jit(logp and the vjp of a per-token cotangent g), compiled once per impl and shape."""
   def fn(h, w, targets, mask, g):
     f = lambda h, w: lp.logprob(h, w, targets, mask, impl=impl, token_block=token_block,
-                                vocab_block=vocab_block)
+                                vocab_block=vocab_block, softcap=softcap)
     logp, vjp = jax.vjp(f, h, w)
     return (logp, *vjp(g))
   return jax.jit(fn)
@@ -85,6 +91,23 @@ def test_matches_xla_fp32(impl, v, d, tb, vb):
   expected = value_and_vjp("xla")(*case)
   assert_close(value_and_vjp(impl, tb, vb)(*case), expected, 1e-5)
   assert_close(expected, float64_reference(*case), 1e-5)
+
+
+SOFTCAP = 1.5  # Logits of order 2 (make_case): well inside tanh's bend.
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked", "pallas"])
+def test_final_logit_softcap_matches_float64_and_the_full_logits(impl):
+  """Gemma 2's final_logit_softcapping inside the fused paths: values and both cotangents
+  equal the full-logits path and the float64 chain rule, on ragged token and vocab blocks."""
+  case = make_case(9, 2, 11, 16, 1003)
+  reference = float64_reference(*case, cap=SOFTCAP)
+  actual = value_and_vjp(impl, 16, 128, SOFTCAP)(*case)
+  assert_close(actual, reference, 1e-5)
+  assert_close(actual, value_and_vjp("xla", softcap=SOFTCAP)(*case), 1e-5)
+  # The cap changes the answer (a no-op cap would pass the lines above for a wrong reason).
+  plain = float64_reference(*case)
+  assert np.abs(np.asarray(actual[0]) - plain[0]).max() > 0.1
 
 
 @pytest.mark.parametrize("impl", ["chunked", "pallas"])
@@ -206,6 +229,13 @@ VOCAB_PARALLEL = textwrap.dedent("""
       for name, a, e in zip(("logp", "dh", "dw"), actual, expected):
         np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-5, atol=1e-5,
                                    err_msg=f"{kind} {name}")
+    # A final-logit softcap, applied on each shard's tiles (the last, Auto mesh).
+    capped = jax.jit(lambda h, w: fn(h, w, impl="xla", softcap=1.5))(h, w)
+    actual = jax.jit(lambda h, w: fn(h, w, impl="chunked", mesh=mesh, softcap=1.5))(hs, ws)
+    assert np.abs(np.asarray(capped[0]) - np.asarray(expected[0])).max() > 0.1
+    for name, a, e in zip(("logp", "dh", "dw"), actual, capped):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-5, atol=1e-5,
+                                 err_msg=f"softcap {name}")
     try:
       lp.logprob(h, w[:1003], t, m, impl="chunked", mesh=mesh)
     except ValueError as e:
@@ -286,37 +316,38 @@ TRITON_INTERPRETED = textwrap.dedent("""
     from dpojax.ops import logprob_triton as lt
     from test_logprob_kernels import make_case, float64_reference
 
-    h, w, t, m, g = (np.asarray(x) for x in make_case(8, 2, 25, 40, 1003))
-    logp, dh, dw = float64_reference(h, w, t, m, g)
+    h, w, t, m2, g = (np.asarray(x) for x in make_case(8, 2, 25, 40, 1003))
     n, d, v = 50, 40, 1003  # Ragged everywhere: 50 tokens / 16, D 40 / 64, V / 128.
     # As the wrapper calls them: masked-in tokens first; later token blocks are skipped.
-    m = m.reshape(-1)
+    m = m2.reshape(-1)
     perm = np.argsort(~m, kind="stable")
     count = int(m.sum())
     assert count < 48  # The fourth token block holds none: its programs must do nothing.
-    meta = lt.plan(n, v, d, token_block=16, vocab_block=128)
-    nt, nv = -(-n // meta["BN"]), -(-v // meta["BV"])
-    per_split = 3
-    splits = -(-nv // per_split)
     fwd, bwd = lt.kernels()
     T = lambda x, dt=np.float32: torch.from_numpy(np.ascontiguousarray(x, dt))
     h_p, t_p = h.reshape(n, d)[perm], t.reshape(-1)[perm]
     count_t = T([count], np.int32)
-    parts = [torch.zeros((splits, n)) for _ in range(3)]
-    fwd[(nt, splits)](count_t, T(h_p), T(w), T(t_p, np.int32), *parts, PER_SPLIT=per_split,
-                      **meta)
-    mx, s, tgt = (p.numpy() for p in parts)
-    top = mx.max(0)
-    lse = top + np.log((s * np.exp(mx - top)).sum(0))
-    assert np.all(s[:, 48:] == 0)  # Never written.
-    np.testing.assert_allclose(tgt.sum(0)[:count] - lse[:count], logp.reshape(-1)[perm][:count],
-                               atol=1e-5)
-    coef = np.where(m, g.reshape(-1), 0)[perm]
-    dh_t, dw_t = torch.zeros((n, d)), torch.zeros((v, d))
-    bwd[(nt, nv)](count_t, T(h_p), T(w), T(t_p, np.int32), T(coef),
-                  T(np.where(np.arange(n) < count, lse, 0)), dh_t, dw_t, **meta)
-    np.testing.assert_allclose(dh_t.numpy(), dh.reshape(n, d)[perm], atol=1e-5)
-    np.testing.assert_allclose(dw_t.numpy(), dw, atol=1e-5)
+    for cap in (None, 1.5):  # Without and with a final-logit softcap.
+      logp, dh, dw = float64_reference(h, w, t, m2, g, cap=cap)
+      meta = lt.plan(n, v, d, token_block=16, vocab_block=128, cap=cap)
+      nt, nv = -(-n // meta["BN"]), -(-v // meta["BV"])
+      per_split = 3
+      splits = -(-nv // per_split)
+      parts = [torch.zeros((splits, n)) for _ in range(3)]
+      fwd[(nt, splits)](count_t, T(h_p), T(w), T(t_p, np.int32), *parts, PER_SPLIT=per_split,
+                        **meta)
+      mx, s, tgt = (p.numpy() for p in parts)
+      top = mx.max(0)
+      lse = top + np.log((s * np.exp(mx - top)).sum(0))
+      assert np.all(s[:, 48:] == 0)  # Never written.
+      np.testing.assert_allclose(tgt.sum(0)[:count] - lse[:count],
+                                 logp.reshape(-1)[perm][:count], atol=1e-5)
+      coef = np.where(m, g.reshape(-1), 0)[perm]
+      dh_t, dw_t = torch.zeros((n, d)), torch.zeros((v, d))
+      bwd[(nt, nv)](count_t, T(h_p), T(w), T(t_p, np.int32), T(coef),
+                    T(np.where(np.arange(n) < count, lse, 0)), dh_t, dw_t, **meta)
+      np.testing.assert_allclose(dh_t.numpy(), dh.reshape(n, d)[perm], atol=1e-5)
+      np.testing.assert_allclose(dw_t.numpy(), dw, atol=1e-5)
     print("OK")
 """)
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from dpojax.ops import logprob_chunked
 from dpojax.ops import logprob_pallas
+from dpojax.ops import logprob_triton  # Imports jax-triton only when a kernel runs.
 
 IMPLEMENTATIONS = ("xla", "chunked", "pallas", "triton")
 # What `auto` picks per backend: chunked, measured on CPU and on an H100 (BUILD.md) to keep
@@ -41,12 +42,13 @@ def resolve_impl(impl: str) -> str:
   return impl
 
 
-def xla_logprob(hidden_NxD, out_weight_VxD, targets_N, mask_N):
+def xla_logprob(hidden_NxD, out_weight_VxD, targets_N, mask_N, softcap=None):
   """The reference: full logits in at least fp32 (float64 stays float64), autodiff for the
   gradient."""
   logits_NxV = jnp.einsum(
       "nd,vd->nv", hidden_NxD, out_weight_VxD.astype(hidden_NxD.dtype),
       preferred_element_type=jnp.promote_types(hidden_NxD.dtype, jnp.float32))
+  logits_NxV = logprob_chunked.softcap(logits_NxV, softcap)
   lse_N = jax.nn.logsumexp(logits_NxV, axis=-1)
   target_logit_N = jnp.take_along_axis(logits_NxV, targets_N[:, None], -1)[:, 0]
   return jnp.where(mask_N, target_logit_N - lse_N, 0.0)
@@ -54,7 +56,7 @@ def xla_logprob(hidden_NxD, out_weight_VxD, targets_N, mask_N):
 
 def logprob(hidden_BxTxD, out_weight_VxD, targets_BxT, mask_BxT, impl: str = "auto", *,
             token_block: int | None = None, vocab_block: int | None = None, mesh=None,
-            vocab_axis: str = "tensor", token_axes=None):
+            vocab_axis: str = "tensor", token_axes=None, softcap: float | None = None):
   """log softmax(hidden @ out_weight.T)[target] per token, 0 where the mask is false (fp32).
 
   hidden is [..., D] (any leading token axes; targets and mask have those axes), out_weight
@@ -67,6 +69,8 @@ def logprob(hidden_BxTxD, out_weight_VxD, targets_BxT, mask_BxT, impl: str = "au
     pallas   a Pallas kernel (Triton on GPU, interpreted elsewhere: slow, for tests);
     triton   a jax-triton kernel, GPU only.
   token_block / vocab_block override the implementation's tile sizes (None or 0: its default).
+  `softcap` c (Gemma 2's final_logit_softcapping; None or 0: none) caps every logit to
+  c * tanh(z / c) before the softmax, inside each fused path's tiles.
   With `mesh`, chunked runs vocab-parallel: out_weight's rows split over `vocab_axis`, the
   token axis over `token_axes` (see logprob_chunked.logprob_vocab_parallel).
   """
@@ -86,19 +90,17 @@ def logprob(hidden_BxTxD, out_weight_VxD, targets_BxT, mask_BxT, impl: str = "au
                        f"sharded over mesh axis {vocab_axis!r}")
     return logprob_chunked.logprob_vocab_parallel(
         hidden_BxTxD, out_weight_VxD, targets_BxT, mask_BxT, mesh=mesh, vocab_axis=vocab_axis,
-        token_axes=token_axes, **blocks)
+        token_axes=token_axes, softcap=softcap, **blocks)
   h_NxD = hidden_BxTxD.reshape(-1, hidden_BxTxD.shape[-1])
   args = (h_NxD, out_weight_VxD, targets_BxT.reshape(-1), mask_BxT.reshape(-1).astype(bool))
   if impl == "xla":
-    logp_N = xla_logprob(*args)
+    logp_N = xla_logprob(*args, softcap)
   elif impl == "chunked":
-    logp_N = logprob_chunked.chunked_logprob(*args, **blocks)
+    logp_N = logprob_chunked.chunked_logprob(*args, softcap=softcap, **blocks)
   elif impl == "pallas":
-    logp_N = logprob_pallas.pallas_logprob(*args, **blocks)
+    logp_N = logprob_pallas.pallas_logprob(*args, softcap=softcap, **blocks)
   else:
-    # jax-triton (optional, GPU only) cannot even import without a GPU.
-    from dpojax.ops import logprob_triton  # pylint: disable=g-import-not-at-top
-    logp_N = logprob_triton.triton_logprob(*args, **blocks)
+    logp_N = logprob_triton.triton_logprob(*args, softcap=softcap, **blocks)
   return logp_N.reshape(lead)
 
 

@@ -15,6 +15,10 @@ and the rows/columns that an earlier block already covered are masked out of it.
 
 `vocab_offset` is where the local rows of w sit in the global vocabulary, so the same code runs
 on one shard of a vocab-sharded w (see `logprob_vocab_parallel`).
+
+`softcap` (Gemma 2's final_logit_softcapping): every tile's logits become c * tanh(z / c)
+before the softmax, and the backward multiplies dz by the tanh's derivative 1 - (z_c / c)^2,
+so the capped logits never exist beyond one tile either.
 """
 
 from __future__ import annotations
@@ -47,6 +51,16 @@ def _logits(h_blk, w_blk):
                              preferred_element_type=jnp.float32)
 
 
+def softcap(z, cap):
+  """c * tanh(z / c) (None or 0: z unchanged): the logit cap, applied per tile."""
+  return z if not cap else cap * jnp.tanh(z / cap)
+
+
+def softcap_grad(z_capped, cap):
+  """d softcap(z) / dz from the capped value: 1 - (z_c / c)^2 (1 without a cap)."""
+  return 1.0 if not cap else 1.0 - jnp.square(z_capped / cap)
+
+
 def _sizes(n, v, token_block, vocab_block, num_tokens=None):
   """Block sizes and counts; the token-block count is traced when num_tokens is."""
   bt, bv = min(token_block, n), min(vocab_block, v)
@@ -55,7 +69,7 @@ def _sizes(n, v, token_block, vocab_block, num_tokens=None):
 
 
 def forward_partials(h_NxD, w_VxD, targets_N, *, token_block, vocab_block, vocab_offset=0,
-                     num_tokens=None):
+                     num_tokens=None, cap=None):
   """Per token over the local vocab: running max m, sum of exp(z - m), and the target logit.
 
   The target logit is 0 where the target is not in this shard's vocab rows. With
@@ -74,7 +88,7 @@ def forward_partials(h_NxD, w_VxD, targets_N, *, token_block, vocab_block, vocab
       m_N, s_N, tgt_N = carry
       t0, row_new = _block(i, bt, n)
       get = lambda x: jax.lax.dynamic_slice_in_dim(x, t0, bt)
-      z = _logits(get(h_NxD), w_blk)
+      z = softcap(_logits(get(h_NxD), w_blk), cap)
       z = jnp.where(col_new[None, :], z, -jnp.inf)
       m_old, s_old, tgt_old = get(m_N), get(s_N), get(tgt_N)
       m_new = jnp.maximum(m_old, jnp.max(z, axis=1))
@@ -94,7 +108,7 @@ def forward_partials(h_NxD, w_VxD, targets_N, *, token_block, vocab_block, vocab
 
 
 def backward(h_NxD, w_VxD, targets_N, coef_N, lse_N, *, token_block, vocab_block,
-             vocab_offset=0, num_tokens=None):
+             vocab_offset=0, num_tokens=None, cap=None):
   """Cotangents of sum(coef * (z[target] - lse)): (dh fp32 [N, D], dw [V, D] in w's dtype).
 
   Rows with coef == 0 (masked tokens) contribute exactly nothing; with `num_tokens`, rows
@@ -115,11 +129,11 @@ def backward(h_NxD, w_VxD, targets_N, coef_N, lse_N, *, token_block, vocab_block
       t0, row_new = _block(i, bt, n)
       get = lambda x: jax.lax.dynamic_slice_in_dim(x, t0, bt)
       h_blk, coef = get(h_NxD), get(coef_N)
-      z = _logits(h_blk, w_blk)
+      z = softcap(_logits(h_blk, w_blk), cap)
       p = jnp.exp(z - get(lse_N)[:, None])
       onehot = cols[None, :] == get(targets_N)[:, None]
       keep = col_new[None, :] & (row_new & (coef != 0))[:, None]
-      dz = jnp.where(keep, coef[:, None] * (onehot - p), 0.0).astype(cdt)
+      dz = jnp.where(keep, coef[:, None] * (onehot - p) * softcap_grad(z, cap), 0.0).astype(cdt)
       dh_blk = jax.lax.dot_general(dz, w_blk.astype(cdt), (((1,), (0,)), ((), ())),
                                    preferred_element_type=jnp.float32)
       dh_NxD = jax.lax.dynamic_update_slice_in_dim(dh_NxD, get(dh_NxD) + dh_blk, t0, 0)
@@ -138,13 +152,14 @@ def backward(h_NxD, w_VxD, targets_N, coef_N, lse_N, *, token_block, vocab_block
   return jax.lax.fori_loop(0, nv, vocab_step, init)
 
 
-def chunked_logprob(h_NxD, w_VxD, targets_N, mask_N, token_block=None, vocab_block=None):
+def chunked_logprob(h_NxD, w_VxD, targets_N, mask_N, token_block=None, vocab_block=None,
+                    softcap=None):
   """Flat per-token log-probs [N] fp32, 0 where the (bool) mask is false.
 
   Block sizes default to the module's TOKEN_BLOCK / VOCAB_BLOCK, read at call time.
   """
   return _chunked_logprob(h_NxD, w_VxD, targets_N, mask_N, token_block or TOKEN_BLOCK,
-                          vocab_block or VOCAB_BLOCK, None)
+                          vocab_block or VOCAB_BLOCK, None, softcap or None)
 
 
 def compact(mask_N):
@@ -158,17 +173,18 @@ def compact(mask_N):
   return perm, inverse, jnp.sum(mask_N, dtype=jnp.int32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _chunked_logprob(h_NxD, w_VxD, targets_N, mask_N, token_block, vocab_block, axis):
-  return _fwd(h_NxD, w_VxD, targets_N, mask_N, token_block, vocab_block, axis)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _chunked_logprob(h_NxD, w_VxD, targets_N, mask_N, token_block, vocab_block, axis, cap):
+  return _fwd(h_NxD, w_VxD, targets_N, mask_N, token_block, vocab_block, axis, cap)[0]
 
 
-def _fwd(h_NxD, w_VxD, targets_N, mask_N, token_block, vocab_block, axis):
+def _fwd(h_NxD, w_VxD, targets_N, mask_N, token_block, vocab_block, axis, cap):
   """axis: None, or the mesh axis w's rows are split over (inside shard_map)."""
   perm, inverse, count = compact(mask_N)
   offset = 0 if axis is None else jax.lax.axis_index(axis) * w_VxD.shape[0]
   m, s, tgt = forward_partials(h_NxD[perm], w_VxD, targets_N[perm], token_block=token_block,
-                               vocab_block=vocab_block, vocab_offset=offset, num_tokens=count)
+                               vocab_block=vocab_block, vocab_offset=offset, num_tokens=count,
+                               cap=cap)
   if axis is not None:  # Combine the shards' partial logsumexps and target logits.
     m_all = jax.lax.pmax(m, axis)
     s = jax.lax.psum(s * jnp.exp(m - m_all), axis)
@@ -179,7 +195,7 @@ def _fwd(h_NxD, w_VxD, targets_N, mask_N, token_block, vocab_block, axis):
   return logp_N, (h_NxD, w_VxD, targets_N, mask_N, lse_N)
 
 
-def _bwd(token_block, vocab_block, axis, res, g_N):
+def _bwd(token_block, vocab_block, axis, cap, res, g_N):
   h_NxD, w_VxD, targets_N, mask_N, lse_N = res
   if axis is not None:
     # shard_map's transpose (check_vma=False) hands each vocab shard 1/shards of the
@@ -192,7 +208,7 @@ def _bwd(token_block, vocab_block, axis, res, g_N):
   coef_N = jnp.where(mask_N, g_N, 0.0)[perm]
   dh_NxD, dw_VxD = backward(h_NxD[perm], w_VxD, targets_N[perm], coef_N, lse_N,
                             token_block=token_block, vocab_block=vocab_block,
-                            vocab_offset=offset, num_tokens=count)
+                            vocab_offset=offset, num_tokens=count, cap=cap)
   return dh_NxD[inverse].astype(h_NxD.dtype), dw_VxD, None, None
 
 
@@ -206,7 +222,7 @@ _chunked_logprob.defvjp(_fwd, _bwd)
 
 
 def logprob_vocab_parallel(hidden, out_weight_VxD, targets, mask, *, mesh, vocab_axis="tensor",
-                           token_axes=None, token_block=None, vocab_block=None):
+                           token_axes=None, token_block=None, vocab_block=None, softcap=None):
   """`chunked` with out_weight's rows sharded over `vocab_axis` of `mesh` (a shard_map).
 
   hidden [..., D] and targets/mask [...] are split on their first axis over `token_axes`
@@ -226,7 +242,7 @@ def logprob_vocab_parallel(hidden, out_weight_VxD, targets, mask, *, mesh, vocab
 
   def local(h, w, t, msk):
     logp = _chunked_logprob(h.reshape(-1, h.shape[-1]), w, t.reshape(-1), msk.reshape(-1),
-                            token_block, vocab_block, vocab_axis)
+                            token_block, vocab_block, vocab_axis, softcap or None)
     return logp.reshape(t.shape)
 
   specs = (h_spec, P(vocab_axis, None), tok_spec, tok_spec)

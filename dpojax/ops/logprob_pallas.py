@@ -12,7 +12,8 @@ The same tiling as `logprob_chunked`, shaped for a GPU:
 Masked-out tokens are sorted behind the others (logprob_chunked.compact) and programs whose
 token block holds none of the rest return at once. Ragged vocab: the last vocab tile starts
 at V - bv and masks the columns earlier tiles covered, so w is never padded or copied.
-Tokens are padded to a multiple of bn (masked).
+Tokens are padded to a multiple of bn (masked). A final-logit `softcap` is applied per tile,
+as in logprob_chunked.
 Block sizes are powers of two (Triton's rule); the defaults fit an H100's shared memory with
 bf16 inputs. GPU speed is unmeasured (no GPU in development so far): see BUILD.md.
 """
@@ -27,6 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from dpojax.ops import logprob_chunked
+from dpojax.ops.logprob_chunked import softcap, softcap_grad
 
 TOKEN_BLOCK = 64
 VOCAB_BLOCK = 128
@@ -62,7 +64,7 @@ def _tile(h_ref, w_ref, v0, bv, bk):
 
 
 def _fwd_kernel(count_ref, h_ref, w_ref, t_ref, m_ref, s_ref, tgt_ref, *, vocab, bv, bk,
-                per_split):
+                per_split, cap):
   bn = h_ref.shape[0]
   i, split = pl.program_id(0), pl.program_id(1)  # Outside pl.when: interpret mode needs it.
 
@@ -76,7 +78,7 @@ def _fwd_kernel(count_ref, h_ref, w_ref, t_ref, m_ref, s_ref, tgt_ref, *, vocab,
       v0 = jnp.minimum(j * bv, vocab - bv)
       cols = v0 + jnp.arange(bv)
       new = cols >= j * bv
-      z = jnp.where(new[None, :], _tile(h_ref, w_ref, v0, bv, bk), -jnp.inf)
+      z = jnp.where(new[None, :], softcap(_tile(h_ref, w_ref, v0, bv, bk), cap), -jnp.inf)
       m_new = jnp.maximum(m, jnp.max(z, axis=1))
       s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(z - m_new[:, None]), axis=1)
       hit = (cols[None, :] == targets[:, None]) & new[None, :]
@@ -89,7 +91,7 @@ def _fwd_kernel(count_ref, h_ref, w_ref, t_ref, m_ref, s_ref, tgt_ref, *, vocab,
 
 
 def _bwd_kernel(count_ref, h_ref, w_ref, t_ref, coef_ref, lse_ref, dh0_ref, dw0_ref, dh_ref,
-                dw_ref, *, vocab, bv, bk):
+                dw_ref, *, vocab, bv, bk, cap):
   del dh0_ref, dw0_ref  # Aliased to dh_ref / dw_ref: the zeros the atomics add into.
 
   i, j = pl.program_id(0), pl.program_id(1)
@@ -100,11 +102,12 @@ def _bwd_kernel(count_ref, h_ref, w_ref, t_ref, coef_ref, lse_ref, dh0_ref, dw0_
     v0 = jnp.minimum(j * bv, vocab - bv)
     cols = v0 + jnp.arange(bv)
     coef = coef_ref[...]
-    z = _tile(h_ref, w_ref, v0, bv, bk)
+    z = softcap(_tile(h_ref, w_ref, v0, bv, bk), cap)
     p = jnp.exp(z - lse_ref[...][:, None])
     onehot = cols[None, :] == t_ref[...][:, None]
     keep = (cols >= j * bv)[None, :] & (coef != 0)[:, None]
-    dz = jnp.where(keep, coef[:, None] * (onehot - p), 0.0).astype(h_ref.dtype)
+    dz = jnp.where(keep, coef[:, None] * (onehot - p) * softcap_grad(z, cap),
+                   0.0).astype(h_ref.dtype)
 
     def body(k, carry):
       h_k = h_ref[:, pl.ds(k * bk, bk)]
@@ -131,7 +134,7 @@ def _pad(x, rows):
 
 
 def _forward(h_NxD, w_VxD, targets_N, count, token_block, vocab_block, vocab_splits,
-             interpret):
+             interpret, cap):
   """lse [N] and target logits [N] in fp32, for the first `count` tokens (and their block)."""
   (n, d), v = h_NxD.shape, w_VxD.shape[0]
   bn, bv, nt, nv, bk = _plan(n, v, d, token_block, vocab_block)
@@ -142,7 +145,7 @@ def _forward(h_NxD, w_VxD, targets_N, count, token_block, vocab_block, vocab_spl
   part = jax.ShapeDtypeStruct((splits, nt * bn), jnp.float32)
   part_spec = pl.BlockSpec((None, bn), lambda i, s: (s, i))
   m, s, tgt = pl.pallas_call(
-      functools.partial(_fwd_kernel, vocab=v, bv=bv, bk=bk, per_split=per_split),
+      functools.partial(_fwd_kernel, vocab=v, bv=bv, bk=bk, per_split=per_split, cap=cap),
       grid=(nt, splits),
       in_specs=[pl.BlockSpec((1,), lambda i, s: (0,)),
                 pl.BlockSpec((bn, d), lambda i, s: (i, 0)),
@@ -157,14 +160,14 @@ def _forward(h_NxD, w_VxD, targets_N, count, token_block, vocab_block, vocab_spl
 
 
 def _backward(h_NxD, w_VxD, targets_N, coef_N, lse_N, count, token_block, vocab_block,
-              interpret):
+              interpret, cap):
   (n, d), v = h_NxD.shape, w_VxD.shape[0]
   bn, bv, nt, nv, bk = _plan(n, v, d, token_block, vocab_block)
   rows = nt * bn
   whole = lambda shape: pl.BlockSpec(shape, lambda i, j: (0,) * len(shape))
   tokens = lambda: pl.BlockSpec((bn,), lambda i, j: (i,))
   dh, dw = pl.pallas_call(
-      functools.partial(_bwd_kernel, vocab=v, bv=bv, bk=bk),
+      functools.partial(_bwd_kernel, vocab=v, bv=bv, bk=bk, cap=cap),
       grid=(nt, nv),
       in_specs=[whole((1,)), pl.BlockSpec((bn, d), lambda i, j: (i, 0)), whole((v, d)),
                 tokens(), tokens(), tokens(), whole((rows, d)), whole((v, d))],
@@ -185,28 +188,29 @@ def _compiler_params(interpret):
   return plt.CompilerParams(num_warps=4, num_stages=2)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
 def _pallas_logprob(h_NxD, w_VxD, targets_N, mask_N, token_block, vocab_block, vocab_splits,
-                    interpret):
+                    interpret, cap):
   return _fwd(h_NxD, w_VxD, targets_N, mask_N, token_block, vocab_block, vocab_splits,
-              interpret)[0]
+              interpret, cap)[0]
 
 
-def _fwd(h_NxD, w_VxD, targets_N, mask_N, token_block, vocab_block, vocab_splits, interpret):
+def _fwd(h_NxD, w_VxD, targets_N, mask_N, token_block, vocab_block, vocab_splits, interpret,
+         cap):
   perm, inverse, count = logprob_chunked.compact(mask_N)
   lse_N, tgt_N = _forward(h_NxD[perm], w_VxD, targets_N[perm], count, token_block, vocab_block,
-                          vocab_splits, interpret)
+                          vocab_splits, interpret, cap)
   logp_N = jnp.where(mask_N, (tgt_N - lse_N)[inverse], 0.0)
   return logp_N, (h_NxD, w_VxD, targets_N, mask_N, lse_N)
 
 
-def _bwd(token_block, vocab_block, vocab_splits, interpret, res, g_N):
+def _bwd(token_block, vocab_block, vocab_splits, interpret, cap, res, g_N):
   del vocab_splits
   h_NxD, w_VxD, targets_N, mask_N, lse_N = res
   perm, inverse, count = logprob_chunked.compact(mask_N)
   coef_N = jnp.where(mask_N, g_N, 0.0)[perm]
   dh, dw = _backward(h_NxD[perm], w_VxD, targets_N[perm], coef_N, lse_N, count, token_block,
-                     vocab_block, interpret)
+                     vocab_block, interpret, cap)
   return dh[inverse].astype(h_NxD.dtype), dw.astype(w_VxD.dtype), None, None
 
 
@@ -214,7 +218,7 @@ _pallas_logprob.defvjp(_fwd, _bwd)
 
 
 def pallas_logprob(h_NxD, w_VxD, targets_N, mask_N, token_block=None, vocab_block=None,
-                   vocab_splits=None, interpret=None):
+                   vocab_splits=None, interpret=None, softcap=None):
   """Flat per-token log-probs [N] fp32, 0 where the (bool) mask is false.
 
   Block sizes default to TOKEN_BLOCK / VOCAB_BLOCK (read at call time); vocab_splits=None
@@ -224,4 +228,4 @@ def pallas_logprob(h_NxD, w_VxD, targets_N, mask_N, token_block=None, vocab_bloc
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   return _pallas_logprob(h_NxD, w_VxD, targets_N, mask_N, token_block or TOKEN_BLOCK,
-                         vocab_block or VOCAB_BLOCK, vocab_splits, interpret)
+                         vocab_block or VOCAB_BLOCK, vocab_splits, interpret, softcap or None)

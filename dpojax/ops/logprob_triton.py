@@ -5,7 +5,9 @@ so masked loads handle ragged token and D edges without padding:
   forward   grid (token blocks, vocab splits): online max / sum / target logit per split;
   backward  grid (token blocks, vocab blocks): recompute the tile, then atomically add
             dz @ w_tile into dh and dz.T @ h_tile into dw (fp32), chunk by chunk over D.
-fp32 inputs use IEEE dots (no TF32) so results match `xla` to 1e-5.
+fp32 inputs use IEEE dots (no TF32) so results match `xla` to 1e-5. A final-logit softcap
+(constexpr CAP, 0 = none) caps each tile as logprob_chunked does, tanh written with exp (the
+CPU interpreter has no libdevice).
 
 `triton` and `jax_triton` are imported only when a kernel is first needed, so CPU installs
 never need them; `kernels()` returns the raw @triton.jit functions (tests run them under
@@ -37,6 +39,7 @@ def _cdiv(a, b):
 tl = None
 _tile = None
 _dot = None
+_cap = None
 
 
 @functools.cache
@@ -48,7 +51,7 @@ def kernels():
   sizes (powers of two, BV <= V); IEEE 1 for fp32 inputs; forward also PER_SPLIT, the vocab
   tiles per program.
   """
-  global tl, _tile, _dot  # pylint: disable=global-statement
+  global tl, _tile, _dot, _cap  # pylint: disable=global-statement
   import triton  # pylint: disable=g-import-not-at-top
   import triton.language as tl  # pylint: disable=g-import-not-at-top,redefined-outer-name
 
@@ -77,9 +80,18 @@ def kernels():
   _tile = tile
 
   @triton.jit
+  def cap(z, CAP: tl.constexpr):
+    if CAP > 0:  # CAP * tanh(z / CAP), tanh(x) = 1 - 2 / (exp(2x) + 1): +-1 at +-inf.
+      z = CAP * (1.0 - 2.0 / (tl.exp(2.0 * (z / CAP)) + 1.0))
+    return z
+
+  _cap = cap
+
+  @triton.jit
   def forward(count_ptr, h_ptr, w_ptr, t_ptr, m_ptr, s_ptr, tgt_ptr, N: tl.constexpr,
               V: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr,
-              BK: tl.constexpr, PER_SPLIT: tl.constexpr, IEEE: tl.constexpr):
+              BK: tl.constexpr, PER_SPLIT: tl.constexpr, IEEE: tl.constexpr,
+              CAP: tl.constexpr):
     i = tl.program_id(0)
     split = tl.program_id(1)
     if i * BN < tl.load(count_ptr):  # Blocks of masked-out tokens do nothing.
@@ -94,7 +106,7 @@ def kernels():
         v0 = tl.minimum(j * BV, V - BV)
         cols = v0 + tl.arange(0, BV)
         new = cols >= j * BV
-        z = _tile(h_ptr, w_ptr, rows, row_ok, cols, D, BN, BV, BK, IEEE)
+        z = _cap(_tile(h_ptr, w_ptr, rows, row_ok, cols, D, BN, BV, BK, IEEE), CAP)
         z = tl.where(new[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
@@ -109,7 +121,7 @@ def kernels():
   @triton.jit
   def backward(count_ptr, h_ptr, w_ptr, t_ptr, coef_ptr, lse_ptr, dh_ptr, dw_ptr,
                N: tl.constexpr, V: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
-               BV: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+               BV: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, CAP: tl.constexpr):
     i = tl.program_id(0)
     j = tl.program_id(1)
     if i * BN < tl.load(count_ptr):  # Blocks of masked-out tokens do nothing.
@@ -121,11 +133,14 @@ def kernels():
       coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
       lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
       t = tl.load(t_ptr + rows, mask=row_ok, other=-1)
-      z = _tile(h_ptr, w_ptr, rows, row_ok, cols, D, BN, BV, BK, IEEE)
+      z = _cap(_tile(h_ptr, w_ptr, rows, row_ok, cols, D, BN, BV, BK, IEEE), CAP)
       p = tl.exp(z - lse[:, None])
       onehot = tl.where(cols[None, :] == t[:, None], 1.0, 0.0)
       keep = new[None, :] & (coef != 0.0)[:, None]
-      dz = tl.where(keep, coef[:, None] * (onehot - p), 0.0).to(h_ptr.dtype.element_ty)
+      dz = coef[:, None] * (onehot - p)
+      if CAP > 0:  # The tanh's derivative.
+        dz = dz * (1.0 - (z / CAP) * (z / CAP))
+      dz = tl.where(keep, dz, 0.0).to(h_ptr.dtype.element_ty)
       for k in range(0, D, BK):
         ks = k + tl.arange(0, BK)
         k_ok = ks < D
@@ -142,14 +157,16 @@ def kernels():
   return forward, backward
 
 
-def plan(n, v, d, token_block=TOKEN_BLOCK, vocab_block=VOCAB_BLOCK, dtype=jnp.float32):
+def plan(n, v, d, token_block=TOKEN_BLOCK, vocab_block=VOCAB_BLOCK, dtype=jnp.float32,
+         cap=None):
   """Static launch parameters (powers of two; the clamped last vocab tile must fit in V)."""
   bn = max(16, 1 << (max(token_block, 1).bit_length() - 1))
   bv = 1 << (min(vocab_block, v).bit_length() - 1)
   if bv < 16:
     raise ValueError(f"logprob.impl='triton' needs a vocabulary of at least 16, got {v}")
   bk = min(K_BLOCK, max(16, 1 << (d - 1).bit_length()))
-  return dict(N=n, V=v, D=d, BN=bn, BV=bv, BK=bk, IEEE=int(jnp.dtype(dtype) == jnp.float32))
+  return dict(N=n, V=v, D=d, BN=bn, BV=bv, BK=bk, IEEE=int(jnp.dtype(dtype) == jnp.float32),
+              CAP=float(cap or 0.0))
 
 
 def _require_gpu():
@@ -159,11 +176,11 @@ def _require_gpu():
         f"{jax.default_backend()!r}: set logprob.impl to 'chunked' (or 'pallas')")
 
 
-def _forward(h_NxD, w_VxD, targets_N, count, token_block, vocab_block, vocab_splits):
+def _forward(h_NxD, w_VxD, targets_N, count, token_block, vocab_block, vocab_splits, cap):
   import jax_triton as jt  # pylint: disable=g-import-not-at-top
 
   (n, d), v = h_NxD.shape, w_VxD.shape[0]
-  meta = plan(n, v, d, token_block, vocab_block, h_NxD.dtype)
+  meta = plan(n, v, d, token_block, vocab_block, h_NxD.dtype, cap)
   nt, nv = _cdiv(n, meta["BN"]), _cdiv(v, meta["BV"])
   if vocab_splits is None:  # Aim for >= 256 programs (two waves of an H100's 132 SMs).
     vocab_splits = min(nv, max(1, _cdiv(256, nt)))
@@ -179,11 +196,11 @@ def _forward(h_NxD, w_VxD, targets_N, count, token_block, vocab_block, vocab_spl
   return lse, jnp.sum(tgt, axis=0)
 
 
-def _backward(h_NxD, w_VxD, targets_N, coef_N, lse_N, count, token_block, vocab_block):
+def _backward(h_NxD, w_VxD, targets_N, coef_N, lse_N, count, token_block, vocab_block, cap):
   import jax_triton as jt  # pylint: disable=g-import-not-at-top
 
   (n, d), v = h_NxD.shape, w_VxD.shape[0]
-  meta = plan(n, v, d, token_block, vocab_block, h_NxD.dtype)
+  meta = plan(n, v, d, token_block, vocab_block, h_NxD.dtype, cap)
   grid = (_cdiv(n, meta["BN"]), _cdiv(v, meta["BV"]))
   # dh and dw are the kernel's last two pointers, zeroed for its atomic adds.
   dh, dw = jt.triton_call(
@@ -200,26 +217,27 @@ def _out_types(jt, shapes):
   return {"out_type" if "out_type" in params else "out_shape": shapes}
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _triton_logprob(h_NxD, w_VxD, targets_N, mask_N, token_block, vocab_block, vocab_splits):
-  return _fwd(h_NxD, w_VxD, targets_N, mask_N, token_block, vocab_block, vocab_splits)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _triton_logprob(h_NxD, w_VxD, targets_N, mask_N, token_block, vocab_block, vocab_splits,
+                    cap):
+  return _fwd(h_NxD, w_VxD, targets_N, mask_N, token_block, vocab_block, vocab_splits, cap)[0]
 
 
-def _fwd(h_NxD, w_VxD, targets_N, mask_N, token_block, vocab_block, vocab_splits):
+def _fwd(h_NxD, w_VxD, targets_N, mask_N, token_block, vocab_block, vocab_splits, cap):
   perm, inverse, count = logprob_chunked.compact(mask_N)
   lse_N, tgt_N = _forward(h_NxD[perm], w_VxD, targets_N[perm], count, token_block, vocab_block,
-                          vocab_splits)
+                          vocab_splits, cap)
   logp_N = jnp.where(mask_N, (tgt_N - lse_N)[inverse], 0.0)
   return logp_N, (h_NxD, w_VxD, targets_N, mask_N, lse_N)
 
 
-def _bwd(token_block, vocab_block, vocab_splits, res, g_N):
+def _bwd(token_block, vocab_block, vocab_splits, cap, res, g_N):
   del vocab_splits
   h_NxD, w_VxD, targets_N, mask_N, lse_N = res
   perm, inverse, count = logprob_chunked.compact(mask_N)
   coef_N = jnp.where(mask_N, g_N, 0.0)[perm]
   dh, dw = _backward(h_NxD[perm], w_VxD, targets_N[perm], coef_N, lse_N, count, token_block,
-                     vocab_block)
+                     vocab_block, cap)
   return dh[inverse].astype(h_NxD.dtype), dw.astype(w_VxD.dtype), None, None
 
 
@@ -227,8 +245,8 @@ _triton_logprob.defvjp(_fwd, _bwd)
 
 
 def triton_logprob(h_NxD, w_VxD, targets_N, mask_N, token_block=None, vocab_block=None,
-                   vocab_splits=None):
+                   vocab_splits=None, softcap=None):
   """Flat per-token log-probs [N] fp32, 0 where the (bool) mask is false. GPU only."""
   _require_gpu()
   return _triton_logprob(h_NxD, w_VxD, targets_N, mask_N, token_block or TOKEN_BLOCK,
-                         vocab_block or VOCAB_BLOCK, vocab_splits)
+                         vocab_block or VOCAB_BLOCK, vocab_splits, softcap or None)

@@ -39,6 +39,17 @@ def get_config() -> ml_collections.ConfigDict:
   # sparse (segment-skipping tiles in XLA: for packed rows on CPU).
   m.attention_impl = "auto"
   m.scan_unroll = 2  # Layers per scan step; num_layers unrolls all (faster, longer compile).
+  # Options of the Hugging Face families (set by init.path's checkpoint; off here).
+  m.qkv_bias = False  # Biases on q, k, v only (Qwen2).
+  m.qk_norm = False  # Norm over head_dim on each q and k head (Qwen3, Gemma 3).
+  m.post_norms = False  # Norms on attention/MLP outputs before the residual add (Gemma 2/3).
+  m.scale_embeddings = False  # Embeddings times sqrt(hidden_size) (Gemma).
+  m.query_pre_attn_scalar = ml_collections.config_dict.placeholder(float)  # Scale 1/sqrt(x).
+  m.attention_softcap = 0.0  # Attention logits -> c * tanh(l / c); 0 = none (Gemma 2).
+  m.final_logit_softcap = 0.0  # Output logits -> c * tanh(z / c); 0 = none (Gemma 2).
+  m.sliding_window = 0  # Sliding layers see keys < this many positions back; 0 = none.
+  m.layer_types = ml_collections.config_dict.placeholder(tuple)  # Per layer full/sliding_attention.
+  m.rotary_base_local = ml_collections.config_dict.placeholder(float)  # RoPE theta, sliding layers.
 
   c.init = ml_collections.ConfigDict()
   c.init.path = ""  # .nemo file, Hugging Face folder or dpojax workdir; "" = random init.

@@ -6,8 +6,9 @@ import dataclasses
 
 from dpojax.errors import ConfigError
 
-ACTIVATIONS = ("gelu", "gelu_tanh", "squared_relu", "swiglu")
-NORMALIZATIONS = ("layernorm", "layernorm1p", "rmsnorm")
+ACTIVATIONS = ("gelu", "gelu_tanh", "squared_relu", "swiglu", "geglu")
+NORMALIZATIONS = ("layernorm", "layernorm1p", "rmsnorm", "rmsnorm1p")
+LAYER_TYPES = ("full_attention", "sliding_attention")  # Hugging Face's `layer_types` names.
 POSITION_EMBEDDINGS = ("rope", "learned_absolute")
 REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION_IMPLS = ("auto", "xla", "flash", "sparse")
@@ -56,6 +57,19 @@ class ModelConfig:
   # schedule across layers (issue-10 benchmark on CPU: 0.67-0.69 s a step unrolled, 0.78
   # rolled) at the cost of compile time that grows with the unrolled layers.
   scan_unroll: int = 2
+  # The options of the Hugging Face families (Qwen2/3, Mistral, Gemma 2/3); off by default.
+  qkv_bias: bool = False  # Biases on q, k and v only (Qwen2), whatever `bias` says.
+  qk_norm: bool = False  # A norm (`normalization`) over head_dim on each q and k head (Qwen3).
+  post_norms: bool = False  # Norms on the attention and MLP outputs before each residual add.
+  scale_embeddings: bool = False  # Embeddings times sqrt(hidden_size), in the compute dtype.
+  query_pre_attn_scalar: float | None = None  # Attention scale 1/sqrt(this); None: head dim.
+  attention_softcap: float = 0.0  # Attention logits -> c * tanh(l / c); 0 = none.
+  final_logit_softcap: float = 0.0  # Output logits -> c * tanh(z / c) (in logprob); 0 = none.
+  sliding_window: int = 0  # Sliding layers see keys fewer than this many positions back; 0 = none.
+  # Per layer "full_attention" | "sliding_attention"; None: every layer slides when
+  # sliding_window > 0.
+  layer_types: tuple[str, ...] | None = None
+  rotary_base_local: float | None = None  # RoPE theta of sliding layers; None: rotary_base.
 
   def __post_init__(self):
     _check_choice("activation", self.activation, ACTIVATIONS)
@@ -79,6 +93,22 @@ class ModelConfig:
           f"model.num_attention_heads={self.num_attention_heads} (or set model.kv_channels)")
     if self.scan_unroll < 1:
       raise ConfigError(f"model.scan_unroll={self.scan_unroll} must be at least 1")
+    if self.layer_types is not None:
+      object.__setattr__(self, "layer_types", tuple(self.layer_types))
+      if len(self.layer_types) != self.num_layers:
+        raise ConfigError(f"model.layer_types has {len(self.layer_types)} entries for "
+                          f"model.num_layers={self.num_layers}")
+      for i, kind in enumerate(self.layer_types):
+        if kind not in LAYER_TYPES:
+          raise ConfigError(f"model.layer_types[{i}]={kind!r} is not one of {LAYER_TYPES}")
+    if self.sliding_window < 0:
+      raise ConfigError(f"model.sliding_window={self.sliding_window} must be >= 0")
+    for name in ("attention_softcap", "final_logit_softcap"):
+      if getattr(self, name) < 0:
+        raise ConfigError(f"model.{name}={getattr(self, name)} must be >= 0 (0 = none)")
+    if self.query_pre_attn_scalar is not None and self.query_pre_attn_scalar <= 0:
+      raise ConfigError(f"model.query_pre_attn_scalar={self.query_pre_attn_scalar} must be "
+                        "positive")
     if self.position_embedding_type == "rope" and self.rotary_dim % 2:
       raise ConfigError(f"model.rotary_percentage={self.rotary_percentage} of the head dim "
                         f"{self.head_dim} gives an odd rotary dim {self.rotary_dim}")
@@ -97,7 +127,22 @@ class ModelConfig:
 
   @property
   def gated(self) -> bool:
-    return self.activation == "swiglu"
+    return self.activation in ("swiglu", "geglu")
+
+  @property
+  def sliding_layers(self) -> tuple[bool, ...]:
+    """Per layer: whether it attends through the sliding window."""
+    if self.sliding_window <= 0:
+      return (False,) * self.num_layers
+    if self.layer_types is None:
+      return (True,) * self.num_layers
+    return tuple(kind == "sliding_attention" for kind in self.layer_types)
+
+  @property
+  def attention_scale(self) -> float | None:
+    """The logits' factor; None: the default head_dim^-1/2."""
+    s = self.query_pre_attn_scalar
+    return None if s is None else s ** -0.5
 
   @classmethod
   def from_dict(cls, d) -> ModelConfig:

@@ -53,6 +53,10 @@ class Norm(nn.Module):
       scale = self.param("scale", nn.initializers.ones, (d,), pdt)
       y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + cfg.layernorm_epsilon)
       y = y * scale.astype(f32)
+    elif cfg.normalization == "rmsnorm1p":  # Gemma's: x * (1 + w), w stored as zeros.
+      scale = self.param("scale", nn.initializers.zeros, (d,), pdt)
+      y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + cfg.layernorm_epsilon)
+      y = y * (1.0 + scale.astype(f32))
     else:
       one_plus = cfg.normalization == "layernorm1p"
       init = nn.initializers.zeros if one_plus else nn.initializers.ones
@@ -107,20 +111,34 @@ def apply_rope(x_BxTxNxK, rope):
   return jnp.concatenate([out, x_pass], -1).astype(x_BxTxNxK.dtype)
 
 
-def layer_mask(cfg: ModelConfig, segment_ids_BxT, branch_ids_BxT=None, mesh=None):
+def layer_mask(cfg: ModelConfig, segment_ids_BxT, branch_ids_BxT=None, mesh=None,
+               positions_BxT=None):
   """What every layer's `attend` gets, computed once per forward: `Segments` for the flash
-  kernel, `TilePairs` for the block-sparse path, else the dense `attention_mask`."""
+  kernel, `TilePairs` for the block-sparse path, else the dense `attention_mask`.
+
+  Sliding windows: when every layer slides, the one mask holds the window (the block-sparse
+  path then skips the tiles outside it); when only some do, {"full", "sliding"} dense masks
+  that each layer picks from. Layers with a custom attention scale, logit softcap or
+  windows take the dense path (the flash kernel has neither yet).
+  """
   impl = cfg.attention_impl
   if impl == "auto":
     gpu = jax.default_backend() == "gpu"
     impl = "flash" if gpu and jnp.finfo(_dtype(cfg.dtype)).bits <= 32 else "xla"
-  if impl == "flash" and branch_ids_BxT is None:
+  sliding = cfg.sliding_layers
+  plain = cfg.attention_scale is None and not cfg.attention_softcap
+  if any(sliding) and not all(sliding):
+    return {"full": attention_ops.attention_mask(segment_ids_BxT, branch_ids_BxT),
+            "sliding": attention_ops.attention_mask(segment_ids_BxT, branch_ids_BxT,
+                                                    positions_BxT, cfg.sliding_window)}
+  if impl == "flash" and branch_ids_BxT is None and plain and not any(sliding):
     return attention_ops.Segments(segment_ids_BxT, flash_attention.segment_bounds(segment_ids_BxT), mesh)
-  mask = attention_ops.attention_mask(segment_ids_BxT, branch_ids_BxT)
+  window = cfg.sliding_window if all(sliding) else 0
+  mask = attention_ops.attention_mask(segment_ids_BxT, branch_ids_BxT, positions_BxT, window)
   block, t = cfg.attention_block, segment_ids_BxT.shape[1]
   # One device only: XLA cannot split its pair list by batch shard (it would replicate it).
   one_device = mesh is None or mesh.size == 1
-  if impl == "sparse" and one_device and block > 0 and t % block == 0 and t > block:
+  if impl == "sparse" and plain and one_device and block > 0 and t % block == 0 and t > block:
     mask_BxTxT = mask[:, 0] & (segment_ids_BxT > 0)[:, :, None]  # Padding attends nothing.
     return attention_ops.TilePairs(mask_BxTxT, sparse_attention.tile_pairs(mask_BxTxT, block), block)
   return mask
@@ -161,7 +179,7 @@ class Attention(nn.Module):
     def proj(name, heads):
       w = self.param(name, init, (d, heads, k), pdt).astype(dt)
       y = dense_ops.dense(x_BxTxD, w)
-      if cfg.bias:
+      if cfg.bias or cfg.qkv_bias:
         y = y + self.param(name + "_bias", nn.initializers.zeros, (heads, k), pdt).astype(dt)
       return y
 
@@ -170,6 +188,9 @@ class Attention(nn.Module):
       qkv = low_rank(x_BxTxD, adapters["qkv"], self.lora, dt, rngs[0])
       q_BxTxNxK = q_BxTxNxK + qkv[:, :, :n]
       k_BxTxGxK, v_BxTxGxK = k_BxTxGxK + qkv[:, :, n:n + g], v_BxTxGxK + qkv[:, :, n + g:]
+    if cfg.qk_norm:  # Per head, over head_dim, before RoPE (Qwen3, Gemma 3).
+      q_BxTxNxK = Norm(cfg, name="query_norm")(q_BxTxNxK)
+      k_BxTxGxK = Norm(cfg, name="key_norm")(k_BxTxGxK)
     if rope is not None:
       q_BxTxNxK, k_BxTxGxK = apply_rope(q_BxTxNxK, rope), apply_rope(k_BxTxGxK, rope)
     if kv is not None:
@@ -178,7 +199,8 @@ class Attention(nn.Module):
       kv = {"key": write(kv["key"], k_BxTxGxK), "value": write(kv["value"], v_BxTxGxK)}
       k_BxTxGxK, v_BxTxGxK = kv["key"].astype(dt), kv["value"].astype(dt)  # Now [B, S, G, K].
     block = cfg.attention_block if kv is None else 0  # The cache path is already causal-short.
-    o_BxTxNxK = attention_ops.attend(q_BxTxNxK, k_BxTxGxK, v_BxTxGxK, mask_Bx1xTxS, block)
+    o_BxTxNxK = attention_ops.attend(q_BxTxNxK, k_BxTxGxK, v_BxTxGxK, mask_Bx1xTxS, block,
+                                     cfg.attention_scale, cfg.attention_softcap)
     w_o = self.param("out", out_init, (n, k, d), pdt).astype(dt)
     y = dense_ops.dense(o_BxTxNxK, w_o, contract=2)
     if cfg.bias:
@@ -192,6 +214,8 @@ def activate(cfg: ModelConfig, h):
   """The MLP's activation of fc1's output ([B, T, 2, F] when gated)."""
   if cfg.activation == "swiglu":
     return dense_ops.swiglu(h)
+  if cfg.activation == "geglu":  # Gemma's gelu_pytorch_tanh gate.
+    return jax.nn.gelu(h[..., 0, :], approximate=True) * h[..., 1, :]
   if cfg.activation == "gelu":
     return jax.nn.gelu(h, approximate=False)
   if cfg.activation == "gelu_tanh":
@@ -238,17 +262,29 @@ class Block(nn.Module):
   def __call__(self, x_BxTxD, rope, mask_Bx1xTxS, kv=None, index=None, adapters=None,
                layer=None, dropout_rng=None):
     """`adapters`: this layer's LoRA adapters ({"attention": .., "mlp": ..}); `dropout_rng`
-    (training) is folded with the `layer` index into one key per adapted projection."""
+    (training) is folded with the `layer` index into one key per adapted projection.
+    A {"full", "sliding"} `rope` or mask: this `layer` picks its kind's."""
+    cfg = self.cfg
     adapters = adapters or {}
     rngs = [None] * 4
     if dropout_rng is not None:
       rngs = list(jax.random.split(jax.random.fold_in(dropout_rng, layer), 4))
-    y_BxTxD, kv = Attention(self.cfg, self.lora, name="attention")(
-        Norm(self.cfg, name="input_norm")(x_BxTxD), rope, mask_Bx1xTxS, kv, index,
+    if isinstance(rope, dict) or isinstance(mask_Bx1xTxS, dict):
+      sliding = jnp.asarray(cfg.sliding_layers)[layer]
+      pick = lambda x: x if not isinstance(x, dict) else jax.tree.map(
+          lambda s, f: jnp.where(sliding, s, f), x["sliding"], x["full"])
+      rope, mask_Bx1xTxS = pick(rope), pick(mask_Bx1xTxS)
+    y_BxTxD, kv = Attention(cfg, self.lora, name="attention")(
+        Norm(cfg, name="input_norm")(x_BxTxD), rope, mask_Bx1xTxS, kv, index,
         adapters.get("attention"), rngs[:2])
+    if cfg.post_norms:
+      y_BxTxD = Norm(cfg, name="post_attention_norm")(y_BxTxD)
     x_BxTxD = x_BxTxD + y_BxTxD
-    x_BxTxD = x_BxTxD + Mlp(self.cfg, self.lora, name="mlp")(
-        Norm(self.cfg, name="pre_mlp_norm")(x_BxTxD), adapters.get("mlp"), rngs[2:])
+    y_BxTxD = Mlp(cfg, self.lora, name="mlp")(
+        Norm(cfg, name="pre_mlp_norm")(x_BxTxD), adapters.get("mlp"), rngs[2:])
+    if cfg.post_norms:
+      y_BxTxD = Norm(cfg, name="post_mlp_norm")(y_BxTxD)
+    x_BxTxD = x_BxTxD + y_BxTxD
     return x_BxTxD, kv  # The scan stacks each layer's updated cache (None without one).
 
 
@@ -271,6 +307,8 @@ class Transformer(nn.Module):
     init = nn.initializers.normal(cfg.init_method_std)
     embedding_VxD = self.param("embedding", init, (cfg.vocab_size, cfg.hidden_size), pdt)
     x_BxTxD = jnp.take(embedding_VxD, tokens_BxT, axis=0).astype(dt)
+    if cfg.scale_embeddings:  # Gemma: the factor rounded to the compute dtype first.
+      x_BxTxD = x_BxTxD * jnp.asarray(cfg.hidden_size ** 0.5, dt)
     if cfg.position_embedding_type == "learned_absolute":
       pos_table = self.param(
           "position_embedding", init, (cfg.max_position_embeddings, cfg.hidden_size), pdt)
@@ -281,7 +319,14 @@ class Transformer(nn.Module):
     if cfg.position_embedding_type == "rope":
       # Training rows hold positions below their length; decoding's positions reach further.
       num_positions = tokens_BxT.shape[1] if cache is None else None
-      rope = rope_table(positions_BxT, cfg.rotary_dim, cfg.rotary_base, dt, num_positions)
+      table = lambda base: rope_table(positions_BxT, cfg.rotary_dim, base, dt, num_positions)
+      sliding, local = cfg.sliding_layers, cfg.rotary_base_local
+      if local is None or local == cfg.rotary_base or not any(sliding):
+        rope = table(cfg.rotary_base)
+      elif all(sliding):
+        rope = table(local)
+      else:
+        rope = {"full": table(cfg.rotary_base), "sliding": table(local)}
 
     block = Block
     if cfg.remat != "none":
@@ -291,23 +336,31 @@ class Transformer(nn.Module):
         block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=in_axes,
         length=cfg.num_layers, unroll=unroll)(cfg, self.lora, name="layers")
     unroll = min(cfg.scan_unroll, cfg.num_layers)
+    layer_ids = jnp.arange(cfg.num_layers)
     if cache is None:
-      mask = layer_mask(cfg, segment_ids_BxT, branch_ids_BxT, self.mesh)
-      if adapters is None:
+      mask = layer_mask(cfg, segment_ids_BxT, branch_ids_BxT, self.mesh, positions_BxT)
+      if adapters is None and not (isinstance(rope, dict) or isinstance(mask, dict)):
         x_BxTxD, _ = scan((nn.broadcast, nn.broadcast), unroll)(x_BxTxD, rope, mask)
       else:  # Each layer's adapters and index are scanned with its params.
-        x_BxTxD, _ = scan((nn.broadcast,) * 4 + (0, 0, nn.broadcast), unroll)(
-            x_BxTxD, rope, mask, None, None, adapters["layers"], jnp.arange(cfg.num_layers),
-            dropout_rng)
+        ad = None if adapters is None else adapters["layers"]
+        x_BxTxD, _ = scan((nn.broadcast,) * 4 + (nn.broadcast if ad is None else 0, 0,
+                                                  nn.broadcast), unroll)(
+            x_BxTxD, rope, mask, None, None, ad, layer_ids, dropout_rng)
       return Norm(cfg, name="final_norm")(x_BxTxD)
     # Same module names, so the same parameters; the layer caches are scanned over axis 0.
-    layers = scan((nn.broadcast, nn.broadcast, 0, nn.broadcast))
+    layers = scan((nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast, 0))
     index = cache["index"]
     segment_ids_BxS = jax.lax.dynamic_update_slice_in_dim(
         cache["segment_ids"], segment_ids_BxT.astype(jnp.int32), index, axis=1)
-    x_BxTxD, kv = layers(x_BxTxD, rope, attention_ops.cached_attention_mask(
-        segment_ids_BxT, segment_ids_BxS, index), {"key": cache["key"], "value": cache["value"]},
-        index)
+    cached = lambda window: attention_ops.cached_attention_mask(
+        segment_ids_BxT, segment_ids_BxS, index, window)
+    sliding = cfg.sliding_layers
+    if any(sliding) and not all(sliding):
+      mask = {"full": cached(0), "sliding": cached(cfg.sliding_window)}
+    else:
+      mask = cached(cfg.sliding_window if any(sliding) else 0)
+    x_BxTxD, kv = layers(x_BxTxD, rope, mask, {"key": cache["key"], "value": cache["value"]},
+                         index, None, layer_ids)
     new_cache = {"key": kv["key"], "value": kv["value"], "segment_ids": segment_ids_BxS,
                  "index": index + tokens_BxT.shape[1]}
     return Norm(cfg, name="final_norm")(x_BxTxD), new_cache

@@ -18,12 +18,15 @@ import jax.numpy as jnp
 from dpojax.ops import flash_attention, sparse_attention
 
 
-def attention_mask(segment_ids_BxT, branch_ids_BxT=None):
+def attention_mask(segment_ids_BxT, branch_ids_BxT=None, positions_BxT=None, window: int = 0):
   """Causal AND same-segment mask, [B, 1, T, T]. Padding (segment 0) attends to itself only.
 
   With `branch_ids` (shared-prompt rows: 0 = the shared prefix, 1, 2, ... = branches after
   it), a token also needs the key to be in the prefix or in its own branch: each branch sees
   the prefix and itself, never a sibling branch.
+  With `window` > 0 (sliding-window attention), a query also needs the key within `window`
+  positions of its own, itself included: query position - key position < window, measured
+  in `positions` (which restart per packed sequence and skip sibling branches).
   """
   t = segment_ids_BxT.shape[1]
   causal = jnp.tril(jnp.ones((t, t), dtype=bool))
@@ -31,6 +34,8 @@ def attention_mask(segment_ids_BxT, branch_ids_BxT=None):
   if branch_ids_BxT is not None:
     key_BxS = branch_ids_BxT[:, None, :]
     same &= (key_BxS == 0) | (key_BxS == branch_ids_BxT[:, :, None])
+  if window > 0:
+    same &= positions_BxT[:, :, None] - positions_BxT[:, None, :] < window
   return (causal[None] & same)[:, None]
 
 
@@ -53,16 +58,21 @@ class TilePairs:
   block: int = flax.struct.field(pytree_node=False)
 
 
-def cached_attention_mask(segment_ids_BxT, segment_ids_BxS, index):
-  """[B, 1, T, S]: query t sits in slot index + t and sees slots up to its own, same segment."""
+def cached_attention_mask(segment_ids_BxT, segment_ids_BxS, index, window: int = 0):
+  """[B, 1, T, S]: query t sits in slot index + t and sees slots up to its own, same segment
+  (and, with `window` > 0, fewer than `window` slots back: a row's slots are consecutive
+  positions of its one sequence)."""
   t, s = segment_ids_BxT.shape[1], segment_ids_BxS.shape[1]
-  causal_TxS = jnp.arange(s)[None, :] <= index + jnp.arange(t)[:, None]
+  slot_T = index + jnp.arange(t)
+  causal_TxS = jnp.arange(s)[None, :] <= slot_T[:, None]
+  if window > 0:
+    causal_TxS &= slot_T[:, None] - jnp.arange(s)[None, :] < window
   same = segment_ids_BxT[:, :, None] == segment_ids_BxS[:, None, :]
   return (causal_TxS[None] & same)[:, None]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _softmax_attention(q_BxGxRxTxK, k_BxGxSxK, v_BxGxSxK, mask_Bx1x1xTxS, tiles):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _softmax_attention(q_BxGxRxTxK, k_BxGxSxK, v_BxGxSxK, mask_Bx1x1xTxS, tiles, scale, cap):
   """Head-major softmax attention; the R query heads of a KV group share its keys and values.
 
   `tiles`: (query start, query end, key end) per query tile (see `_query_tiles`); each tile
@@ -79,21 +89,31 @@ def _softmax_attention(q_BxGxRxTxK, k_BxGxSxK, v_BxGxSxK, mask_Bx1x1xTxS, tiles)
   softmax's sums part of the same product. The backward pass (flash-attention style:
   dS = P (dP - rowsum(dO O))) reuses the forward's exponentials and writes each tile's
   gradients in place instead of summing zero-padded copies.
+
+  `scale`: the logits' factor (None: K^-1/2); `cap` > 0: logits become cap * tanh(l / cap)
+  before the mask (Gemma 2's attn_logit_softcapping; the backward recomputes them).
   """
-  return _softmax_attention_fwd(q_BxGxRxTxK, k_BxGxSxK, v_BxGxSxK, mask_Bx1x1xTxS, tiles)[0]
+  return _softmax_attention_fwd(q_BxGxRxTxK, k_BxGxSxK, v_BxGxSxK, mask_Bx1x1xTxS, tiles,
+                                scale, cap)[0]
 
 
-def _softmax_attention_fwd(q, k, v, mask, tiles):
+def _scaled_logits(k, q_rows, shape, scale, cap):
+  """One tile's logits [B, G, S, R, Tq], scaled and (cap > 0) softcapped."""
+  logits = jnp.einsum("bgsk,bgxk->bgsx", k, q_rows).reshape(shape) * scale
+  return cap * jnp.tanh(logits / cap) if cap else logits
+
+
+def _softmax_attention_fwd(q, k, v, mask, tiles, scale, cap):
   b, g, r, _, kd = q.shape
   rows = sparse_attention.head_rows
-  scale = jnp.asarray(kd ** -0.5, q.dtype)
+  scale = jnp.asarray(kd ** -0.5 if scale is None else scale, q.dtype)
   mask_t = jnp.swapaxes(mask[:, :, 0], -1, -2)[:, :, :, None, :]  # [B, 1, S, 1, T]
   v_t = jnp.swapaxes(v, -1, -2)
   v_t1 = jnp.concatenate([v_t, jnp.ones_like(v_t[..., :1, :])], axis=2)  # [B, G, K + 1, S]
   outs, probs = [], []
   for q0, q1, k1 in tiles:
-    logits = jnp.einsum("bgsk,bgxk->bgsx", k[..., :k1, :], rows(q[..., q0:q1, :]))
-    logits = logits.reshape(b, g, k1, r, q1 - q0) * scale  # [B, G, S, R, Tq]
+    logits = _scaled_logits(k[..., :k1, :], rows(q[..., q0:q1, :]), (b, g, k1, r, q1 - q0),
+                            scale, cap)  # [B, G, S, R, Tq]
     logits = jnp.where(mask_t[..., :k1, :, q0:q1], logits,
                        jnp.asarray(0.7 * jnp.finfo(q.dtype).min, q.dtype))
     e = jnp.exp(logits - jnp.max(logits, 2, keepdims=True))  # Unnormalized probabilities.
@@ -106,18 +126,22 @@ def _softmax_attention_fwd(q, k, v, mask, tiles):
   return jnp.moveaxis(o_t, 2, -1), (q, k, v, o_t, probs)
 
 
-def _softmax_attention_bwd(tiles, res, do):
+def _softmax_attention_bwd(tiles, scale, cap, res, do):
   q, k, v, o_t, probs = res
   b, g, r, _, kd = q.shape
   rows = sparse_attention.head_rows
-  scale = jnp.asarray(kd ** -0.5, q.dtype)
+  scale = jnp.asarray(kd ** -0.5 if scale is None else scale, q.dtype)
   k_t = jnp.swapaxes(k, -1, -2)
   rowsum = jnp.sum(jnp.moveaxis(do, -1, 2) * o_t, 2, keepdims=True)  # [B, G, 1, R, T]
   dq_tiles, dk, dv = [], jnp.zeros_like(k), jnp.zeros_like(v)
   for (q0, q1, k1), (e, inv_sum) in zip(tiles, probs):
     do_x = rows(do[..., q0:q1, :] * jnp.moveaxis(inv_sum, 2, -1))  # e stands in for P.
     dp = jnp.einsum("bgsk,bgxk->bgsx", v[..., :k1, :], do_x).reshape(e.shape)
-    ds = (e * (dp - rowsum[..., q0:q1] * inv_sum) * scale).reshape(b, g, k1, -1)
+    ds = e * (dp - rowsum[..., q0:q1] * inv_sum)
+    if cap:  # Through the tanh: times 1 - (capped / cap)^2, from recomputed logits.
+      capped = _scaled_logits(k[..., :k1, :], rows(q[..., q0:q1, :]), e.shape, scale, cap)
+      ds = ds * (1 - jnp.square(capped / cap))
+    ds = (ds * scale).reshape(b, g, k1, -1)
     dq_tiles.append(jnp.einsum("bgks,bgsx->bgkx", k_t[..., :k1], ds))
     dk = dk.at[..., :k1, :].add(jnp.einsum("bgsx,bgxk->bgsk", ds, rows(q[..., q0:q1, :])))
     dv = dv.at[..., :k1, :].add(jnp.einsum("bgsx,bgxk->bgsk", e.reshape(ds.shape), do_x))
@@ -138,7 +162,8 @@ def _query_tiles(t: int, s: int, block: int) -> tuple[tuple[int, int, int], ...]
   return tuple((start, start + block, start + block) for start in range(0, t, block))
 
 
-def attend(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS, block: int = 0):
+def attend(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS, block: int = 0,
+           scale: float | None = None, softcap: float = 0.0):
   """Softmax attention (GQA when N is a multiple of G; any boolean mask, or `Segments`).
 
   A `Segments` mask goes to the flash kernel (ops/flash_attention.py), `TilePairs` to the
@@ -148,6 +173,9 @@ def attend(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS, block: int = 0):
   to keys [0, end of tile i) only: the masked-out upper triangle is never computed.
   Half-precision inputs go through jax.nn.dot_product_attention (its mixed-precision matmul
   handling); fp32 and fp64 through `_softmax_attention`.
+  `scale` multiplies the logits (None: K^-1/2); `softcap` > 0 caps them to
+  softcap * tanh(l / softcap). The flash and block-sparse paths take neither (layer_mask
+  gives them only layers without either).
   """
   if isinstance(mask_Bx1xTxS, Segments):
     return flash_attention.attention(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS.ids_BxT,
@@ -158,12 +186,29 @@ def attend(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS, block: int = 0):
   b, t, n, kd = q_BxTxNxK.shape
   s, g = k_BxSxGxK.shape[1], k_BxSxGxK.shape[2]
   tiles = _query_tiles(t, s, block)
-  if jnp.finfo(q_BxTxNxK.dtype).bits < 32:
+  if jnp.finfo(q_BxTxNxK.dtype).bits < 32 and not softcap:
     return jnp.concatenate([jax.nn.dot_product_attention(
         q_BxTxNxK[:, q0:q1], k_BxSxGxK[:, :k1], v_BxSxGxK[:, :k1],
-        mask=mask_Bx1xTxS[:, :, q0:q1, :k1], implementation="xla") for q0, q1, k1 in tiles],
-                           axis=1)
+        mask=mask_Bx1xTxS[:, :, q0:q1, :k1], scale=scale, implementation="xla")
+                            for q0, q1, k1 in tiles], axis=1)
+  if jnp.finfo(q_BxTxNxK.dtype).bits < 32:  # Softcapped half precision: fp32 logits.
+    return _capped_half_attention(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS, scale, softcap)
   q = q_BxTxNxK.reshape(b, t, g, n // g, kd).transpose(0, 2, 3, 1, 4)  # [B, G, R, T, K]
   k, v = k_BxSxGxK.transpose(0, 2, 1, 3), v_BxSxGxK.transpose(0, 2, 1, 3)  # [B, G, S, K]
-  o_BxGxRxTxK = _softmax_attention(q, k, v, mask_Bx1xTxS[:, :, None], tiles)
+  o_BxGxRxTxK = _softmax_attention(q, k, v, mask_Bx1xTxS[:, :, None], tiles, scale,
+                                   softcap or None)
   return o_BxGxRxTxK.transpose(0, 3, 1, 2, 4).reshape(b, t, n, kd)
+
+
+def _capped_half_attention(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS, scale, cap):
+  """Softcapped attention for 16-bit inputs: fp32 logits and softmax, autodiff backward."""
+  b, t, n, kd = q_BxTxNxK.shape
+  g = k_BxSxGxK.shape[2]
+  q = q_BxTxNxK.reshape(b, t, g, n // g, kd)
+  logits = jnp.einsum("btgrk,bsgk->bgrts", q, k_BxSxGxK, preferred_element_type=jnp.float32)
+  logits = logits * (kd ** -0.5 if scale is None else scale)
+  logits = cap * jnp.tanh(logits / cap)
+  logits = jnp.where(mask_Bx1xTxS[:, :, None], logits, 0.7 * jnp.finfo(jnp.float32).min)
+  p = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+  o = jnp.einsum("bgrts,bsgk->btgrk", p, v_BxSxGxK)
+  return o.reshape(b, t, n, kd)

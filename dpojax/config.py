@@ -11,6 +11,11 @@ defaults here equal its values (tests/test_config.py holds them to it).
   lora       -> the step config's, with the resolved reference mode (`step_config`).
   the rest   -> `check_config` (train, eval, checkpoint, model, logprob) before anything heavy;
                 `check_workdir` before any compilation.
+
+The arrows: this module builds on dpojax.model (LoraConfig, ModelConfig's checks) and
+dpojax.ops; the loss and the step build on it. lora.* (LoraConfig.from_config) and model.*
+parsing fold in here the same way, as functions of their section that return the model's
+dataclasses, so nothing below imports this module.
 """
 
 from __future__ import annotations
@@ -221,10 +226,11 @@ REFERENCE_MODES = ("copy", "lora_base", "precomputed", "none")  # What "auto" re
 MODES = ("auto",) + REFERENCE_MODES
 
 
-def reference_mode(mode: str, *, lora: bool, reference_free: bool, sync_steps=0) -> str:
+def reference_mode(mode: str, *, lora: bool, reference_free: bool) -> str:
   """The mode `mode` resolves to ("auto": lora_base with LoRA, none with dpo.reference_free,
-  else copy); raises ConfigError for a mode these settings contradict. The one place of the
-  mode rules: the config, the step config and the split of the weights all ask here."""
+  else copy); raises ConfigError for a mode these settings contradict. With `check_sync`, the
+  one place of the mode rules: the config, the step config and the split of the weights all
+  ask here."""
   if mode not in MODES:
     raise ConfigError(f"reference.mode={mode!r} is not one of {MODES}")
   if mode == "auto":
@@ -233,14 +239,20 @@ def reference_mode(mode: str, *, lora: bool, reference_free: bool, sync_steps=0)
     raise ConfigError(f"dpo.reference_free=True contradicts reference.mode={mode!r}")
   if mode == "lora_base" and not lora:
     raise ConfigError("reference.mode=lora_base needs lora.enabled=True")
+  return mode
+
+
+def check_sync(mode: str, sync_steps):
+  """TR-DPO mixes the policy into the reference: a resolved `mode` of its own weights."""
   if sync_steps and mode != "copy":
     raise ConfigError(f"reference.sync_steps={sync_steps} (TR-DPO) needs reference.mode="
                       f"copy, not {mode!r}: the reference must be its own weights")
-  return mode
 
 
 @dataclasses.dataclass(frozen=True)
 class ReferenceConfig:
+  """The `reference` section (docs: dpojax.train.reference)."""
+
   mode: str = "copy"  # Resolved: never "auto".
   sync_steps: int = 0
   sync_alpha: float = 0.6
@@ -267,7 +279,7 @@ class ReferenceConfig:
       raise ConfigError(f"reference.sync_steps={sync_steps!r} must be an integer >= 0")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
       raise ConfigError(f"reference.sync_alpha={alpha!r} must be in (0, 1]")
-    reference_mode(mode, lora=lora_on, reference_free=reference_free, sync_steps=sync_steps)
+    check_sync(mode, sync_steps)
     cache_dir = d.get("cache_dir", cls.cache_dir)
     if not isinstance(cache_dir, str):
       raise ConfigError(f"reference.cache_dir={cache_dir!r} must be a path")
@@ -286,6 +298,7 @@ CHECKPOINT_ON_ERROR = ("stop", "continue")
 
 
 def check_config(config):
+  """Every section a run reads before its first step, before anything heavy is loaded."""
   t = config.train
   if t.global_batch_size <= 0 or t.micro_batch_size <= 0:
     raise ConfigError("train.global_batch_size and train.micro_batch_size must be positive")

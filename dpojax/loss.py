@@ -2,7 +2,8 @@
 
 One `LossConfig` (the `dpo` config section, checked by dpojax.config) selects NeMo-Aligner's
 losses (`dpo`, `ipo`, `rpo_sq`, `rpo_bwd_kl`, `rpo_fwd_kl`, plus the SFT term) or TRL's
-family (`sigmoid`, `hinge`, `ipo_normalized`, ...) or a weighted list of several. docs/losses.md has every formula and the system it matches.
+family (`sigmoid`, `hinge`, `ipo_normalized`, ...) or a weighted list of several.
+docs/losses.md has every formula and the system it matches.
 
 Metrics come back as sums (with `num_pairs` and friends), so micro-batches, devices and
 validation batches add up exactly; `finalize_metrics` turns them into means once, at logging.

@@ -37,20 +37,21 @@ from dpojax.train import sharding
 
 @dataclasses.dataclass(frozen=True)
 class Reference:
-  """What a resolved mode means for the step."""
+  """What a resolved mode means for the step: the one answer to every question on the mode."""
 
   logps: str  # Its log-probs: "forward" (of its weights), "batch" (precomputed) or "zero".
   weights: str | None  # Where the frozen tree holds them: "" (the whole tree), a key, None.
   copied: bool  # Its weights are a copy of the initial policy (or TR-DPO's state.ref).
+  base: bool = False  # LoRA: the trained tree is adapters on the frozen tree's "base".
 
 
-# mode -> (its Reference without LoRA, with LoRA). lora_base without LoRA is refused by
-# config.reference_mode.
+# mode -> (its Reference without LoRA, with LoRA); config.reference_mode refuses lora_base
+# without LoRA.
 _REFERENCES = {
-    "copy": (Reference("forward", "", True), Reference("forward", "reference", True)),
-    "lora_base": (None, Reference("forward", "base", False)),
-    "precomputed": (Reference("batch", None, False),) * 2,
-    "none": (Reference("zero", None, False),) * 2,
+    "copy": (Reference("forward", "", True), Reference("forward", "reference", True, True)),
+    "lora_base": (None, Reference("forward", "base", False, True)),
+    "precomputed": (Reference("batch", None, False), Reference("batch", None, False, True)),
+    "none": (Reference("zero", None, False), Reference("zero", None, False, True)),
 }
 
 
@@ -91,7 +92,7 @@ def reference_logps(ref_params, micro: dict, cfg):
 def policy_inputs(trainable, frozen, cfg):
   """(weights, adapters) of the policy's forward: LoRA's adapters on the frozen base (no
   gradient into it), else the trained weights alone (adapters None)."""
-  if cfg.lora is None:
+  if not resolve(cfg).base:
     return trainable, None
   return jax.lax.stop_gradient(frozen["base"]), trainable
 
@@ -120,7 +121,7 @@ def _copy(tree):
 
 def _adapters(step_cfg, init):
   """LoRA's initial adapters, `init(fn)` of their init function; None without LoRA."""
-  if step_cfg.lora is None:
+  if not resolve(step_cfg).base:
     return None
   return init(functools.partial(lora_lib.init, step_cfg.model, step_cfg.lora))
 
@@ -150,14 +151,12 @@ def abstract_split(step_cfg, abstract_params, *, sync: bool = False) -> Parts:
 
 
 def _assemble(step_cfg, params, adapters, sync, copy) -> Parts:
-  config_lib.reference_mode(step_cfg.reference, lora=step_cfg.lora is not None,
-                            reference_free=step_cfg.loss.reference_free, sync_steps=sync)
+  config_lib.check_sync(step_cfg.reference, sync)
   ref = resolve(step_cfg)
-  frozen = {} if adapters is None else {"base": params}
+  frozen = {"base": params} if ref.base else {}
   if ref.copied and not sync:  # TR-DPO's copy lives in the state instead.
     frozen = _put(frozen, ref.weights, copy(params))
-  return Parts(params if adapters is None else adapters, frozen,
-               copy(params) if sync else None)
+  return Parts(adapters if ref.base else params, frozen, copy(params) if sync else None)
 
 
 def policy_params(step_cfg, trainable, frozen):

@@ -39,7 +39,7 @@ class StepConfig:
 
   model: model_lib.ModelConfig
   loss: config_lib.LossConfig | None = None
-  logprob_impl: str = "xla"
+  logprob_impl: str = "auto"  # logprob.impl
   logprob_token_block: int = 0  # Tile sizes of the streaming implementations; 0 = default.
   logprob_vocab_block: int = 0
   # With a `tensor` axis > 1 that divides the vocab, chunked log-probs run vocab-parallel on it.
@@ -51,7 +51,8 @@ class StepConfig:
 
   def __post_init__(self, beta):
     if self.loss is None:
-      object.__setattr__(self, "loss", config_lib.LossConfig(beta=0.1 if beta is None else beta))
+      loss = config_lib.LossConfig() if beta is None else config_lib.LossConfig(beta=beta)
+      object.__setattr__(self, "loss", loss)
     elif beta is not None and beta != self.loss.beta:
       raise ValueError(f"StepConfig: beta={beta} disagrees with loss.beta={self.loss.beta}")
     # reference_free and mode none are one switch; copy, the default, gives way to it.

@@ -48,10 +48,13 @@ class Reference:
 # mode -> (its Reference without LoRA, with LoRA); config.reference_mode refuses lora_base
 # without LoRA.
 _REFERENCES = {
-    "copy": (Reference("forward", "", True), Reference("forward", "reference", True, True)),
-    "lora_base": (None, Reference("forward", "base", False, True)),
-    "precomputed": (Reference("batch", None, False), Reference("batch", None, False, True)),
-    "none": (Reference("zero", None, False), Reference("zero", None, False, True)),
+    "copy": (Reference("forward", weights="", copied=True),
+             Reference("forward", weights="reference", copied=True, base=True)),
+    "lora_base": (None, Reference("forward", weights="base", copied=False, base=True)),
+    "precomputed": (Reference("batch", weights=None, copied=False),
+                    Reference("batch", weights=None, copied=False, base=True)),
+    "none": (Reference("zero", weights=None, copied=False),
+             Reference("zero", weights=None, copied=False, base=True)),
 }
 
 

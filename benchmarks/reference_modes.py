@@ -9,7 +9,7 @@ copy (a separate reference tree) | precomputed. Steps of all modes are interleav
 time, so a busy machine slows them alike; the median is reported. Memory is XLA's compiled
 memory analysis of the jitted, state-donating train step: arguments + temporaries + outputs -
 aliased (donated) outputs. Precomputed batches carry `ref_logps_chosen`/`_rejected` from
-the forward the precompute pass runs (`dpojax.reference`); their loss is checked against
+the forward the precompute pass runs (`dpojax.train.precompute`); their loss is checked against
 copy's.
 """
 
@@ -24,9 +24,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dpojax import reference
 from dpojax.model import lora
 from dpojax.model import transformer
+from dpojax.train import precompute
+from dpojax.train import reference
 from dpojax.train import step as step_lib
 
 import common  # benchmarks/common.py
@@ -70,7 +71,7 @@ def main():
   param_bytes = lora.nbytes(params)
   batch = synthetic_batch(args, np.random.default_rng(0))
   # What the precompute pass stores for these pairs: the reference = the initial policy.
-  ref_fn = functools.partial(reference.reference_stats, cfg=base_cfg)
+  ref_fn = functools.partial(precompute.reference_stats, cfg=base_cfg)
   ref_logps = np.asarray(ref_fn(params, batch))
   ref_times = []
   batch_pre = dict(batch, ref_logps_chosen=ref_logps[..., 0],

@@ -88,10 +88,10 @@ import numpy as np  # noqa: E402
 
 from dpojax import model as model_lib  # noqa: E402
 from dpojax.data import pipeline  # noqa: E402
-from dpojax import reference  # noqa: E402
 from dpojax.ops import flash_attention  # noqa: E402
 from dpojax.train import loop, sharding  # noqa: E402
 from dpojax.train import metrics as metrics_lib  # noqa: E402
+from dpojax.train import precompute  # noqa: E402
 from dpojax.train import step as step_lib  # noqa: E402
 
 import common  # noqa: E402  (benchmarks/common.py)
@@ -135,7 +135,7 @@ def run(step_cfg, batches, params, tx, schedule, mesh):
   if step_cfg.reference == "precomputed":  # The table a precompute pass would give.
     copy_cfg = dataclasses.replace(step_cfg, reference="copy")
     for b in batches:
-      stats = np.asarray(reference.reference_stats(params, b, cfg=copy_cfg))
+      stats = np.asarray(precompute.reference_stats(params, b, cfg=copy_cfg))
       b["ref_logps_chosen"], b["ref_logps_rejected"] = stats[..., 0], stats[..., 1]
   ref_params = params if step_cfg.reference == "copy" else {}
   state = step_lib.init_state(params, tx)

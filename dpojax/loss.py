@@ -1,9 +1,9 @@
 """The preference losses and their metrics: pure functions of per-sequence log-prob sums.
 
-One `LossConfig` (built from the `dpo` config section by `LossConfig.from_config`, which
-validates every key) selects NeMo-Aligner's losses (`dpo`, `ipo`, `rpo_sq`, `rpo_bwd_kl`,
-`rpo_fwd_kl`, plus the SFT term) or TRL's family (`sigmoid`, `hinge`, `ipo_normalized`, ...)
-or a weighted list of several. docs/losses.md has every formula and the system it matches.
+One `LossConfig` (the `dpo` config section, checked by dpojax.config) selects NeMo-Aligner's
+losses (`dpo`, `ipo`, `rpo_sq`, `rpo_bwd_kl`, `rpo_fwd_kl`, plus the SFT term) or TRL's
+family (`sigmoid`, `hinge`, `ipo_normalized`, ...) or a weighted list of several.
+docs/losses.md has every formula and the system it matches.
 
 Metrics come back as sums (with `num_pairs` and friends), so micro-batches, devices and
 validation batches add up exactly; `finalize_metrics` turns them into means once, at logging.
@@ -11,206 +11,21 @@ validation batches add up exactly; `finalize_metrics` turns them into means once
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, NamedTuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-from dpojax.errors import ConfigError
 
-NEMO_LOSSES = ("dpo", "ipo", "rpo_sq", "rpo_bwd_kl", "rpo_fwd_kl")
-TRL_LOSSES = ("sigmoid", "hinge", "ipo_normalized", "robust", "exo_pair", "nca_pair", "bco_pair",
-              "sppo_hard", "apo_zero", "apo_down", "aot", "aot_unpaired", "discopop",
-              "sigmoid_norm", "sft")
-LOSSES = NEMO_LOSSES + TRL_LOSSES
-F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
-# As in TRL 1.16: the f-DPO score only makes sense where the loss sees the chosen-rejected
-# difference (other losses would keep the beta * log Z(x) term).
-F_DIVERGENCE_LOSSES = ("dpo", "sigmoid", "sigmoid_norm", "hinge", "ipo", "ipo_normalized",
-                       "exo_pair", "robust", "discopop", "sft")
-LABEL_SMOOTHING_LOSSES = ("dpo", "sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")
-# Losses that normalise by token counts themselves: averaging log-probs first would do it twice.
-NORMALIZED_LOSSES = ("ipo_normalized", "sigmoid_norm")
-SORTING_LOSSES = ("aot", "aot_unpaired")
-BCO_BASELINES = ("none", "micro_batch_mean")
+from dpojax.config import LossConfig
+
 EXP_CLAMP = 80.0  # TRL's clamp of f-divergence exponents in fp32/bf16.
 
 # Metrics that are sums over pairs and become means over `num_pairs` at logging time.
 PAIR_MEAN_METRICS = (
     "loss", "preference_loss", "sft_loss", "accuracy", "rewards_chosen_mean",
     "rewards_rejected_mean", "rewards_margin_mean", "logps_chosen_mean", "logps_rejected_mean")
-
-
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-  """Static loss settings (hashable: part of the jitted step's static config).
-
-  `losses`/`weights` is the weighted list (one entry for a single loss); see docs/losses.md.
-  """
-
-  losses: tuple[str, ...] = ("dpo",)
-  weights: tuple[float, ...] = (1.0,)
-  beta: float = 0.1
-  preference_average_log_probs: bool = False
-  sft_average_log_probs: bool = False
-  gt_reward_scale: float = 1.0
-  preference_loss_weight: float = 1.0
-  sft_loss_weight: float = 0.0
-  label_smoothing: float = 0.0
-  f_divergence_type: str = "reverse_kl"
-  f_alpha_divergence_coef: float = 0.5
-  use_weighting: bool = False
-  ld_alpha: float | None = None
-  discopop_tau: float = 0.05
-  reference_free: bool = False
-  bco_baseline: str = "none"
-
-  def __post_init__(self):
-    self.validate()
-
-  @property
-  def uses_token_sft(self) -> bool:
-    """TRL's `sft` entry: a token mean over the global batch, so it needs a token count."""
-    return "sft" in self.losses
-
-  def validate(self):
-    """Raises ConfigError naming the `dpo.*` key for every invalid value or combination."""
-    if not self.losses:
-      raise ConfigError("dpo.losses is empty: name at least one loss")
-    for i, name in enumerate(self.losses):
-      if name not in LOSSES:
-        key = "dpo.preference_loss" if len(self.losses) == 1 else f"dpo.losses[{i}]"
-        raise ConfigError(f"{key}={name!r} is not one of {LOSSES}")
-    if len(self.weights) != len(self.losses):
-      raise ConfigError(f"dpo.loss_weights has {len(self.weights)} entries but dpo.losses has "
-                        f"{len(self.losses)}")
-    for i, w in enumerate(self.weights):
-      if not (math.isfinite(w) and w >= 0):
-        raise ConfigError(f"dpo.loss_weights[{i}]={w} must be finite and >= 0")
-    if not any(self.weights):
-      raise ConfigError("dpo.loss_weights are all zero")
-    if not (math.isfinite(self.beta) and self.beta > 0):
-      raise ConfigError(f"dpo.beta={self.beta} must be positive"
-                        + (" (ipo uses 1/(2 beta))" if "ipo" in self.losses else ""))
-    for key in ("preference_loss_weight", "sft_loss_weight"):
-      v = getattr(self, key)
-      if not (math.isfinite(v) and v >= 0):
-        raise ConfigError(f"dpo.{key}={v} must be finite and >= 0")
-    if self.preference_loss_weight == 0 and self.sft_loss_weight == 0:
-      raise ConfigError("dpo.preference_loss_weight and dpo.sft_loss_weight are both 0")
-    if not math.isfinite(self.gt_reward_scale):
-      raise ConfigError(f"dpo.gt_reward_scale={self.gt_reward_scale} must be finite")
-    eps = self.label_smoothing
-    if not 0 <= eps < 1:
-      raise ConfigError(f"dpo.label_smoothing={eps} must be in [0, 1)")
-    if eps > 0 and not set(self.losses) & set(LABEL_SMOOTHING_LOSSES):
-      raise ConfigError(f"dpo.label_smoothing={eps} has no effect on {self.losses}; it is used "
-                        f"by {LABEL_SMOOTHING_LOSSES}")
-    if "exo_pair" in self.losses and eps == 0:
-      raise ConfigError("dpo.label_smoothing must be > 0 for exo_pair (it uses log eps)")
-    if "robust" in self.losses and eps >= 0.5:
-      raise ConfigError(f"dpo.label_smoothing={eps} must be < 0.5 for robust "
-                        "(it divides by 1 - 2 eps)")
-    if self.f_divergence_type not in F_DIVERGENCES:
-      raise ConfigError(f"dpo.f_divergence_type={self.f_divergence_type!r} is not one of "
-                        f"{F_DIVERGENCES}")
-    if self.f_divergence_type != "reverse_kl":
-      bad = sorted(set(self.losses) - set(F_DIVERGENCE_LOSSES))
-      if bad:
-        raise ConfigError(f"dpo.f_divergence_type={self.f_divergence_type!r} only works with "
-                          f"{F_DIVERGENCE_LOSSES}, not {bad}")
-    if not math.isfinite(self.f_alpha_divergence_coef):
-      raise ConfigError(f"dpo.f_alpha_divergence_coef={self.f_alpha_divergence_coef} "
-                        "must be finite")
-    if self.use_weighting and set(self.losses) & set(SORTING_LOSSES):
-      raise ConfigError("dpo.use_weighting cannot be combined with aot/aot_unpaired: they sort "
-                        "pairs, so per-pair weights would not line up")
-    if self.use_weighting and self.uses_token_sft:
-      raise ConfigError("dpo.use_weighting cannot be combined with 'sft' in dpo.losses (a "
-                        "batch-mean NLL times per-pair weights is not a sum over pairs); use "
-                        "dpo.sft_loss_weight for the SFT term instead")
-    if self.ld_alpha is not None:
-      if not 0 <= self.ld_alpha <= 1:
-        raise ConfigError(f"dpo.ld_alpha={self.ld_alpha} must be in [0, 1]")
-      if self.preference_average_log_probs:
-        raise ConfigError("dpo.ld_alpha (LD-DPO down-weights summed log-probs) cannot be "
-                          "combined with dpo.preference_average_log_probs=True")
-    if self.preference_average_log_probs:
-      bad = sorted(set(self.losses) & set(NORMALIZED_LOSSES))
-      if bad:
-        raise ConfigError(f"dpo.preference_average_log_probs=True with {bad}, which already "
-                          "divide by token counts; use ipo / dpo instead")
-    if not (math.isfinite(self.discopop_tau) and self.discopop_tau > 0):
-      raise ConfigError(f"dpo.discopop_tau={self.discopop_tau} must be positive")
-    if self.bco_baseline not in BCO_BASELINES:
-      raise ConfigError(f"dpo.bco_baseline={self.bco_baseline!r} is not one of {BCO_BASELINES}")
-
-  @classmethod
-  def from_config(cls, dpo_cfg) -> LossConfig:
-    """From the `dpo` section of a run config (a ConfigDict or a mapping)."""
-    d = dict(dpo_cfg)
-    known = {f.name for f in dataclasses.fields(cls)} - {"losses", "weights"}
-    known |= {"preference_loss", "losses", "loss_weights", "ref_policy_kl_penalty"}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ConfigError(f"unknown config keys: {['dpo.' + k for k in unknown]}")
-
-    def get(key, types, default):
-      v = d.get(key, default)
-      if v is None and default is None:
-        return None
-      if isinstance(v, bool) and bool not in types or not isinstance(v, types):
-        raise ConfigError(f"dpo.{key}={v!r} must be of type {'/'.join(t.__name__ for t in types)}")
-      return v
-
-    num = (int, float)
-    preference_loss = get("preference_loss", (str,), "dpo")
-    losses = get("losses", (tuple, list), ())
-    if losses:
-      if preference_loss != "dpo":
-        raise ConfigError(f"set dpo.preference_loss={preference_loss!r} or "
-                          f"dpo.losses={tuple(losses)}, not both")
-      for i, name in enumerate(losses):
-        if not isinstance(name, str):
-          raise ConfigError(f"dpo.losses[{i}]={name!r} must be a loss name")
-      losses = tuple(losses)
-    else:
-      losses = (preference_loss,)
-    weights = get("loss_weights", (tuple, list), ())
-    for i, w in enumerate(weights):
-      if isinstance(w, bool) or not isinstance(w, num):
-        raise ConfigError(f"dpo.loss_weights[{i}]={w!r} must be a number")
-    weights = tuple(float(w) for w in weights) if weights else (1.0,) * len(losses)
-
-    beta = float(get("beta", num, 0.1))
-    alias = get("ref_policy_kl_penalty", num, None)
-    if alias is not None:
-      if not (math.isfinite(alias) and alias > 0):
-        raise ConfigError(f"dpo.ref_policy_kl_penalty={alias} must be positive")
-      if beta not in (cls.beta, float(alias)):
-        raise ConfigError(f"set dpo.beta={beta} or its NeMo name dpo.ref_policy_kl_penalty="
-                          f"{alias}, not both")
-      beta = float(alias)
-    average = get("preference_average_log_probs", (bool,), False)
-    sft_average = get("sft_average_log_probs", (bool,), None)
-    ld_alpha = get("ld_alpha", num, None)
-    return cls(
-        losses=losses, weights=weights, beta=beta,
-        preference_average_log_probs=average,
-        sft_average_log_probs=average if sft_average is None else sft_average,
-        gt_reward_scale=float(get("gt_reward_scale", num, 1.0)),
-        preference_loss_weight=float(get("preference_loss_weight", num, 1.0)),
-        sft_loss_weight=float(get("sft_loss_weight", num, 0.0)),
-        label_smoothing=float(get("label_smoothing", num, 0.0)),
-        f_divergence_type=get("f_divergence_type", (str,), "reverse_kl"),
-        f_alpha_divergence_coef=float(get("f_alpha_divergence_coef", num, 0.5)),
-        use_weighting=get("use_weighting", (bool,), False),
-        ld_alpha=None if ld_alpha is None else float(ld_alpha),
-        discopop_tau=float(get("discopop_tau", num, 0.05)),
-        reference_free=get("reference_free", (bool,), False),
-        bco_baseline=get("bco_baseline", (str,), "none"))
 
 
 @flax.struct.dataclass

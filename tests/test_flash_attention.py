@@ -145,9 +145,10 @@ def test_dpo_steps_with_the_kernel_equal_the_dense_path(variant):
   """Two DPO steps on packed rows (3 pairs per row, 2 micro-batches) through the whole train
   step (scan over layers and micro-batches, remat or LoRA adapters on all targets) give the
   dense path's parameters and metrics."""
-  from dpojax import reference
+  from dpojax import config as config_lib
   from dpojax.data import packing
   from dpojax.train import build as build_lib
+  from dpojax.train import reference
   from dpojax.train import step as step_lib
 
   from conftest import tiny_config
@@ -167,7 +168,7 @@ def test_dpo_steps_with_the_kernel_equal_the_dense_path(variant):
   for impl in ("xla", "flash"):
     model_cfg = dataclasses.replace(base_cfg.model, attention_impl=impl,
                                     remat="full" if variant == "full_remat" else "none")
-    step_cfg = reference.step_config(config, dataclasses.replace(base_cfg, model=model_cfg))
+    step_cfg = config_lib.step_config(config, dataclasses.replace(base_cfg, model=model_cfg))
     parts = reference.split(step_cfg, numpy_params(model_cfg, 0))
     state = step_lib.init_state(parts.trainable, tx)
     step = jax.jit(functools.partial(step_lib.train_step, cfg=step_cfg, tx=tx,

@@ -9,14 +9,15 @@ import jax
 import numpy as np
 import pytest
 
+from dpojax import config as config_lib
 from dpojax import loss as loss_lib
 from dpojax import model as model_lib
-from dpojax import reference
 from dpojax.checkpoint.orbax import Checkpointer
 from dpojax.data import pipeline
 from dpojax.model import lora
 from dpojax.ops import logprob as logprob_lib
 from dpojax.train import build as build_lib
+from dpojax.train import reference
 from dpojax.train import step as step_lib
 
 from conftest import load_default_config, tiny_config
@@ -161,7 +162,7 @@ def test_lora_training_learns_with_small_state(tmp_path):
   config.train.learning_rate, config.train.max_steps = 1e-2, 20
   config.train.global_batch_size, config.train.micro_batch_size = 16, 8
   _, train_data, val_data, step_cfg = build_lib.build(config)
-  step_cfg = reference.step_config(config, step_cfg)
+  step_cfg = config_lib.step_config(config, step_cfg)
   assert step_cfg.reference == "lora_base" and step_cfg.lora.targets == lora.TARGETS
   params = jax.device_put(numpy_params(step_cfg.model, 0), jax.devices()[0])
   base_before = jax.tree.map(np.array, params)

@@ -7,11 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dpojax import config as config_lib
 from dpojax import loss as loss_lib
 
 from conftest import tiny_config
 
-PAIRWISE = [n for n in loss_lib.LOSSES if n != "sft"]
+PAIRWISE = [n for n in config_lib.LOSSES if n != "sft"]
 
 
 # --- float64 reference ---------------------------------------------------------------------
@@ -145,10 +146,10 @@ def cfg_for(name, **kw):
   if name in ("exo_pair", "robust", "aot", "aot_unpaired", "sigmoid"):
     defaults["label_smoothing"] = 0.1
   defaults.update(kw)
-  return loss_lib.LossConfig(losses=(name,), weights=(1.0,), **defaults)
+  return config_lib.LossConfig(losses=(name,), weights=(1.0,), **defaults)
 
 
-CASES = [(n, {}) for n in loss_lib.LOSSES] + [
+CASES = [(n, {}) for n in config_lib.LOSSES] + [
     ("dpo", {"preference_average_log_probs": True}),
     ("ipo", {"preference_average_log_probs": True}),
     ("rpo_sq", {"preference_average_log_probs": True, "gt_reward_scale": 0.5}),
@@ -189,7 +190,7 @@ def test_every_loss_matches_float64_numpy(case):
 
 
 def test_multi_loss_list_with_token_sft():
-  cfg = loss_lib.LossConfig(losses=("sigmoid", "bco_pair", "sft"), weights=(0.8, 0.2, 1.0),
+  cfg = config_lib.LossConfig(losses=("sigmoid", "bco_pair", "sft"), weights=(0.8, 0.2, 1.0),
                             beta=0.2, sft_loss_weight=0.1)
   stats, d = make_inputs(seed=3)
   loss, sums = run_loss(stats, cfg)
@@ -207,7 +208,7 @@ def test_multi_loss_list_with_token_sft():
 def test_all_losses_at_once_under_jit():
   """Every pairwise loss in one weighted list, jitted (the config is static, arrays traced)."""
   weights = tuple(float(i + 1) / 10 for i in range(len(PAIRWISE)))
-  cfg = loss_lib.LossConfig(losses=tuple(PAIRWISE), weights=weights, beta=0.3,
+  cfg = config_lib.LossConfig(losses=tuple(PAIRWISE), weights=weights, beta=0.3,
                             label_smoothing=0.1)
   stats, d = make_inputs(seed=2)
   loss, sums = jax.jit(run_loss, static_argnums=1)(stats, cfg)
@@ -227,7 +228,7 @@ def test_discopop_matches_the_literal_formula_at_moderate_margins():
 
 # --- extreme margins -----------------------------------------------------------------------
 EXTREME = [(n, {}) for n in PAIRWISE] + [
-    ("sigmoid", {"f_divergence_type": f}) for f in loss_lib.F_DIVERGENCES[1:]] + [
+    ("sigmoid", {"f_divergence_type": f}) for f in config_lib.F_DIVERGENCES[1:]] + [
     ("discopop", {"f_divergence_type": "js_divergence"}),
     ("rpo_fwd_kl", {"preference_average_log_probs": True})]
 
@@ -295,12 +296,12 @@ def test_policy_equal_reference_gives_ln2_and_ipo_quarter_over_beta_squared(beta
   counts = np.full((8, 2), 13.0, np.float32)
   stats = loss_lib.PairStats(logps, logps, counts, np.ones(8, np.float32),
                              np.zeros((8, 2), np.float32))
-  value = lambda name: float(run_loss(stats, loss_lib.LossConfig(losses=(name,), beta=beta))[0])
+  value = lambda name: float(run_loss(stats, config_lib.LossConfig(losses=(name,), beta=beta))[0])
   for name in ("dpo", "sigmoid", "sigmoid_norm"):
     assert abs(value(name) - math.log(2)) < 1e-6
   for name in ("ipo", "ipo_normalized"):
     np.testing.assert_allclose(value(name), 1 / (4 * beta ** 2), rtol=1e-6)
-  _, sums = run_loss(stats, loss_lib.LossConfig(beta=beta))
+  _, sums = run_loss(stats, config_lib.LossConfig(beta=beta))
   means = loss_lib.finalize_metrics(sums)
   assert means["accuracy"] == 0.0  # Ties count as wrong.
   assert means["rewards_margin_mean"] == 0.0 and means["rewards_all_std"] == 0.0
@@ -309,7 +310,7 @@ def test_policy_equal_reference_gives_ln2_and_ipo_quarter_over_beta_squared(beta
 # --- metrics -------------------------------------------------------------------------------
 @pytest.mark.parametrize("average", [False, True])
 def test_metrics_match_numpy(average):
-  cfg = loss_lib.LossConfig(beta=0.25, preference_average_log_probs=average)
+  cfg = config_lib.LossConfig(beta=0.25, preference_average_log_probs=average)
   stats, d = make_inputs(seed=5, p=32, pad=6)
   means = loss_lib.finalize_metrics(run_loss(stats, cfg)[1])
   n = np.maximum(d["n"], 1)
@@ -330,7 +331,7 @@ def test_metrics_match_numpy(average):
 
 def test_metric_sums_of_parts_equal_the_whole():
   """Two micro-batches normalised by the global counts add up to the single-batch values."""
-  cfg = loss_lib.LossConfig(losses=("sigmoid", "sft", "sppo_hard"), weights=(1.0, 0.5, 0.1),
+  cfg = config_lib.LossConfig(losses=("sigmoid", "sft", "sppo_hard"), weights=(1.0, 0.5, 0.1),
                             beta=0.3, sft_loss_weight=0.2)
   stats, _ = make_inputs(seed=11, p=20, pad=3)
   mask = np.asarray(stats.pair_mask)
@@ -349,21 +350,21 @@ def test_metric_sums_of_parts_equal_the_whole():
 
 # --- config --------------------------------------------------------------------------------
 def test_from_config_reads_every_key_of_the_default_section():
-  cfg = loss_lib.LossConfig.from_config(tiny_config().dpo)
-  assert cfg == loss_lib.LossConfig()  # The defaults agree: NeMo dpo, beta 0.1, sums.
+  cfg = config_lib.LossConfig.from_config(tiny_config().dpo)
+  assert cfg == config_lib.LossConfig()  # The defaults agree: NeMo dpo, beta 0.1, sums.
   c = tiny_config().dpo
   c.ref_policy_kl_penalty = 0.2
   c.preference_loss = "rpo_bwd_kl"
   c.preference_average_log_probs = True
   c.gt_reward_scale = 3
-  cfg = loss_lib.LossConfig.from_config(c)
+  cfg = config_lib.LossConfig.from_config(c)
   assert (cfg.beta, cfg.losses, cfg.weights, cfg.gt_reward_scale) == (0.2, ("rpo_bwd_kl",),
                                                                       (1.0,), 3.0)
   assert cfg.sft_average_log_probs  # Follows preference_average_log_probs unless set.
   c = tiny_config().dpo
   c.losses = ("sigmoid", "bco_pair", "sft")
   c.loss_weights = (0.8, 0.2, 1)
-  cfg = loss_lib.LossConfig.from_config(c)
+  cfg = config_lib.LossConfig.from_config(c)
   assert cfg.losses == ("sigmoid", "bco_pair", "sft") and cfg.weights == (0.8, 0.2, 1.0)
 
 
@@ -405,10 +406,10 @@ def test_from_config_reads_every_key_of_the_default_section():
 ])
 def test_config_errors_name_the_key(changes, message):
   section = dict(tiny_config().dpo, **changes)  # A dict: ConfigDict would refuse wrong types.
-  with pytest.raises(loss_lib.ConfigError, match=message):
-    loss_lib.LossConfig.from_config(section)
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.LossConfig.from_config(section)
 
 
 def test_unknown_dpo_keys_are_errors():
-  with pytest.raises(loss_lib.ConfigError, match=r"unknown config keys: \['dpo.betta'\]"):
-    loss_lib.LossConfig.from_config(dict(tiny_config().dpo, betta=0.1))
+  with pytest.raises(config_lib.ConfigError, match=r"unknown config keys: \['dpo.betta'\]"):
+    config_lib.LossConfig.from_config(dict(tiny_config().dpo, betta=0.1))

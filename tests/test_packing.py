@@ -5,11 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpojax import loss as loss_lib
+from dpojax import config as config_lib
 from dpojax import model as model_lib
 from dpojax.data import packing, pipeline
 from dpojax.data.tokenize import Tokenizer
 from dpojax.ops import logprob as logprob_lib
+from dpojax.train import logps as logps_lib
+from dpojax.train import reference as reference_lib
 from dpojax.train import step as step_lib
 
 import tolerance
@@ -203,7 +205,7 @@ def tiny_step():
   cfg = step_lib.StepConfig(model=model_lib.ModelConfig(
       vocab_size=384, hidden_size=32, num_layers=1, num_attention_heads=4, num_query_groups=2,
       ffn_hidden_size=64, dtype="float64", param_dtype="float64"),
-      loss=loss_lib.LossConfig(beta=1.0, ld_alpha=0.5, use_weighting=True),
+      loss=config_lib.LossConfig(beta=1.0, ld_alpha=0.5, use_weighting=True),
       logprob_impl="xla")  # Logits in the hidden states' dtype (the kernels' is fp32).
   # Any parameters will do: random ones from the init's shapes (tracing only, no compile).
   with jax.enable_x64(True):
@@ -214,8 +216,8 @@ def tiny_step():
 
   @jax.jit
   def step(micro, normalizers):  # One compilation per layout: log-probs, loss and metrics.
-    out = step_lib.sequence_logps(params, micro, cfg)
-    ref = step_lib.sequence_logps(ref_params, micro, cfg, policy=False)
+    out = logps_lib.sequence_logps(params, micro, cfg)
+    ref = logps_lib.sequence_logps(ref_params, micro, cfg, policy=False)
     return out, ref, step_lib.micro_loss(params, ref_params, micro, cfg, normalizers)
 
   def run(micro, normalizers):  # NumPy out: jax ops outside the context would drop to fp32.
@@ -270,7 +272,7 @@ def test_packed_and_padded_give_the_same_logps_loss_and_metrics(toy_pairs, tiny_
   # with slopes at most beta (1 + 2 max|reward|) (the squared rewards have the steepest) or 1
   # (the log-prob sums); add the rounding of a sum of n pairs. The rewards compare the
   # statistic the loss uses (LD-DPO's weighted sums here, each within tol of its layout twin).
-  key = step_lib.reference_key(cfg)
+  key = reference_lib.reference_key(cfg)
   assert key == "ld_logps"
   pi, rho = np.asarray(padded_out[key]), np.asarray(padded_ref[key])
   margins = cfg.loss.beta * ((pi[:, 0] - rho[:, 0]) - (pi[:, 1] - rho[:, 1]))

@@ -13,12 +13,14 @@ import ml_collections
 import numpy as np
 import pytest
 
+from dpojax import config as config_lib
 from dpojax import loss as loss_lib
 from dpojax import model as model_lib
-from dpojax import reference
 from dpojax.data import pipeline
 from dpojax.data.tokenize import Tokenizer
 from dpojax.model import lora
+from dpojax.train import precompute
+from dpojax.train import reference
 from dpojax.train import step as step_lib
 
 from conftest import ROOT, tiny_config
@@ -73,9 +75,9 @@ def test_precomputed_gives_the_copy_losses_and_is_cached(setup, monkeypatch):
   data, params = setup["data"], setup["params"]
   copy_cfg = step_lib.StepConfig(model=setup["mcfg"], beta=0.1)
   pre_cfg = dataclasses.replace(copy_cfg, reference="precomputed")
-  ref_cfg = reference.ReferenceConfig(mode="precomputed", cache_dir=str(setup["tmp"] / "cache"))
+  ref_cfg = config_lib.ReferenceConfig(mode="precomputed", cache_dir=str(setup["tmp"] / "cache"))
   # Precompute batches (4 pairs, micro 2) differ from the training batch's layout.
-  tables = reference.precompute_tables(pre_cfg, ref_cfg, params, {"train": data},
+  tables = precompute.precompute_tables(pre_cfg, ref_cfg, params, {"train": data},
                                        pairs_per_batch=4, micro_batch_size=2)
   table = tables["train"]
   assert table.shape == (len(data), 2) and np.all(table < 0)
@@ -85,7 +87,7 @@ def test_precomputed_gives_the_copy_losses_and_is_cached(setup, monkeypatch):
   host = pipeline.collate([None if i is None else data[i] for i in order], micro_batch_size=4,
                           seq_len=48, opts=data.opts)
   np.testing.assert_array_equal(host["pair_index"], [[17, 3, -1, 30], [8, 25, -1, 0]])
-  with_ref = reference.add_ref_logps(host, table)
+  with_ref = precompute.add_ref_logps(host, table)
   np.testing.assert_array_equal(with_ref["ref_logps_chosen"][0, 2], 0.0)
   np.testing.assert_array_equal(with_ref["ref_logps_rejected"][0, 2], 0.0)
   np.testing.assert_array_equal(with_ref["ref_logps_chosen"][1, 1], table[25, 0])
@@ -109,17 +111,17 @@ def test_precomputed_gives_the_copy_losses_and_is_cached(setup, monkeypatch):
   # A second run reuses the cache: no forward pass at all.
   def fail(*args, **kwargs):
     raise AssertionError("recomputed despite a valid cache")
-  monkeypatch.setattr(reference, "compute_logps", fail)
-  again = reference.precompute_tables(pre_cfg, ref_cfg, params, {"train": data},
+  monkeypatch.setattr(precompute, "compute_logps", fail)
+  again = precompute.precompute_tables(pre_cfg, ref_cfg, params, {"train": data},
                                       pairs_per_batch=4, micro_batch_size=2)
   np.testing.assert_array_equal(again["train"], table)
   # A damaged cache file is recomputed, not trusted.
   monkeypatch.undo()
-  key = reference.cache_key(data, pre_cfg, reference.params_fingerprint(params))
+  key = precompute.cache_key(data, pre_cfg, precompute.params_fingerprint(params))
   npy = os.path.join(ref_cfg.resolved_cache_dir, key + ".npy")
   np.save(npy, np.zeros((3, 2), np.float32))
-  assert reference.load_cached(ref_cfg.resolved_cache_dir, key, len(data)) is None
-  fixed = reference.precompute_tables(pre_cfg, ref_cfg, params, {"train": data},
+  assert precompute.load_cached(ref_cfg.resolved_cache_dir, key, len(data)) is None
+  fixed = precompute.precompute_tables(pre_cfg, ref_cfg, params, {"train": data},
                                       pairs_per_batch=4, micro_batch_size=2)
   np.testing.assert_array_equal(fixed["train"], table)
   assert np.load(npy).shape == (len(data), 2)
@@ -127,10 +129,10 @@ def test_precomputed_gives_the_copy_losses_and_is_cached(setup, monkeypatch):
 
 def test_cache_key_covers_data_model_template_tokenizer(setup):
   data, params, cfg = setup["data"], setup["params"], step_lib.StepConfig(model=setup["mcfg"])
-  fp = reference.params_fingerprint(params)
-  key = reference.cache_key(data, cfg, fp)
+  fp = precompute.params_fingerprint(params)
+  key = precompute.cache_key(data, cfg, fp)
   same = pipeline.PreferenceData(data.path, setup["tok"], setup["opts"])
-  assert reference.cache_key(same, cfg, reference.params_fingerprint(
+  assert precompute.cache_key(same, cfg, precompute.params_fingerprint(
       jax.tree.map(jnp.copy, params))) == key
   other_file = pipeline.PreferenceData(
       write_jsonl(setup["tmp"] / "other.jsonl", "toy_prefs_train.jsonl", 41), setup["tok"],
@@ -139,21 +141,21 @@ def test_cache_key_covers_data_model_template_tokenizer(setup):
                                      dataclasses.replace(setup["opts"], template="chatml"))
   nudged = jax.tree.map(lambda x: x, params)
   nudged["final_norm"]["scale"] = params["final_norm"]["scale"].at[3].add(1e-7)
-  ld = dataclasses.replace(cfg, loss=loss_lib.LossConfig(ld_alpha=0.5))
+  ld = dataclasses.replace(cfg, loss=config_lib.LossConfig(ld_alpha=0.5))
   bf16 = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="bfloat16"))
-  keys = {key, reference.cache_key(other_file, cfg, fp), reference.cache_key(template, cfg, fp),
-          reference.cache_key(data, cfg, reference.params_fingerprint(nudged)),
-          reference.cache_key(data, ld, fp), reference.cache_key(data, bf16, fp)}
+  keys = {key, precompute.cache_key(other_file, cfg, fp), precompute.cache_key(template, cfg, fp),
+          precompute.cache_key(data, cfg, precompute.params_fingerprint(nudged)),
+          precompute.cache_key(data, ld, fp), precompute.cache_key(data, bf16, fp)}
   assert len(keys) == 6
 
 
 def test_add_ref_logps_errors():
   batch = {"pair_mask": np.ones((1, 2), np.float32)}
   with pytest.raises(KeyError, match="needs batches with 'pair_index'"):
-    reference.add_ref_logps(batch, np.zeros((4, 2), np.float32))
+    precompute.add_ref_logps(batch, np.zeros((4, 2), np.float32))
   batch["pair_index"] = np.array([[0, -1]], np.int32)
   with pytest.raises(ValueError, match="pair_index out of range"):
-    reference.add_ref_logps(batch, np.zeros((4, 2), np.float32))
+    precompute.add_ref_logps(batch, np.zeros((4, 2), np.float32))
 
 
 # --- TR-DPO ---------------------------------------------------------------------------------
@@ -284,24 +286,24 @@ def run_config(**sections):
 def test_reference_config(keys, expect):
   config = run_config(**keys)
   if " " not in expect:
-    assert reference.ReferenceConfig.from_config(config).mode == expect
+    assert config_lib.ReferenceConfig.from_config(config).mode == expect
   else:
-    with pytest.raises(reference.ConfigError, match=expect):
-      reference.ReferenceConfig.from_config(config)
+    with pytest.raises(config_lib.ConfigError, match=expect):
+      config_lib.ReferenceConfig.from_config(config)
 
 
 def test_step_config_unifies_reference_free_and_none():
   mcfg = model_lib.ModelConfig()
-  free = step_lib.StepConfig(model=mcfg, loss=loss_lib.LossConfig(reference_free=True))
+  free = step_lib.StepConfig(model=mcfg, loss=config_lib.LossConfig(reference_free=True))
   assert free.reference == "none"
   none = step_lib.StepConfig(model=mcfg, reference="none")
   assert none.loss.reference_free and none == free
   with pytest.raises(ValueError, match="reference.mode=lora_base needs lora.enabled=True"):
     step_lib.StepConfig(model=mcfg, reference="lora_base")
   with pytest.raises(ValueError, match="contradicts reference.mode='precomputed'"):
-    step_lib.StepConfig(model=mcfg, loss=loss_lib.LossConfig(reference_free=True),
+    step_lib.StepConfig(model=mcfg, loss=config_lib.LossConfig(reference_free=True),
                         reference="precomputed")
   config = tiny_config()
   config.lora.enabled = True
-  got = reference.step_config(config, step_lib.StepConfig(model=mcfg))
+  got = config_lib.step_config(config, step_lib.StepConfig(model=mcfg))
   assert got.reference == "lora_base" and got.lora.rank == 32 and got.lora.scale == 1.0

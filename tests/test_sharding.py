@@ -25,6 +25,7 @@ SCRIPT = textwrap.dedent("""
     from dpojax import model as model_lib
     from dpojax.data import pipeline
     from dpojax.train import build as build_lib, compiled, sharding, step as step_lib
+    from dpojax.train import logps as logps_lib
 
     config = tiny_config()
     config.model.num_attention_heads = 4
@@ -39,8 +40,8 @@ SCRIPT = textwrap.dedent("""
 
     @jax.jit
     def pair_margins(params, ref, micro):
-      lp = step_lib.sequence_logps(params, micro, step_cfg)["logps"]
-      lr = step_lib.sequence_logps(ref, micro, step_cfg, policy=False)["logps"]
+      lp = logps_lib.sequence_logps(params, micro, step_cfg)["logps"]
+      lr = logps_lib.sequence_logps(ref, micro, step_cfg, policy=False)["logps"]
       return step_cfg.loss.beta * ((lp[:, 0] - lr[:, 0]) - (lp[:, 1] - lr[:, 1]))
 
     def train(shape, devices):
@@ -60,7 +61,7 @@ SCRIPT = textwrap.dedent("""
               lambda x: jnp.asarray(x[a]), b)) for a in range(len(b["tokens"]))]).tolist())
         state, m = fn(state, ref, sharding.global_batch(b, mesh))
         metrics.append({k: float(v) for k, v in m.items()})
-      return state, metrics, bool(step_lib._vocab_parallel(cfg)), margins
+      return state, metrics, bool(logps_lib._vocab_parallel(cfg)), margins
 
     single, single_metrics, _, margins = train((1, 1, 1), jax.devices()[:1])
     out = {"devices": jax.device_count(), "cases": {}, "margins": margins,

@@ -9,10 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dpojax import config as config_lib
 from dpojax import loss as loss_lib
 from dpojax import model as model_lib
 from dpojax.data import pipeline
 from dpojax.data.tokenize import Tokenizer
+from dpojax.train import logps as logps_lib
 from dpojax.train import step as step_lib
 
 from conftest import tiny_config
@@ -73,7 +75,7 @@ def naive_stats(logits, micro, alpha):
 def test_sequence_stats_ld_dpo_and_wpo_match_token_loops_on_packed_rows(tiny_model):
   mcfg, params = tiny_model
   micro = packed_micro(np.random.default_rng(0), mcfg.vocab_size)
-  cfg = step_lib.StepConfig(model=mcfg, loss=loss_lib.LossConfig(ld_alpha=0.3,
+  cfg = step_lib.StepConfig(model=mcfg, loss=config_lib.LossConfig(ld_alpha=0.3,
                                                                 use_weighting=True))
 
   @jax.jit
@@ -81,7 +83,7 @@ def test_sequence_stats_ld_dpo_and_wpo_match_token_loops_on_packed_rows(tiny_mod
     hidden = model_lib.apply(params, mcfg, micro["tokens"], micro["positions"],
                              micro["segment_ids"])
     logits = jnp.einsum("btd,vd->btv", hidden, model_lib.output_weight(params, mcfg))
-    return step_lib.sequence_logps(params, micro, cfg), logits
+    return logps_lib.sequence_logps(params, micro, cfg), logits
 
   stats, logits = run(params, micro)
   expected = naive_stats(np.asarray(logits), micro, alpha=0.3)
@@ -94,10 +96,10 @@ def test_sequence_stats_ld_dpo_and_wpo_match_token_loops_on_packed_rows(tiny_mod
 
 def test_step_config_keeps_the_beta_shortcut():
   mcfg = model_lib.ModelConfig()
-  assert step_lib.StepConfig(model=mcfg, beta=0.2).loss == loss_lib.LossConfig(beta=0.2)
-  assert step_lib.StepConfig(model=mcfg).loss == loss_lib.LossConfig()
+  assert step_lib.StepConfig(model=mcfg, beta=0.2).loss == config_lib.LossConfig(beta=0.2)
+  assert step_lib.StepConfig(model=mcfg).loss == config_lib.LossConfig()
   with pytest.raises(ValueError, match="beta=0.3 disagrees with loss.beta=0.1"):
-    step_lib.StepConfig(model=mcfg, loss=loss_lib.LossConfig(), beta=0.3)
+    step_lib.StepConfig(model=mcfg, loss=config_lib.LossConfig(), beta=0.3)
 
 
 # --- data with reward fields ---------------------------------------------------------------
@@ -189,7 +191,7 @@ def test_schedules_cosine_default_constant_and_errors():
 def test_micro_batches_equal_one_big_batch_for_a_rich_loss(data, tiny_model):
   """micro_batch_size 8 vs 2 (with a padding pair): same update and same metrics."""
   mcfg, params = tiny_model
-  loss_cfg = loss_lib.LossConfig(
+  loss_cfg = config_lib.LossConfig(
       losses=("dpo", "sft", "rpo_bwd_kl"), weights=(1.0, 0.5, 0.3), beta=0.2,
       sft_loss_weight=0.2, ld_alpha=0.5, gt_reward_scale=0.7)
   cfg = step_lib.StepConfig(model=mcfg, loss=loss_cfg)
@@ -231,9 +233,9 @@ def test_each_nemo_loss_trains_and_reads_rewards_from_the_jsonl(data, tiny_model
   """
   mcfg, params0 = tiny_model
   base = step_lib.StepConfig(model=mcfg)
-  stats_fn = jax.jit(lambda p, m: step_lib.sequence_logps(p, m, base))
+  stats_fn = jax.jit(lambda p, m: logps_lib.sequence_logps(p, m, base))
   vjp_fn = jax.jit(lambda p, m, cot: jax.vjp(
-      lambda q: step_lib.sequence_logps(q, m, base)["logps"], p)[1](cot)[0])
+      lambda q: logps_lib.sequence_logps(q, m, base)["logps"], p)[1](cot)[0])
   train_cfg = tiny_config().train
   train_cfg.learning_rate, train_cfg.max_steps, train_cfg.warmup_steps = 3e-3, 30, 3
   tx, _ = step_lib.make_optimizer(train_cfg)
@@ -267,7 +269,7 @@ def test_each_nemo_loss_trains_and_reads_rewards_from_the_jsonl(data, tiny_model
       "rpo_fwd_kl": np.mean(np.log(0.5) + np.log1p(np.exp(-g)) / 2 + np.log1p(np.exp(g)) / 2)}
   assert np.ptp(g) > 0  # The file's rewards differ from the defaults' constant gap of 1.
   for name, expected_first in first_loss.items():
-    cfg = loss_lib.LossConfig(losses=(name,), beta=beta)
+    cfg = config_lib.LossConfig(losses=(name,), beta=beta)
 
     def loss_of(policy, reference, micro, cfg=cfg):
       return loss_lib.dpo_loss(pair_stats(micro, policy, reference), cfg,

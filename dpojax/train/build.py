@@ -4,13 +4,11 @@ run on a file takes no optimizer and no training split (`build_eval`)."""
 
 from __future__ import annotations
 
-from dpojax import loss as loss_lib
+from dpojax import config as config_lib
 from dpojax import model as model_lib
-from dpojax import reference
 from dpojax.data import pipeline
 from dpojax.data.tokenize import Tokenizer
 from dpojax.errors import ConfigError
-from dpojax.train import checks
 from dpojax.train import step as step_lib
 
 
@@ -32,16 +30,16 @@ def tokenizer_and_model(config, pretrained=None):
 def step_config(config, model_cfg) -> step_lib.StepConfig:
   """The step's config: model, loss (dpo.*), log-probs (logprob.*), lora.* and reference.*."""
   step_cfg = step_lib.StepConfig(model=model_cfg,
-                                 loss=loss_lib.LossConfig.from_config(config.dpo),
+                                 loss=config_lib.LossConfig.from_config(config.dpo),
                                  logprob_impl=config.logprob.impl,
                                  logprob_token_block=config.logprob.token_block,
                                  logprob_vocab_block=config.logprob.vocab_block)
-  return reference.step_config(config, step_cfg)  # lora.* and reference.* (checked).
+  return config_lib.step_config(config, step_cfg)  # lora.* and reference.* (checked).
 
 
 def build(config, pretrained=None):
   """Everything a run needs before the first step; fails early on bad config or data."""
-  checks.check_config(config)
+  config_lib.check_config(config)
   tok, model_cfg = tokenizer_and_model(config, pretrained)
   opts = pipeline.DataOptions.from_config(config.data)
   train_data = pipeline.PreferenceData(config.data.train_path, tok, opts)
@@ -54,7 +52,7 @@ def build(config, pretrained=None):
 def build_eval(config, data_path: str):
   """(pairs of `data_path`, step config) for evaluating a run: its config as training checked
   it, its data settings and loss. `config` is resolved (init.path's architecture in place)."""
-  checks.check_config(config)
+  config_lib.check_config(config)
   tok, model_cfg = tokenizer_and_model(config)
   data = pipeline.PreferenceData(data_path, tok, pipeline.DataOptions.from_config(config.data))
   data.require(1, "pairs to evaluate")

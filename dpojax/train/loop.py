@@ -18,19 +18,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from dpojax import config as config_lib
 from dpojax import loss as loss_lib
 from dpojax import model as model_lib
 from dpojax import plot  # Loads matplotlib only when it draws.
 from dpojax import pretrained as pretrained_lib
-from dpojax import reference
 from dpojax import workdir as workdir_lib
 from dpojax.checkpoint import orbax as orbax_ckpt
 from dpojax.checkpoint.orbax import Checkpointer
 from dpojax.data import pipeline
 from dpojax.train import build as build_lib
-from dpojax.train import checks
 from dpojax.train import compiled
 from dpojax.train import metrics as metrics_lib
+from dpojax.train import precompute
+from dpojax.train import reference
 from dpojax.train import sharding
 from dpojax.train import step as step_lib
 from dpojax.train.metrics import MetricWriter
@@ -104,8 +105,8 @@ def run(config, workdir: str, stop: StopRequested | None = None) -> dict:
 
 
 def _run(config, workdir: str, stop: StopRequested) -> dict:
-  checks.check_config(config)  # Before init.path is read: bad values stop before anything heavy.
-  checks.check_workdir(workdir)
+  config_lib.check_config(config)  # Before init.path is read: bad values stop before anything heavy.
+  config_lib.check_workdir(workdir)
   if stop.signal is not None:
     return _stopped_before_training(stop, workdir)
   pretrained = pretrained_lib.load_pretrained(config, workdir)
@@ -124,7 +125,7 @@ def _run(config, workdir: str, stop: StopRequested) -> dict:
   tx, schedule = step_lib.make_optimizer(t)
   key = jax.random.key(t.seed)
   abstract_params = jax.eval_shape(functools.partial(model_lib.init_params, step_cfg.model), key)
-  ref_cfg = reference.ReferenceConfig.from_config(config)
+  ref_cfg = config_lib.ReferenceConfig.from_config(config)
   sync, precomputed = ref_cfg.sync_steps > 0, step_cfg.reference == "precomputed"
   abstract = reference.abstract_split(step_cfg, abstract_params, sync=sync)
   abstract_state = jax.eval_shape(lambda p, r: step_lib.init_state(p, tx, ref=r),
@@ -137,7 +138,7 @@ def _run(config, workdir: str, stop: StopRequested) -> dict:
       max_batches=config.eval.max_batches)
   example = val_batches[0]
   if precomputed:  # Shapes only: the tables come once the weights exist.
-    example = reference.add_ref_logps(example, np.zeros((len(val_data), 2), np.float32))
+    example = precompute.add_ref_logps(example, np.zeros((len(val_data), 2), np.float32))
   train_fn, eval_fn, state_sh, ref_sh = compiled.compile_steps(
       step_cfg, tx, schedule, abstract_state, abstract.frozen, mesh, example,
       inject_nonfinite_at=config.debug.inject_nonfinite_at)
@@ -152,10 +153,10 @@ def _run(config, workdir: str, stop: StopRequested) -> dict:
                             params_sh)
   tables = None
   if precomputed:  # One forward pass over both splits (or the disk cache), before training.
-    tables = reference.precompute_tables(
+    tables = precompute.precompute_tables(
         step_cfg, ref_cfg, params, {"train": train_data, "val": val_data},
         pairs_per_batch=t.global_batch_size, micro_batch_size=t.micro_batch_size, mesh=mesh)
-    val_batches = [reference.add_ref_logps(b, tables["val"]) for b in val_batches]
+    val_batches = [precompute.add_ref_logps(b, tables["val"]) for b in val_batches]
   # copy: the reference is the initial policy in its own buffers (the state is donated);
   # LoRA: the frozen tree holds `params` itself as the base.
   parts = reference.split(step_cfg, params, sync=sync, mesh=mesh)
@@ -221,7 +222,7 @@ def _run(config, workdir: str, stop: StopRequested) -> dict:
   while step < t.max_steps and stop.signal is None:
     host_batch = next(train_iter)
     if precomputed:
-      host_batch = reference.add_ref_logps(host_batch, tables["train"])
+      host_batch = precompute.add_ref_logps(host_batch, tables["train"])
     state, metrics = train_fn(state, ref_params, sharding.global_batch(host_batch, mesh))
     step += 1
     if sync and step % ref_cfg.sync_steps == 0:  # TR-DPO, after the optimizer step.

@@ -1,25 +1,11 @@
-"""The reference policy: how it is held, precomputed, cached and synced.
+"""reference.mode=precomputed: one forward pass over the train and validation data before
+training gives each pair's reference log-prob sums, cached on disk.
 
-`reference.mode` (the `reference` config section):
-  copy         an immutable copy of the initial policy (a second set of weights).
-  lora_base    LoRA only: the base with the adapters off; no second copy of the weights.
-  precomputed  one forward pass over the train and validation data before training gives
-               each pair's reference log-prob sums; they are cached on disk under a key of
-               the data, the model (a fingerprint of the weights), the template and the
-               tokenizer, reused across epochs and runs, and the batch carries them
-               (`ref_logps_chosen`/`_rejected` [A, P], looked up by `pair_index`); no
-               reference weights are
-               kept during training and the step skips the reference forward.
-  none         reference-free (log-probs 0; same as dpo.reference_free=True).
-  auto         lora_base with LoRA, none with dpo.reference_free, else copy.
-TR-DPO (`reference.sync_steps` > 0, copy only): every sync_steps optimizer steps,
-  ref <- alpha * policy + (1 - alpha) * ref  (alpha = reference.sync_alpha; TRL's
-  SyncRefModelCallback). The reference then lives in `TrainState.ref`, so it is
-  checkpointed and resumes exactly.
-
-`split` turns the initial params into (trained tree, frozen tree, state reference) for each
-mode; `precompute_tables` runs the precompute pass (or loads its cache); `add_ref_logps`
-adds the cached values to a host batch; `sync_state` is the pure TR-DPO update.
+The cache key covers the data, the model (a fingerprint of the weights), the template and the
+tokenizer, so a table is reused across epochs and runs; the batch carries its values
+(`ref_logps_chosen`/`_rejected` [A, P], looked up by `pair_index`, by `add_ref_logps`).
+`precompute_tables` runs the pass (or loads its cache). Above the step's reference
+(dpojax.train.reference), as it needs the data pipeline.
 """
 
 from __future__ import annotations
@@ -29,7 +15,6 @@ import functools
 import hashlib
 import json
 import os
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,151 +22,16 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from dpojax import config as config_lib
 from dpojax.data import pipeline
-from dpojax.model import lora as lora_lib
+from dpojax.train import logps as logps_lib
+from dpojax.train import reference as reference_lib
 from dpojax.train import sharding
 from dpojax.train import step as step_lib
-from dpojax.errors import ConfigError
 
-MODES = ("auto",) + step_lib.REFERENCE_MODES
 CACHE_VERSION = 1
 
 
-@dataclasses.dataclass(frozen=True)
-class ReferenceConfig:
-  mode: str = "copy"  # Resolved: never "auto".
-  sync_steps: int = 0
-  sync_alpha: float = 0.6
-  cache_dir: str = ""
-
-  @property
-  def resolved_cache_dir(self) -> str:
-    return self.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "dpojax",
-                                          "reference")
-
-  @classmethod
-  def from_config(cls, config) -> ReferenceConfig:
-    """From the run config's `reference` section (with `lora.enabled` and
-    `dpo.reference_free`, which `auto` and the checks need)."""
-    d = dict(config.get("reference", {}))
-    unknown = sorted(set(d) - {"mode", "sync_steps", "sync_alpha", "cache_dir"})
-    if unknown:
-      raise ConfigError(f"unknown config keys: {['reference.' + k for k in unknown]}")
-    lora_on = bool(config.get("lora", {}).get("enabled", False))
-    reference_free = bool(config.get("dpo", {}).get("reference_free", False))
-    mode = d.get("mode", "auto")
-    if mode not in MODES:
-      raise ConfigError(f"reference.mode={mode!r} is not one of {MODES}")
-    if mode == "auto":
-      mode = "none" if reference_free else "lora_base" if lora_on else "copy"
-    if reference_free and mode != "none":
-      raise ConfigError(f"dpo.reference_free=True contradicts reference.mode={mode!r}")
-    if mode == "lora_base" and not lora_on:
-      raise ConfigError("reference.mode=lora_base needs lora.enabled=True")
-    sync_steps, alpha = d.get("sync_steps", 0), d.get("sync_alpha", 0.6)
-    if isinstance(sync_steps, bool) or not isinstance(sync_steps, int) or sync_steps < 0:
-      raise ConfigError(f"reference.sync_steps={sync_steps!r} must be an integer >= 0")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
-      raise ConfigError(f"reference.sync_alpha={alpha!r} must be in (0, 1]")
-    if sync_steps and mode != "copy":
-      raise ConfigError(f"reference.sync_steps={sync_steps} (TR-DPO) needs reference.mode="
-                        f"copy, not {mode!r}: the reference must be its own weights")
-    cache_dir = d.get("cache_dir", "")
-    if not isinstance(cache_dir, str):
-      raise ConfigError(f"reference.cache_dir={cache_dir!r} must be a path")
-    return cls(mode=mode, sync_steps=sync_steps, sync_alpha=float(alpha), cache_dir=cache_dir)
-
-
-def step_config(config, step_cfg: step_lib.StepConfig) -> step_lib.StepConfig:
-  """`step_cfg` with the run config's LoRA and reference settings."""
-  ref_cfg = ReferenceConfig.from_config(config)
-  return dataclasses.replace(step_cfg, lora=lora_lib.LoraConfig.from_config(config.lora),
-                             reference=ref_cfg.mode, seed=int(config.train.seed))
-
-
-# --- the trained and frozen trees ---------------------------------------------------------
-class Parts(NamedTuple):
-  trainable: Any  # -> TrainState.params (the optimizer's and checkpoint's tree).
-  frozen: Any  # -> the step's second argument.
-  state_ref: Any  # -> TrainState.ref (TR-DPO), else None.
-
-
-def _copy(tree):
-  """New buffers with the same shardings (the train state is donated; the copy must not be)."""
-  copy = lambda t: jax.tree.map(jnp.copy, t)
-  if not all(isinstance(x, jax.Array) for x in jax.tree.leaves(tree)):  # Host arrays.
-    return jax.jit(copy)(tree)
-  return jax.jit(copy, out_shardings=jax.tree.map(lambda x: x.sharding, tree))(tree)
-
-
-def split(step_cfg: step_lib.StepConfig, params, *, sync: bool = False, rng=None,
-          mesh=None) -> Parts:
-  """The initial policy `params` -> (trained, frozen, state reference) for the step's mode.
-
-  LoRA: adapters from `rng` (default: fold_in(key(step_cfg.seed), 1), apart from the model
-  init's key(seed); replicated on `mesh`), the base is `params` itself (the same buffers:
-  nothing is copied unless the mode is copy). Copies keep the shardings of `params`.
-  """
-  rng = jax.random.fold_in(jax.random.key(step_cfg.seed), 1) if rng is None else rng
-  adapters = None
-  if step_cfg.lora is not None:
-    init = functools.partial(lora_lib.init, step_cfg.model, step_cfg.lora)
-    if mesh is not None:
-      abstract = jax.eval_shape(init, rng)
-      init = jax.jit(init, out_shardings=sharding.tree_shardings(abstract, mesh))
-    adapters = init(rng)
-  return _assemble(step_cfg, params, adapters, sync, _copy)
-
-
-def abstract_split(step_cfg: step_lib.StepConfig, abstract_params, *,
-                   sync: bool = False) -> Parts:
-  """`split` on shapes only (jax.ShapeDtypeStruct trees), for compiling before any weights
-  exist."""
-  adapters = None
-  if step_cfg.lora is not None:
-    adapters = jax.eval_shape(functools.partial(lora_lib.init, step_cfg.model, step_cfg.lora),
-                              jax.random.key(0))
-  return _assemble(step_cfg, abstract_params, adapters, sync, lambda t: t)
-
-
-def _assemble(step_cfg, params, adapters, sync, copy) -> Parts:
-  mode = step_cfg.reference
-  if sync and mode != "copy":
-    raise ConfigError(f"reference.sync_steps needs reference.mode=copy, not {mode!r}")
-  state_ref = copy(params) if sync else None
-  if step_cfg.lora is None:
-    frozen = copy(params) if mode == "copy" and not sync else {}
-    return Parts(params, frozen, state_ref)
-  frozen = {"base": params}
-  if mode == "copy" and not sync:
-    frozen["reference"] = copy(params)
-  return Parts(adapters, frozen, state_ref)
-
-
-def policy_params(step_cfg: step_lib.StepConfig, trainable, frozen):
-  """The policy as a plain params tree (LoRA: adapters merged into the base), e.g. to export."""
-  if step_cfg.lora is None:
-    return trainable
-  return lora_lib.merge(frozen["base"], trainable, step_cfg.model, step_cfg.lora)
-
-
-# --- TR-DPO --------------------------------------------------------------------------------
-def sync(ref, policy, alpha: float):
-  """ref <- alpha * policy + (1 - alpha) * ref, per leaf in float32, in ref's dtype."""
-  def mix(r, p):
-    return (alpha * p.astype(jnp.float32) + (1.0 - alpha) * r.astype(jnp.float32)).astype(
-        r.dtype)
-  return jax.tree.map(mix, ref, policy)
-
-
-def sync_state(state: step_lib.TrainState, frozen, *, cfg: step_lib.StepConfig,
-               alpha: float) -> step_lib.TrainState:
-  """The TR-DPO update of `state.ref` from the current policy (pure; jit with the state
-  donated). The loop calls it after every `reference.sync_steps`-th optimizer step."""
-  return state.replace(ref=sync(state.ref, policy_params(cfg, state.params, frozen), alpha))
-
-
-# --- precomputed reference log-probs -------------------------------------------------------
 def add_ref_logps(batch: dict, table: np.ndarray) -> dict:
   """The host batch plus `ref_logps_chosen` and `ref_logps_rejected` [A, P] (per-pair arrays
   like the rewards, so they shard and gather like them): table[pair_index], 0 for padding.
@@ -264,7 +114,7 @@ def cache_key(data: pipeline.PreferenceData, step_cfg: step_lib.StepConfig,
           step_cfg.model, remat="none", attention_block=0)).items()
                 if k not in ("attention_impl", "scan_unroll")},
       "params": fingerprint,
-      "statistic": step_lib.reference_key(step_cfg),
+      "statistic": reference_lib.reference_key(step_cfg),
       "ld_alpha": step_cfg.loss.ld_alpha,
   }
   h = hashlib.sha256(json.dumps(desc, sort_keys=True).encode())
@@ -277,8 +127,8 @@ def cache_key(data: pipeline.PreferenceData, step_cfg: step_lib.StepConfig,
 def reference_stats(params, batch, *, cfg):
   """[A, P, 2] reference statistics of a batch (forward only)."""
   def body(_, micro):
-    stats = step_lib.sequence_logps(params, micro, cfg, policy=False)
-    return None, stats[step_lib.reference_key(cfg)]
+    stats = logps_lib.sequence_logps(params, micro, cfg, policy=False)
+    return None, stats[reference_lib.reference_key(cfg)]
   return jax.lax.scan(body, None, batch)[1]
 
 
@@ -351,7 +201,7 @@ def save_cached(directory: str, key: str, table: np.ndarray, meta: dict):
   os.replace(f"{meta_path}.tmp-{os.getpid()}", meta_path)
 
 
-def precompute_tables(step_cfg: step_lib.StepConfig, ref_cfg: ReferenceConfig, params,
+def precompute_tables(step_cfg: step_lib.StepConfig, ref_cfg: config_lib.ReferenceConfig, params,
                       splits: dict, *, pairs_per_batch: int, micro_batch_size: int,
                       mesh=None) -> dict:
   """{split name: [num_pairs, 2] table} for `splits` ({name: PreferenceData}), each loaded
@@ -382,7 +232,7 @@ def precompute_tables(step_cfg: step_lib.StepConfig, ref_cfg: ReferenceConfig, p
         save_cached(directory, key, table, {
             "data": os.path.abspath(data.path), "pairs": len(data),
             "tokenizer": data.tok.path, "template": data.opts.template,
-            "statistic": step_lib.reference_key(step_cfg), "params_fingerprint": fingerprint})
+            "statistic": reference_lib.reference_key(step_cfg), "params_fingerprint": fingerprint})
     else:
       logging.info("Reference log-probs of %s from the cache %s", data.path,
                    _cache_paths(directory, key)[0])

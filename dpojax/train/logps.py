@@ -1,0 +1,96 @@
+"""Per-sequence statistics of a micro-batch: the log-prob sums the loss compares.
+
+`sequence_logps(weights, micro, cfg)` runs the model (LoRA's adapted one when `adapters` are
+given) and reduces its response log-probs to [P, 2] (chosen, rejected) sums, with LD-DPO's
+length-weighted sums and WPO's per-token alignment when the loss asks for them. `cfg` is the
+step's StepConfig (model, loss, logprob and LoRA settings).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dpojax import model as model_lib
+from dpojax.model import lora as lora_lib
+from dpojax.ops import logprob as logprob_lib
+from dpojax.train import sharding
+
+
+def _vocab_parallel(cfg) -> dict:
+  """logprob's mesh arguments when the output layer's vocab rows are split over `tensor` (as
+  sharding's rules split them when the axis divides the vocab) and the impl streams."""
+  mesh, vocab = cfg.mesh, cfg.model.vocab_size
+  tensor = 1 if mesh is None else mesh.shape.get("tensor", 1)
+  if tensor == 1 or vocab % tensor or logprob_lib.resolve_impl(cfg.logprob_impl) != "chunked":
+    return {}
+  return {"mesh": mesh, "vocab_axis": "tensor", "token_axes": sharding.BATCH}
+
+
+def sequence_logps(params, micro: dict, cfg, *, policy: bool = True,
+                   adapters=None, dropout_rng=None) -> dict:
+  """Per-sequence statistics of one micro-batch, each [P, 2] (chosen, rejected).
+
+  logps: summed response log-probs; counts: response tokens; ld_logps (LD-DPO, when
+  `ld_alpha` is set): the sum with tokens past the pair's shared length weighted by ld_alpha;
+  wpo_logps (WPO, policy only): mean over tokens of (log p - log sum_v p_v^2), no gradient.
+  With `adapters` (LoRA), `params` is the base and the model is the adapted one.
+  """
+  loss_cfg = cfg.loss
+  hidden_BxTxD = lora_lib.apply(
+      params, adapters, cfg.model, cfg.lora, micro["tokens"], micro["positions"],
+      micro["segment_ids"], micro.get("branch_ids"), dropout_rng=dropout_rng, mesh=cfg.mesh)
+  targets, mask, target_seq = logprob_lib.shift_targets(
+      micro["tokens"], micro["segment_ids"], micro["loss_mask"], micro["sequence_ids"])
+  out_weight_VxD = model_lib.output_weight(params, cfg.model)
+  logp_BxT = logprob_lib.logprob(hidden_BxTxD, out_weight_VxD, targets, mask,
+                                 impl=cfg.logprob_impl, token_block=cfg.logprob_token_block,
+                                 vocab_block=cfg.logprob_vocab_block, **_vocab_parallel(cfg))
+  num_pairs = micro["pair_mask"].shape[0]
+  num_seqs = 2 * num_pairs
+  pairs = lambda x: x.reshape(num_pairs, 2)
+  sums, counts = logprob_lib.sequence_sums(logp_BxT, mask, target_seq, num_seqs)
+  out = {"logps": pairs(sums), "counts": pairs(counts)}
+  if loss_cfg.ld_alpha is not None:
+    weight_BxT = _ld_token_weights(mask, target_seq, counts, loss_cfg.ld_alpha)
+    out["ld_logps"] = pairs(
+        logprob_lib.sequence_sums(logp_BxT * weight_BxT, mask, target_seq, num_seqs)[0])
+  if policy and loss_cfg.use_weighting:
+    aligned_BxT = jax.lax.stop_gradient(
+        logp_BxT - _log_sum_sq_probs(hidden_BxTxD, out_weight_VxD))
+    wpo_sums, _ = logprob_lib.sequence_sums(aligned_BxT, mask, target_seq, num_seqs)
+    out["wpo_logps"] = pairs(wpo_sums / jnp.maximum(counts, 1.0))
+  return out
+
+
+def _ld_token_weights(mask_BxT, target_seq_BxT, counts_S, alpha: float):
+  """LD-DPO: 1 on a sequence's first min(n_chosen, n_rejected) response tokens, alpha after.
+
+  A token's rank within its sequence is the row's running count of response tokens minus
+  the count before the sequence's first one (a sequence's response tokens are contiguous in
+  its row), so this works for padded, packed and shared-prompt rows alike.
+  """
+  num_seqs = counts_S.shape[0]
+  running_BxT = jnp.cumsum(mask_BxT.astype(jnp.int32), axis=1)
+  seq_BxT = jnp.where(mask_BxT, target_seq_BxT, num_seqs)
+  first_S = jax.ops.segment_min(
+      jnp.where(mask_BxT, running_BxT, jnp.iinfo(jnp.int32).max).reshape(-1),
+      seq_BxT.reshape(-1), num_segments=num_seqs + 1)
+  rank_BxT = running_BxT - first_S[seq_BxT] + 1
+  shared_S = jnp.repeat(jnp.min(counts_S.reshape(-1, 2), axis=1), 2)
+  shared_BxT = jnp.append(shared_S, 0.0)[seq_BxT]
+  return jnp.where(rank_BxT <= shared_BxT, 1.0, alpha)
+
+
+def _log_sum_sq_probs(hidden_BxTxD, out_weight_VxD):
+  """log sum_v softmax(logits)_v^2 per position (WPO), without gradient.
+
+  Materialises the logits like the XLA logprob path; a fused log-prob kernel should return
+  this alongside the log-probs.
+  """
+  logits_BxTxV = jnp.einsum(
+      "btd,vd->btv", jax.lax.stop_gradient(hidden_BxTxD),
+      jax.lax.stop_gradient(out_weight_VxD).astype(hidden_BxTxD.dtype),
+      preferred_element_type=jnp.promote_types(hidden_BxTxD.dtype, jnp.float32))
+  lse_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
+  return jax.nn.logsumexp(2.0 * logits_BxTxV, axis=-1) - 2.0 * lse_BxT

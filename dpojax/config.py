@@ -8,14 +8,15 @@ defaults here equal its values (tests/test_config.py holds them to it).
   reference  -> ReferenceConfig, the mode resolved (never "auto"); `reference_mode` holds
                 every rule that ties reference.mode to lora.enabled, dpo.reference_free and
                 reference.sync_steps, for the config and for the step alike.
-  lora       -> the step config's, with the resolved reference mode (`step_config`).
+  lora       -> lora.LoraConfig or None (`lora_config`), into the step config with the
+                resolved reference mode (`step_config`).
   the rest   -> `check_config` (train, eval, checkpoint, model, logprob) before anything heavy;
                 `check_workdir` before any compilation.
 
 The arrows: this module builds on dpojax.model (LoraConfig, ModelConfig's checks) and
-dpojax.ops; the loss and the step build on it. lora.* (LoraConfig.from_config) and model.*
-parsing fold in here the same way, as functions of their section that return the model's
-dataclasses, so nothing below imports this module.
+dpojax.ops; the loss and the step build on it. lora.* parsing lives here as a function of its
+section that returns the model's dataclass (model.* is ModelConfig.from_dict's), so nothing
+below imports this module.
 """
 
 from __future__ import annotations
@@ -286,10 +287,31 @@ class ReferenceConfig:
     return cls(mode=mode, sync_steps=sync_steps, sync_alpha=float(alpha), cache_dir=cache_dir)
 
 
+# --- lora: the adapters ----------------------------------------------------------------------
+def lora_config(section) -> lora_lib.LoraConfig | None:
+  """From the `lora` config section; None when lora.enabled is False."""
+  d = dict(section)
+  cls = lora_lib.LoraConfig
+  unknown = sorted(set(d) - {"enabled", "targets", "rank", "alpha", "dropout"})
+  if unknown:
+    raise ConfigError(f"unknown config keys: {['lora.' + k for k in unknown]}")
+  if not isinstance(d.get("enabled", False), bool):
+    raise ConfigError(f"lora.enabled={d['enabled']!r} must be True or False")
+  if not d.get("enabled", False):
+    return None
+  alpha = d.get("alpha")
+  for key, value in (("alpha", alpha), ("dropout", d.get("dropout", 0.0))):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+      raise ConfigError(f"lora.{key}={value!r} must be a number")
+  return cls(targets=tuple(d.get("targets", cls.targets)), rank=d.get("rank", cls.rank),
+             alpha=None if alpha is None else float(alpha),
+             dropout=float(d.get("dropout", 0.0)))
+
+
 def step_config(config, step_cfg):
   """`step_cfg` (a train.step.StepConfig) with the run config's LoRA and reference settings."""
   ref_cfg = ReferenceConfig.from_config(config)
-  return dataclasses.replace(step_cfg, lora=lora_lib.LoraConfig.from_config(config.lora),
+  return dataclasses.replace(step_cfg, lora=lora_config(config.lora),
                              reference=ref_cfg.mode, seed=int(config.train.seed))
 
 

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import jax
 import ml_collections
 
+from dpojax import config as config_lib
 from dpojax import convert
 from dpojax import model as model_lib
 from dpojax import workdir as workdir_lib
@@ -120,7 +121,7 @@ def load_policy(path: str, *, config_path: str | None = None,
   cfg = workdir_lib.model_config(config)
   lora_cfg = None
   if config.get("lora", {}).get("enabled", False):  # The checkpoint holds adapters only.
-    lora_cfg = lora_lib.LoraConfig.from_config(config.lora)
+    lora_cfg = config_lib.lora_config(config.lora)
     init_fn = functools.partial(lora_lib.init, cfg, lora_cfg)
   else:
     init_fn = functools.partial(model_lib.init_params, cfg)

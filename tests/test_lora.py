@@ -146,11 +146,11 @@ def test_config_errors_name_the_key(key, value, message):
   with cfg.unlocked():
     cfg[key] = value
   if message is None:
-    got = lora.LoraConfig.from_config(cfg)
+    got = config_lib.lora_config(cfg)
     assert got.targets == ("attention_qkv", "mlp_fc1", "mlp_fc2") and got.scale == 1.0
     return
   with pytest.raises(lora.ConfigError, match=message):
-    lora.LoraConfig.from_config(cfg)
+    config_lib.lora_config(cfg)
 
 
 @pytest.mark.slow
@@ -219,4 +219,4 @@ def test_lora_config_defaults_are_the_config_files():
     got = tuple(section[name]) if name == "targets" else section[name]
     assert got == default, name
   section["enabled"] = True
-  assert lora.LoraConfig.from_config(section) == lora.LoraConfig()
+  assert config_lib.lora_config(section) == lora.LoraConfig()

@@ -72,25 +72,6 @@ class LoraConfig:
   def scale(self) -> float:
     return (self.rank if self.alpha is None else self.alpha) / self.rank
 
-  @classmethod
-  def from_config(cls, lora_cfg) -> LoraConfig | None:
-    """From the `lora` config section; None when lora.enabled is False."""
-    d = dict(lora_cfg)
-    unknown = sorted(set(d) - {"enabled", "targets", "rank", "alpha", "dropout"})
-    if unknown:
-      raise ConfigError(f"unknown config keys: {['lora.' + k for k in unknown]}")
-    if not isinstance(d.get("enabled", False), bool):
-      raise ConfigError(f"lora.enabled={d['enabled']!r} must be True or False")
-    if not d.get("enabled", False):
-      return None
-    alpha = d.get("alpha")
-    for key, value in (("alpha", alpha), ("dropout", d.get("dropout", 0.0))):
-      if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise ConfigError(f"lora.{key}={value!r} must be a number")
-    return cls(targets=tuple(d.get("targets", cls.targets)), rank=d.get("rank", cls.rank),
-               alpha=None if alpha is None else float(alpha),
-               dropout=float(d.get("dropout", 0.0)))
-
 
 def adapter_shapes(model_cfg: transformer.ModelConfig, lora_cfg: LoraConfig) -> dict:
   """{target: (A shape, B shape)} without the layer axis."""

@@ -132,7 +132,8 @@ def layer_mask(cfg: ModelConfig, segment_ids_BxT, branch_ids_BxT=None, mesh=None
             "sliding": attention_ops.attention_mask(segment_ids_BxT, branch_ids_BxT,
                                                     positions_BxT, cfg.sliding_window)}
   if impl == "flash" and branch_ids_BxT is None and plain and not any(sliding):
-    return attention_ops.Segments(segment_ids_BxT, flash_attention.segment_bounds(segment_ids_BxT), mesh)
+    bounds = flash_attention.segment_bounds(segment_ids_BxT)
+    return attention_ops.Segments(segment_ids_BxT, bounds, mesh)
   window = cfg.sliding_window if all(sliding) else 0
   mask = attention_ops.attention_mask(segment_ids_BxT, branch_ids_BxT, positions_BxT, window)
   block, t = cfg.attention_block, segment_ids_BxT.shape[1]
@@ -140,7 +141,8 @@ def layer_mask(cfg: ModelConfig, segment_ids_BxT, branch_ids_BxT=None, mesh=None
   one_device = mesh is None or mesh.size == 1
   if impl == "sparse" and plain and one_device and block > 0 and t % block == 0 and t > block:
     mask_BxTxT = mask[:, 0] & (segment_ids_BxT > 0)[:, :, None]  # Padding attends nothing.
-    return attention_ops.TilePairs(mask_BxTxT, sparse_attention.tile_pairs(mask_BxTxT, block), block)
+    pairs = sparse_attention.tile_pairs(mask_BxTxT, block)
+    return attention_ops.TilePairs(mask_BxTxT, pairs, block)
   return mask
 
 
@@ -385,7 +387,8 @@ def _init(cfg: ModelConfig, rng: jax.Array):
 def apply(params: Any, cfg: ModelConfig, tokens_BxT, positions_BxT, segment_ids_BxT,
           branch_ids_BxT=None, mesh=None):
   """Pure forward: hidden states [B, T, D]. Positions lie in [0, T), as in every row the data
-  pipeline builds (see `rope_table`). `branch_ids`: see `ops.attention.attention_mask`; `mesh`: the device
+  pipeline builds (see `rope_table`). `branch_ids`: see `ops.attention.attention_mask`;
+  `mesh`: the device
   mesh the batch is sharded on (the flash kernel then runs per shard)."""
   return Transformer(cfg, mesh).apply({"params": params}, tokens_BxT, positions_BxT,
                                       segment_ids_BxT, branch_ids_BxT=branch_ids_BxT)

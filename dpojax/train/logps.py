@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from dpojax import model as model_lib
 from dpojax.model import lora as lora_lib
 from dpojax.ops import logprob as logprob_lib
+from dpojax.ops import logprob_chunked
 from dpojax.train import sharding
 
 
@@ -45,7 +46,8 @@ def sequence_logps(params, micro: dict, cfg, *, policy: bool = True,
   out_weight_VxD = model_lib.output_weight(params, cfg.model)
   logp_BxT = logprob_lib.logprob(hidden_BxTxD, out_weight_VxD, targets, mask,
                                  impl=cfg.logprob_impl, token_block=cfg.logprob_token_block,
-                                 vocab_block=cfg.logprob_vocab_block, **_vocab_parallel(cfg))
+                                 vocab_block=cfg.logprob_vocab_block,
+                                 softcap=cfg.model.final_logit_softcap, **_vocab_parallel(cfg))
   num_pairs = micro["pair_mask"].shape[0]
   num_seqs = 2 * num_pairs
   pairs = lambda x: x.reshape(num_pairs, 2)
@@ -57,7 +59,8 @@ def sequence_logps(params, micro: dict, cfg, *, policy: bool = True,
         logprob_lib.sequence_sums(logp_BxT * weight_BxT, mask, target_seq, num_seqs)[0])
   if policy and loss_cfg.use_weighting:
     aligned_BxT = jax.lax.stop_gradient(
-        logp_BxT - _log_sum_sq_probs(hidden_BxTxD, out_weight_VxD))
+        logp_BxT - _log_sum_sq_probs(hidden_BxTxD, out_weight_VxD,
+                                     cfg.model.final_logit_softcap))
     wpo_sums, _ = logprob_lib.sequence_sums(aligned_BxT, mask, target_seq, num_seqs)
     out["wpo_logps"] = pairs(wpo_sums / jnp.maximum(counts, 1.0))
   return out
@@ -82,7 +85,7 @@ def _ld_token_weights(mask_BxT, target_seq_BxT, counts_S, alpha: float):
   return jnp.where(rank_BxT <= shared_BxT, 1.0, alpha)
 
 
-def _log_sum_sq_probs(hidden_BxTxD, out_weight_VxD):
+def _log_sum_sq_probs(hidden_BxTxD, out_weight_VxD, softcap=0.0):
   """log sum_v softmax(logits)_v^2 per position (WPO), without gradient.
 
   Materialises the logits like the XLA logprob path; a fused log-prob kernel should return
@@ -92,5 +95,6 @@ def _log_sum_sq_probs(hidden_BxTxD, out_weight_VxD):
       "btd,vd->btv", jax.lax.stop_gradient(hidden_BxTxD),
       jax.lax.stop_gradient(out_weight_VxD).astype(hidden_BxTxD.dtype),
       preferred_element_type=jnp.promote_types(hidden_BxTxD.dtype, jnp.float32))
+  logits_BxTxV = logprob_chunked.softcap(logits_BxTxV, softcap)
   lse_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
   return jax.nn.logsumexp(2.0 * logits_BxTxV, axis=-1) - 2.0 * lse_BxT

@@ -105,7 +105,8 @@ def run(config, workdir: str, stop: StopRequested | None = None) -> dict:
 
 
 def _run(config, workdir: str, stop: StopRequested) -> dict:
-  config_lib.check_config(config)  # Before init.path is read: bad values stop before anything heavy.
+  # Before init.path is read: bad values stop before anything heavy.
+  config_lib.check_config(config)
   config_lib.check_workdir(workdir)
   if stop.signal is not None:
     return _stopped_before_training(stop, workdir)
@@ -126,7 +127,7 @@ def _run(config, workdir: str, stop: StopRequested) -> dict:
   key = jax.random.key(t.seed)
   abstract_params = jax.eval_shape(functools.partial(model_lib.init_params, step_cfg.model), key)
   ref_cfg = config_lib.ReferenceConfig.from_config(config)
-  sync, precomputed = ref_cfg.sync_steps > 0, step_cfg.reference == "precomputed"
+  sync, precomputed = ref_cfg.sync_steps > 0, reference.resolve(step_cfg).logps == "batch"
   abstract = reference.abstract_split(step_cfg, abstract_params, sync=sync)
   abstract_state = jax.eval_shape(lambda p, r: step_lib.init_state(p, tx, ref=r),
                                   abstract.trainable, abstract.state_ref)

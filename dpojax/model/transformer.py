@@ -388,8 +388,7 @@ def apply(params: Any, cfg: ModelConfig, tokens_BxT, positions_BxT, segment_ids_
           branch_ids_BxT=None, mesh=None):
   """Pure forward: hidden states [B, T, D]. Positions lie in [0, T), as in every row the data
   pipeline builds (see `rope_table`). `branch_ids`: see `ops.attention.attention_mask`;
-  `mesh`: the device
-  mesh the batch is sharded on (the flash kernel then runs per shard)."""
+  `mesh`: the device mesh the batch is sharded on (the flash kernel then runs per shard)."""
   return Transformer(cfg, mesh).apply({"params": params}, tokens_BxT, positions_BxT,
                                       segment_ids_BxT, branch_ids_BxT=branch_ids_BxT)
 

@@ -11,6 +11,8 @@ import torch
 
 from dpojax import convert
 from dpojax.checkpoint import nemo
+from dpojax.checkpoint import nemo_archive
+from dpojax.checkpoint import nemo_weights
 import stories260k as S
 
 
@@ -97,8 +99,8 @@ def test_cli_megatron_core_target(tmp_path):
   """--megatron_core 0.14: the keys of the fixture megatron-core 0.14 wrote; default: none for
   core attention (0.15 and later)."""
   def extra_states(path):
-    with nemo.Archive(path) as archive:
-      md = nemo._MetadataUnpickler(  # pylint: disable=protected-access
+    with nemo_archive.Archive(path) as archive:
+      md = nemo_weights._MetadataUnpickler(  # pylint: disable=protected-access
           io.BytesIO(archive.read("model_weights/.metadata"))).load()
     return sorted(k for k in md.state_dict_metadata if "_extra_state" in k)
   old, new = str(tmp_path / "old.nemo"), str(tmp_path / "new.nemo")

@@ -14,6 +14,8 @@ import torch
 
 from dpojax import model as model_lib
 from dpojax.checkpoint import nemo
+from dpojax.checkpoint import nemo_archive
+from dpojax.checkpoint import nemo_weights
 from dpojax.checkpoint.convert_common import CheckpointError
 import stories260k as S
 
@@ -139,7 +141,7 @@ def test_export_has_the_files_megatron_core_expects(legacy, tmp_path):
 def stored_keys(path) -> tuple[dict, list]:
   """({tensor key: global shape}, [object keys]) of an exported .nemo's torch_dist metadata."""
   raw = read_members(path)["./model_weights/.metadata"]
-  md = nemo._MetadataUnpickler(io.BytesIO(raw)).load()  # pylint: disable=protected-access
+  md = nemo_weights._MetadataUnpickler(io.BytesIO(raw)).load()  # pylint: disable=protected-access
   tensors = {k: list(v.size) for k, v in md.state_dict_metadata.items() if hasattr(v, "size")}
   return tensors, sorted(k for k in md.state_dict_metadata if k not in tensors)
 
@@ -229,8 +231,8 @@ def test_export_layout_and_round_trip_of_other_architectures(name, tmp_path):
   out = str(tmp_path / "m.nemo")
   nemo.save_nemo(out, cfg, params)
   # What is on disk matches megatron's layout, built here head by head.
-  with nemo.Archive(out) as archive:
-    stored = nemo._read_torch_dist(archive, "model_weights/")  # pylint: disable=protected-access
+  with nemo_archive.Archive(out) as archive:
+    stored = nemo_weights._read_torch_dist(archive, "model_weights/")  # pylint: disable=protected-access
   for key, want in expected_mcore(params, cfg).items():
     layer, rest = int(key.split(".")[3]), key.split(".", 4)[4]
     got = stored["model.decoder.layers." + rest][layer]
@@ -440,7 +442,7 @@ def test_pickle_refusal_keeps_what_and_drops_torchs_advice():
       "Unsupported global: GLOBAL posix.system was not an allowed global by default. Please "
       "use `torch.serialization.add_safe_globals([system])` to allowlist this global if you "
       "trust this class/function.")
-  assert nemo._torch_refusal(old) == (  # pylint: disable=protected-access
+  assert nemo_weights._torch_refusal(old) == (  # pylint: disable=protected-access
       "Unsupported global: GLOBAL posix.system was not an allowed global by default")
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tarfile
+import tempfile
 
 from dpojax import cli
 from dpojax.checkpoint import hf, nemo
@@ -45,7 +47,6 @@ def is_checkpoint(path: str) -> bool:
 
 
 def _is_tar(path: str) -> bool:
-  import tarfile  # pylint: disable=g-import-not-at-top
 
   try:
     return tarfile.is_tarfile(path)
@@ -110,7 +111,6 @@ def _main(argv) -> int:
                       "and earlier with Transformer Engine; a strict load wants exact keys")
   cli.add_debug_flag(parser)
   args = parser.parse_args(argv)
-  import tempfile  # pylint: disable=g-import-not-at-top
 
   with tempfile.TemporaryDirectory(prefix="dpojax-convert-") as tmp:
     cfg, params, tokenizer = load(args.src, extract_dir=tmp)

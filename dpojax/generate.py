@@ -43,8 +43,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpojax import cli
+from dpojax import pretrained
 from dpojax.data import templates
 from dpojax.data.sources import DataError, jsonl_records, where
+from dpojax.data.tokenize import Tokenizer
 from dpojax.model import transformer
 
 # Template markers that end a response (besides EOS), used as default stop ids.
@@ -309,8 +311,6 @@ def _main(argv) -> int:
 
 
 def _run(args, tmp: str) -> list[dict[str, Any]]:
-  from dpojax import pretrained  # pylint: disable=g-import-not-at-top
-  from dpojax.data.tokenize import Tokenizer  # pylint: disable=g-import-not-at-top
 
   sampling = Sampling(args.temperature, args.top_k, args.top_p)
   if args.batch_size < 1:
@@ -349,7 +349,6 @@ def _run(args, tmp: str) -> list[dict[str, Any]]:
 
 
 def _reference(args, policy, tmp: str):
-  from dpojax import pretrained  # pylint: disable=g-import-not-at-top
 
   if args.reference:
     ref = pretrained.load_policy(args.reference, extract_dir=os.path.join(tmp, "reference"))

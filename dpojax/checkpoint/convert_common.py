@@ -7,11 +7,15 @@ exists, and the field or tensor.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, NamedTuple
 
+import jax
+import ml_dtypes
 import numpy as np
 
+from dpojax import model as model_lib
 from dpojax.model import ModelConfig
 
 
@@ -112,8 +116,6 @@ def load_yaml(text: str, path: str) -> Fields:
 
 
 def load_json(text: str, path: str) -> Fields:
-  import json  # pylint: disable=g-import-not-at-top
-
   try:
     data = json.loads(text)
   except json.JSONDecodeError as e:
@@ -134,7 +136,6 @@ def load_json(text: str, path: str) -> Fields:
 
 def numpy_dtype(name: str) -> np.dtype:
   if name == "bfloat16":
-    import ml_dtypes  # pylint: disable=g-import-not-at-top
     return np.dtype(ml_dtypes.bfloat16)
   return np.dtype(name)
 
@@ -188,10 +189,6 @@ def check_tensors(source: str, expected: dict[str, tuple], got: dict[str, Any],
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple]:
   """Flat 'a/b/c' -> shape of the model's parameter tree (from the model itself)."""
-  import jax  # pylint: disable=g-import-not-at-top
-
-  from dpojax import model as model_lib  # pylint: disable=g-import-not-at-top
-
   tree = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
   return {k: tuple(v.shape) for k, v in flatten(tree).items()}
 

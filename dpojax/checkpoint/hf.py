@@ -14,6 +14,7 @@ import shutil
 import tempfile
 
 import numpy as np
+import sentencepiece as spm
 
 from dpojax.checkpoint.convert_common import (
     CheckpointError, Fields, Loaded, check_params, check_tensors, dtype_name, load_json,
@@ -122,7 +123,6 @@ def config_to_json(cfg: ModelConfig, tokenizer_path: str | None) -> dict:
       "use_cache": True,
   }
   if tokenizer_path is not None:
-    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
 
     sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
     for key, value in (("bos_token_id", sp.bos_id()), ("eos_token_id", sp.eos_id()),

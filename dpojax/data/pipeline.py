@@ -31,6 +31,7 @@ import sys
 import threading
 
 import grain
+import jax
 import numpy as np
 from absl import logging
 
@@ -429,7 +430,6 @@ def packing_stats(data: PreferenceData, row_starts: np.ndarray, items: np.ndarra
 
 def _process(process_index, process_count) -> tuple[int, int]:
   if process_index is None or process_count is None:
-    import jax  # Only here: the data modules stay importable without initializing JAX.
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   return process_index, process_count

@@ -78,11 +78,11 @@ def hh_segments():
   """Segment ids [rows, T] of the first padded and packed micro-batches that
   `train_throughput.py --data=hh` trains on (its default files, max length 512, 8 pairs)."""
   import common  # benchmarks/common.py (imports jax)
-  from dpojax.data import pipeline
+  from dpojax.data import batching
   out = {}
   for name, packing in (("padded", "none"), ("packed", "first_fit_decreasing")):
     data = common.hh_data(packing, max_len=512)
-    batch = next(iter(pipeline.train_dataset(data, global_batch_size=8, micro_batch_size=8,
+    batch = next(iter(batching.train_dataset(data, global_batch_size=8, micro_batch_size=8,
                                              seed=0)))
     seg = np.asarray(batch["segment_ids"])
     out[name] = seg.reshape(-1, seg.shape[-1])

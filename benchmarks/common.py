@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from dpojax.data import packing, pipeline
+from dpojax.data import batching, packing, pipeline
 from dpojax.model import transformer
 from dpojax.train import loop
 
@@ -63,7 +63,7 @@ def synthetic_batch(rng, *, pairs, seq, prompt, micro_pairs, share_prompt=False)
     items.append({"chosen": sequence(prompt_ids), "rejected": sequence(prompt_ids),
                   "prompt_len": prompt, "chosen_reward": None, "rejected_reward": None})
   if not share_prompt:
-    return pipeline.collate(items, micro_batch_size=micro_pairs, seq_len=seq,
+    return batching.collate(items, micro_batch_size=micro_pairs, seq_len=seq,
                             opts=pipeline.DataOptions(max_seq_length=seq))
   row = -(-int(packing.item_lengths(prompt, seq, seq, True)) // 8) * 8
   return packing.collate_rows([[i] for i in range(pairs)], items.__getitem__,

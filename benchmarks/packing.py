@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from dpojax.data import packing, pipeline
+from dpojax.data import batching, packed_dir, packing, pipeline
 from dpojax.data.tokenize import Tokenizer
 
 
@@ -59,7 +59,7 @@ def hh_efficiency(data, pack_size):
   for strategy in packing.STRATEGIES:
     row_starts, items = packing.pack(data.pair_lengths, pack_size, strategy, seed=0)
     opts = data.opts
-    stats = pipeline.packing_stats(data, row_starts, items)
+    stats = packed_dir.packing_stats(data, row_starts, items)
     out[strategy] = stats
     print(f"HH-RLHF {strategy}: {stats['pairs']} pairs ({data.stats['dropped']} dropped > "
           f"{opts.max_seq_length}, {data.stats['skipped']} skipped) -> {stats['rows']} rows of "
@@ -97,7 +97,7 @@ def train_throughput(args):
   m = args.micro_batch_size
   for name, packing_opt in (("padded", "none"), ("packed", "first_fit_decreasing")):
     data = hh_data(args.hh, args.tokenizer, args.max_seq_length, args.pack_size, packing_opt)
-    it = iter(pipeline.train_dataset(data, global_batch_size=m, micro_batch_size=m, seed=0,
+    it = iter(batching.train_dataset(data, global_batch_size=m, micro_batch_size=m, seed=0,
                                      process_index=0, process_count=1))
     state = step_lib.init_state(jax.tree.map(jnp.copy, params), tx)  # Donated; params stay.
     batches = [next(it) for _ in range(args.train_steps + 2)]

@@ -87,7 +87,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dpojax import model as model_lib  # noqa: E402
-from dpojax.data import pipeline  # noqa: E402
+from dpojax.data import batching  # noqa: E402
 from dpojax.ops import flash_attention  # noqa: E402
 from dpojax.train import loop, sharding  # noqa: E402
 from dpojax.train import metrics as metrics_lib  # noqa: E402
@@ -113,7 +113,7 @@ def hh_data(packing, share_prompt=False):
 def hh_batches(packing, share_prompt=False):
   """Global batches of HH-RLHF pairs with the same token budget per step, padded or packed."""
   data = hh_data(packing, share_prompt)
-  it = iter(pipeline.train_dataset(data, global_batch_size=ARGS.pairs,
+  it = iter(batching.train_dataset(data, global_batch_size=ARGS.pairs,
                                    micro_batch_size=ARGS.micro_pairs, seed=0))
   return [next(it) for _ in range(ARGS.warmup + ARGS.steps)]
 

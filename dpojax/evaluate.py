@@ -32,7 +32,7 @@ from dpojax import cli
 from dpojax import model as model_lib
 from dpojax import pretrained
 from dpojax import workdir as workdir_lib
-from dpojax.data import pipeline
+from dpojax.data import batching
 from dpojax.train import build as build_lib
 from dpojax.train import compiled
 from dpojax.train import metrics as metrics_lib
@@ -58,7 +58,7 @@ def evaluate(config, policy_params, ref_params, data_path: str, *, batch_size: i
   # The config is resolved (pretrained.load_policy): init.path need not be loaded again.
   data, step_cfg = build_lib.build_eval(config, data_path)
   model_cfg = step_cfg.model
-  batches = pipeline.eval_batches(data, global_batch_size=batch_size,
+  batches = batching.eval_batches(data, global_batch_size=batch_size,
                                   micro_batch_size=batch_size, max_batches=max_batches)
   mesh = _mesh(config.mesh)
   abstract_params = jax.eval_shape(functools.partial(model_lib.init_params, model_cfg),

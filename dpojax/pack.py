@@ -20,7 +20,7 @@ import sys
 import time
 
 from dpojax import cli
-from dpojax.data import packing, pipeline
+from dpojax.data import packed_dir, packing, pipeline
 from dpojax.data.sources import FORMATS, DataError
 from dpojax.data.tokenize import BOUNDARIES, TEMPLATES, TRUNCATIONS, Tokenizer
 
@@ -66,9 +66,9 @@ def main(argv=None) -> dict:
   data = pipeline.PreferenceData(args.input, Tokenizer(args.tokenizer_path), opts)
   data.require(1, "pairs to pack")
   if os.path.isdir(args.output) and args.overwrite:
-    pipeline.read_packed_meta(args.output)  # Only ever delete a packed dataset.
+    packed_dir.read_packed_meta(args.output)  # Only ever delete a packed dataset.
     shutil.rmtree(args.output)
-  stats = pipeline.write_packed(data, args.output, strategy=args.strategy, seed=args.seed)
+  stats = packed_dir.write_packed(data, args.output, strategy=args.strategy, seed=args.seed)
   stats["seconds"] = round(time.perf_counter() - start, 3)
   print(f"Packed {stats['pairs']} pairs of {args.input} into {stats['rows']} rows of "
         f"{args.pack_size} tokens ({args.strategy}, seed {args.seed}) -> {args.output}")

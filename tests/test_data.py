@@ -9,7 +9,7 @@ import pytest
 import sentencepiece as spm
 
 from dpojax import pack as pack_cli
-from dpojax.data import packing, pipeline, templates
+from dpojax.data import batching, packed_dir, packing, pipeline, templates
 from dpojax.data.sources import DataError, JsonlSource
 from dpojax.data.tokenize import Tokenizer, fit_pair, tokenize_pair
 
@@ -161,7 +161,7 @@ def test_fewer_pairs_than_global_batch_is_a_clear_error(tmp_path, tok):
   path = write_lines(tmp_path, [json.dumps(GOOD)] * 3)
   data = pipeline.PreferenceData(path, tok, OPTS)
   with pytest.raises(DataError, match=r"3 usable pairs .* fewer than train.global_batch_size=4"):
-    pipeline.train_dataset(data, global_batch_size=4, micro_batch_size=2, seed=0)
+    batching.train_dataset(data, global_batch_size=4, micro_batch_size=2, seed=0)
 
 
 def test_missing_files_and_bad_options_are_named(tmp_path):
@@ -477,7 +477,7 @@ def test_collate_layout(tok):
   record = {"prompt": GOOD["prompt"], "chosen": GOOD["chosen_response"],
             "rejected": GOOD["rejected_response"], "chosen_reward": 0.5}
   pair = tokenize_pair(record, tok)
-  batch = pipeline.collate([pair, None, pair, pair], micro_batch_size=2, seq_len=32, opts=OPTS)
+  batch = batching.collate([pair, None, pair, pair], micro_batch_size=2, seq_len=32, opts=OPTS)
   assert batch["tokens"].shape == (2, 4, 32)
   assert batch["pair_mask"].tolist() == [[1, 0], [1, 1]]
   n_c, n_r = len(pair["chosen"]), len(pair["rejected"])
@@ -500,7 +500,7 @@ def toy_data(tmp_path, tok, n=6, **kw):
 
 def test_train_dataset_reshuffles_each_epoch_and_resumes(tmp_path, tok):
   data = toy_data(tmp_path, tok)
-  ds = pipeline.train_dataset(data, global_batch_size=2, micro_batch_size=1, seed=3)
+  ds = batching.train_dataset(data, global_batch_size=2, micro_batch_size=1, seed=3)
   it = iter(ds)
   batches = [next(it) for _ in range(6)]
   pairs = lambda bs: [tuple(b["tokens"][a, 0]) for b in bs for a in range(2)]
@@ -519,14 +519,14 @@ def test_train_dataset_reshuffles_each_epoch_and_resumes(tmp_path, tok):
 def test_resume_mid_epoch_yields_exactly_the_uninterrupted_batches(tmp_path, tok, packing_opt):
   data = toy_data(tmp_path, tok, n=11, packing=packing_opt, pack_size=64)
   kw = dict(global_batch_size=2, micro_batch_size=1, seed=7)
-  straight = iter(pipeline.train_dataset(data, **kw))
+  straight = iter(batching.train_dataset(data, **kw))
   reference = [next(straight) for _ in range(12)]  # Several epochs.
   for stop in (3, 7):
-    it = iter(pipeline.train_dataset(data, **kw))
+    it = iter(batching.train_dataset(data, **kw))
     for _ in range(stop):
       next(it)
     state = json.loads(json.dumps(it.get_state()))  # As the checkpoint stores it.
-    resumed = iter(pipeline.train_dataset(data, **kw))
+    resumed = iter(batching.train_dataset(data, **kw))
     resumed.set_state(state)
     for want in reference[stop:]:
       got = next(resumed)
@@ -542,7 +542,7 @@ def test_no_shuffle_follows_the_file_order_and_resumes(tmp_path, tok, packing_op
   rows in order every epoch. A resumed iterator continues exactly."""
   data = toy_data(tmp_path, tok, n=11, packing=packing_opt, pack_size=64, shuffle=False)
   kw = dict(global_batch_size=4, micro_batch_size=2, seed=7)
-  it = iter(pipeline.train_dataset(data, **kw))
+  it = iter(batching.train_dataset(data, **kw))
   batches = [next(it) for _ in range(8)]  # About three epochs.
   pairs = lambda b: b["pair_index"][b["pair_mask"] > 0].tolist()
   if packing_opt == "none":
@@ -562,7 +562,7 @@ def test_no_shuffle_follows_the_file_order_and_resumes(tmp_path, tok, packing_op
         want = rows[4 * k + 2 * a] + rows[4 * k + 2 * a + 1]
         assert b["pair_index"][a][b["pair_mask"][a] > 0].tolist() == want, (k, a)
   for stop in (3, 5):
-    resumed = iter(pipeline.train_dataset(data, **kw))
+    resumed = iter(batching.train_dataset(data, **kw))
     resumed.set_state(json.loads(json.dumps(_state_after(data, kw, stop))))
     for want in batches[stop:]:
       got = next(resumed)
@@ -573,7 +573,7 @@ def test_no_shuffle_follows_the_file_order_and_resumes(tmp_path, tok, packing_op
 
 
 def _state_after(data, kw, steps):
-  it = iter(pipeline.train_dataset(data, **kw))
+  it = iter(batching.train_dataset(data, **kw))
   for _ in range(steps):
     next(it)
   return it.get_state()
@@ -597,8 +597,8 @@ def test_reader_threads_do_not_change_the_batches(tmp_path, tok):
   base = toy_data(tmp_path, tok, n=9, packing="first_fit_shuffle", pack_size=64)
   threaded = toy_data(tmp_path, tok, n=9, packing="first_fit_shuffle", pack_size=64,
                       read_threads=3, prefetch=5)
-  a = iter(pipeline.train_dataset(base, **kw))
-  b = iter(pipeline.train_dataset(threaded, **kw))
+  a = iter(batching.train_dataset(base, **kw))
+  b = iter(batching.train_dataset(threaded, **kw))
   for _ in range(8):
     want, got = next(a), next(b)
     for k in want:
@@ -609,8 +609,8 @@ def test_reader_threads_do_not_change_the_batches(tmp_path, tok):
 def test_processes_take_their_block_of_every_micro_batch(tmp_path, tok, packing_opt):
   data = toy_data(tmp_path, tok, n=16, packing=packing_opt, pack_size=64)
   kw = dict(global_batch_size=4, micro_batch_size=2, seed=1)
-  whole = iter(pipeline.train_dataset(data, process_index=0, process_count=1, **kw))
-  parts = [iter(pipeline.train_dataset(data, process_index=k, process_count=2, **kw))
+  whole = iter(batching.train_dataset(data, process_index=0, process_count=1, **kw))
+  parts = [iter(batching.train_dataset(data, process_index=k, process_count=2, **kw))
            for k in range(2)]
   for _ in range(4):
     want = next(whole)
@@ -619,21 +619,21 @@ def test_processes_take_their_block_of_every_micro_batch(tmp_path, tok, packing_
     for k in want:  # The global batch is the processes' batches side by side (axis 1).
       np.testing.assert_array_equal(np.concatenate([g[k] for g in got], axis=1), want[k])
   ekw = dict(global_batch_size=4, micro_batch_size=2)
-  evals = [pipeline.eval_batches(data, process_index=k, process_count=2, **ekw)
+  evals = [batching.eval_batches(data, process_index=k, process_count=2, **ekw)
            for k in range(2)]
-  for k, want in enumerate(pipeline.eval_batches(data, process_index=0, process_count=1,
+  for k, want in enumerate(batching.eval_batches(data, process_index=0, process_count=1,
                                                  **ekw)):
     for key in want:
       np.testing.assert_array_equal(
           np.concatenate([evals[0][k][key], evals[1][k][key]], axis=1), want[key])
   with pytest.raises(DataError, match=r"train.micro_batch_size=2, itself a multiple of the "
                      r"3 processes"):
-    pipeline.train_dataset(data, process_index=0, process_count=3, **kw)
+    batching.train_dataset(data, process_index=0, process_count=3, **kw)
 
 
 def test_packed_epoch_covers_every_pair_once(tmp_path, tok):
   data = toy_data(tmp_path, tok, n=20, packing="first_fit_decreasing", pack_size=64)
-  stream = pipeline.RowStream(data, seed=0)
+  stream = batching.RowStream(data, seed=0)
   for e in range(2):
     row_starts, items = stream.epoch(e)
     assert sorted(items.tolist()) == list(range(20))
@@ -646,10 +646,10 @@ def test_packed_epoch_covers_every_pair_once(tmp_path, tok):
 
 def test_eval_batches_pad_the_last_batch(tmp_path, tok):
   data = toy_data(tmp_path, tok, n=5)
-  batches = pipeline.eval_batches(data, global_batch_size=4, micro_batch_size=2)
+  batches = batching.eval_batches(data, global_batch_size=4, micro_batch_size=2)
   assert len(batches) == 2 and batches[1]["pair_mask"].tolist() == [[1, 0], [0, 0]]
   data = toy_data(tmp_path, tok, n=5, packing="first_fit_decreasing", pack_size=64)
-  batches = pipeline.eval_batches(data, global_batch_size=2, micro_batch_size=1)
+  batches = batching.eval_batches(data, global_batch_size=2, micro_batch_size=1)
   assert sum(b["pair_mask"].sum() for b in batches) == 5
   assert batches[0]["tokens"].shape[1:] == (1, 64)
   assert data.stats["packing"]["pairs"] == 5
@@ -659,7 +659,7 @@ def test_too_few_rows_for_a_packed_global_batch(tmp_path, tok):
   data = toy_data(tmp_path, tok, n=3, packing="first_fit_decreasing", pack_size=128)
   with pytest.raises(DataError, match=r"3 pairs pack into 1 rows of 128 tokens, fewer than "
                      r"train.global_batch_size=2 \(rows per step when packing\)"):
-    pipeline.train_dataset(data, global_batch_size=2, micro_batch_size=1, seed=0)
+    batching.train_dataset(data, global_batch_size=2, micro_batch_size=1, seed=0)
 
 
 # --- offline packing -----------------------------------------------------------------------
@@ -675,7 +675,7 @@ def test_pack_cli_writes_a_dataset_training_reads(tmp_path, tok, marker_tok, cap
   assert f"Packed 9 pairs of {src} into {stats['rows']} rows of 64 tokens" in printed
   assert f"token efficiency {100 * stats['token_efficiency']:.2f}%" in printed
   assert not any(f.endswith(".pkl") for f in os.listdir(out))
-  for name in pipeline.PACKED_ARRAYS:  # Plain arrays: loadable without pickle.
+  for name in packed_dir.PACKED_ARRAYS:  # Plain arrays: loadable without pickle.
     np.load(os.path.join(out, f"{name}.npy"), allow_pickle=False)
 
   opts = pipeline.DataOptions(max_seq_length=32)
@@ -694,11 +694,11 @@ def test_pack_cli_writes_a_dataset_training_reads(tmp_path, tok, marker_tok, cap
   assert stats["token_efficiency"] == pytest.approx(
       packed.pair_lengths.sum() / (stats["rows"] * 64))
   # Every pair once per pass over the rows, in the packing the file holds.
-  batches = pipeline.eval_batches(packed, global_batch_size=1, micro_batch_size=1)
+  batches = batching.eval_batches(packed, global_batch_size=1, micro_batch_size=1)
   assert len(batches) == stats["rows"]
   seen = [r for b in batches for r in b["chosen_reward"][b["pair_mask"] > 0].tolist()]
   assert sorted(seen) == list(range(9))
-  batch = next(iter(pipeline.train_dataset(packed, global_batch_size=2, micro_batch_size=1,
+  batch = next(iter(batching.train_dataset(packed, global_batch_size=2, micro_batch_size=1,
                                            seed=0)))
   assert batch["tokens"].shape == (2, 1, 64)
   assert batch["pair_mask"].shape == (2, stats["pairs_per_row_max"])  # Slots of one row.
@@ -741,7 +741,7 @@ def test_pack_cli_writes_a_dataset_training_reads(tmp_path, tok, marker_tok, cap
   padded = pipeline.PreferenceData(src, tok, pipeline.DataOptions(max_seq_length=32,
                                                                   share_prompt=True))
   assert not padded.share_prompt
-  assert "branch_ids" not in pipeline.eval_batches(padded, global_batch_size=1,
+  assert "branch_ids" not in batching.eval_batches(padded, global_batch_size=1,
                                                    micro_batch_size=1)[0]
   # Packed for a shared prompt: rows hold len_c + len_r - (P - 1) tokens per pair.
   shared_out = str(tmp_path / "packed_shared")
@@ -754,7 +754,7 @@ def test_pack_cli_writes_a_dataset_training_reads(tmp_path, tok, marker_tok, cap
   assert shared_stats["rows"] < stats["rows"]
   assert shared_stats["token_efficiency"] == pytest.approx(
       shared.row_lengths.sum() / (shared_stats["rows"] * 64))
-  batch = pipeline.eval_batches(shared, global_batch_size=1, micro_batch_size=1)[0]
+  batch = batching.eval_batches(shared, global_batch_size=1, micro_batch_size=1)[0]
   assert batch["branch_ids"].shape == batch["tokens"].shape
   with pytest.raises(DataError, match=r"data.pack_size=32 is smaller than 2 x "
                      r"data.max_seq_length=32"):

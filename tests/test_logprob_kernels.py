@@ -270,7 +270,7 @@ def synthetic_pairs(n, vocab, seed):
 def test_dpo_training_chunked_equals_xla(monkeypatch):
   """Three optimizer steps (2 micro-batches each) with chunked give xla's parameters."""
   from dpojax import model as model_lib
-  from dpojax.data import pipeline
+  from dpojax.data import batching, pipeline
   from dpojax.train import step as step_lib
 
   from conftest import tiny_config
@@ -281,7 +281,7 @@ def test_dpo_training_chunked_equals_xla(monkeypatch):
   config = tiny_config()
   model_cfg = model_lib.ModelConfig.from_dict(config.model)
   opts = pipeline.DataOptions.from_config(config.data)
-  batch = pipeline.collate(synthetic_pairs(4, model_cfg.vocab_size, 0), micro_batch_size=2,
+  batch = batching.collate(synthetic_pairs(4, model_cfg.vocab_size, 0), micro_batch_size=2,
                            seq_len=24, opts=opts)
   # Random parameters without compiling the Flax init: shapes only, then numpy draws.
   rng = np.random.default_rng(1)

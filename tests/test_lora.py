@@ -13,7 +13,7 @@ from dpojax import config as config_lib
 from dpojax import loss as loss_lib
 from dpojax import model as model_lib
 from dpojax.checkpoint.orbax import Checkpointer
-from dpojax.data import pipeline
+from dpojax.data import batching
 from dpojax.model import lora
 from dpojax.ops import logprob as logprob_lib
 from dpojax.train import build as build_lib
@@ -173,7 +173,7 @@ def test_lora_training_learns_with_small_state(tmp_path):
   state = jax.device_put(step_lib.init_state(parts.trainable, tx), jax.devices()[0])
   train = jax.jit(functools.partial(step_lib.train_step, cfg=step_cfg, tx=tx, schedule=schedule))
   evaluate = jax.jit(functools.partial(step_lib.eval_step, cfg=step_cfg))
-  val = pipeline.eval_batches(val_data, global_batch_size=16, micro_batch_size=8, max_batches=2)
+  val = batching.eval_batches(val_data, global_batch_size=16, micro_batch_size=8, max_batches=2)
 
   def val_metrics(adapters):
     sums = [evaluate(adapters, parts.frozen, b) for b in val]
@@ -181,7 +181,7 @@ def test_lora_training_learns_with_small_state(tmp_path):
 
   before = val_metrics(state.params)
   assert abs(before["loss"] - math.log(2)) < 1e-6 and before["accuracy"] == 0.0
-  batches = iter(pipeline.train_dataset(train_data, global_batch_size=16, micro_batch_size=8,
+  batches = iter(batching.train_dataset(train_data, global_batch_size=16, micro_batch_size=8,
                                         seed=0))
   for i in range(config.train.max_steps):
     state, metrics = train(state, parts.frozen, next(batches))

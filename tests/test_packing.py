@@ -7,7 +7,7 @@ import pytest
 
 from dpojax import config as config_lib
 from dpojax import model as model_lib
-from dpojax.data import packing, pipeline
+from dpojax.data import batching, packing, pipeline
 from dpojax.data.tokenize import Tokenizer
 from dpojax.ops import logprob as logprob_lib
 from dpojax.train import logps as logps_lib
@@ -235,7 +235,7 @@ def test_packed_and_padded_give_the_same_logps_loss_and_metrics(toy_pairs, tiny_
   branch sees the prompt and itself only (seeing the sibling response would move them)."""
   _, pairs = toy_pairs
   n = len(pairs)
-  padded = pipeline.collate(pairs, micro_batch_size=n, seq_len=48,
+  padded = batching.collate(pairs, micro_batch_size=n, seq_len=48,
                             opts=pipeline.DataOptions(max_seq_length=48))
   packed, slots = packed_batch(pairs, 96, 1, share_prompt)  # One spare (masked) slot per row.
   assert packed["tokens"].shape[1] < n  # Rows really hold several pairs.

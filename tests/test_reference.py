@@ -16,7 +16,7 @@ import pytest
 from dpojax import config as config_lib
 from dpojax import loss as loss_lib
 from dpojax import model as model_lib
-from dpojax.data import pipeline
+from dpojax.data import batching, pipeline
 from dpojax.data.tokenize import Tokenizer
 from dpojax.model import lora
 from dpojax.train import precompute
@@ -84,7 +84,7 @@ def test_precomputed_gives_the_copy_losses_and_is_cached(setup, monkeypatch):
 
   # A training batch in another order, with padding pairs; 2 micro-batches of 4.
   order = [17, 3, None, 30, 8, 25, None, 0]
-  host = pipeline.collate([None if i is None else data[i] for i in order], micro_batch_size=4,
+  host = batching.collate([None if i is None else data[i] for i in order], micro_batch_size=4,
                           seq_len=48, opts=data.opts)
   np.testing.assert_array_equal(host["pair_index"], [[17, 3, -1, 30], [8, 25, -1, 0]])
   with_ref = precompute.add_ref_logps(host, table)
@@ -190,7 +190,7 @@ def test_tr_dpo_sync_during_training(setup):
   state = init_state(parts.trainable, setup["tx"], ref=parts.state_ref)
   train = jit_train(cfg, setup)
   sync = jax.jit(functools.partial(reference.sync_state, cfg=cfg, alpha=0.5))
-  host = pipeline.collate([data[i] for i in range(8)], micro_batch_size=4, seq_len=48,
+  host = batching.collate([data[i] for i in range(8)], micro_batch_size=4, seq_len=48,
                           opts=data.opts)
   f64 = lambda t: jax.tree.map(lambda x: np.asarray(x, np.float64), t)
   ref = f64(params)

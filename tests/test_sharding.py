@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent("""
     sys.path.insert(0, "tests")
     from conftest import tiny_config
     from dpojax import model as model_lib
-    from dpojax.data import pipeline
+    from dpojax.data import batching
     from dpojax.train import build as build_lib, compiled, sharding, step as step_lib
     from dpojax.train import logps as logps_lib
 
@@ -33,7 +33,7 @@ SCRIPT = textwrap.dedent("""
     config.train.global_batch_size = 8
     config.train.micro_batch_size = 4
     _, train_data, _, step_cfg = build_lib.build(config)
-    batches = [pipeline.collate([train_data[i] for i in range(8 * s, 8 * s + 8)],
+    batches = [batching.collate([train_data[i] for i in range(8 * s, 8 * s + 8)],
                                 micro_batch_size=4, seq_len=48, opts=train_data.opts)
                for s in range(5)]
     tx, schedule = step_lib.make_optimizer(config.train)

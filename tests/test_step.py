@@ -12,7 +12,7 @@ import pytest
 from dpojax import config as config_lib
 from dpojax import loss as loss_lib
 from dpojax import model as model_lib
-from dpojax.data import pipeline
+from dpojax.data import batching, pipeline
 from dpojax.data.tokenize import Tokenizer
 from dpojax.train import logps as logps_lib
 from dpojax.train import step as step_lib
@@ -201,7 +201,7 @@ def test_micro_batches_equal_one_big_batch_for_a_rich_loss(data, tiny_model):
   tx, schedule = step_lib.make_optimizer(train)
   results = []
   for micro in (8, 2):
-    batch = pipeline.collate(pairs, micro_batch_size=micro, seq_len=SEQ_LEN,
+    batch = batching.collate(pairs, micro_batch_size=micro, seq_len=SEQ_LEN,
                              opts=data["train"].opts)
     step = jax.jit(lambda s, r, b: step_lib.train_step(s, r, b, cfg=cfg, tx=tx,
                                                        schedule=schedule))
@@ -242,7 +242,7 @@ def test_each_nemo_loss_trains_and_reads_rewards_from_the_jsonl(data, tiny_model
   update_fn = jax.jit(lambda p, o, g: (lambda u, o2: (jax.tree.map(jnp.add, p, u), o2))(
       *tx.update(g, o, p)))
 
-  micros = lambda split, g: [jax.tree.map(lambda x: x[0], b) for b in pipeline.eval_batches(
+  micros = lambda split, g: [jax.tree.map(lambda x: x[0], b) for b in batching.eval_batches(
       data[split], global_batch_size=g, micro_batch_size=g)]
   train_micros, val_micros = micros("train", 8), micros("val", 8)  # One shape: one compile.
   ref_train = [stats_fn(params0, m)["logps"] for m in train_micros]

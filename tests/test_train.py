@@ -12,7 +12,7 @@ import pytest
 
 from dpojax import model as model_lib
 from dpojax import pretrained
-from dpojax.data import pipeline
+from dpojax.data import batching, pipeline
 from dpojax.train import build as build_lib
 from dpojax.train import compiled as compiled_lib
 from dpojax.train import loop
@@ -122,7 +122,7 @@ def test_no_shuffle_trains_on_the_file_in_order_and_resumes_exactly(tmp_path, mo
   8(k-1) .. 8k-1 of the file, as TRL's sequential sampler, and a run resumed from its step-3
   checkpoint gives the uninterrupted run's batches and metrics."""
   seen = []
-  real = pipeline.train_dataset
+  real = batching.train_dataset
   monkeypatch.setattr(loop.pipeline, "train_dataset",
                       lambda *a, **k: _SpyDataset(real(*a, **k), seen))
   train_copy = tmp_path / "my_pairs.jsonl"  # The toy pairs under a user's name.
@@ -215,7 +215,7 @@ def test_gradient_accumulation_equals_one_big_batch():
   tx, schedule = step_lib.make_optimizer(config.train)
   results = []
   for micro in (8, 2):
-    batch = pipeline.collate(pairs, micro_batch_size=micro, seq_len=48, opts=train_data.opts)
+    batch = batching.collate(pairs, micro_batch_size=micro, seq_len=48, opts=train_data.opts)
     step = jax.jit(lambda s, r, b: step_lib.train_step(s, r, b, cfg=step_cfg, tx=tx,
                                                        schedule=schedule))
     state = step_lib.init_state(params, tx)

@@ -26,7 +26,7 @@ from dpojax import pretrained as pretrained_lib
 from dpojax import workdir as workdir_lib
 from dpojax.checkpoint import orbax as orbax_ckpt
 from dpojax.checkpoint.orbax import Checkpointer
-from dpojax.data import pipeline
+from dpojax.data import batching, pipeline
 from dpojax.train import build as build_lib
 from dpojax.train import compiled
 from dpojax.train import metrics as metrics_lib
@@ -131,10 +131,10 @@ def _run(config, workdir: str, stop: StopRequested) -> dict:
   abstract = reference.abstract_split(step_cfg, abstract_params, sync=sync)
   abstract_state = jax.eval_shape(lambda p, r: step_lib.init_state(p, tx, ref=r),
                                   abstract.trainable, abstract.state_ref)
-  train_iter = iter(pipeline.train_dataset(
+  train_iter = iter(batching.train_dataset(
       train_data, global_batch_size=t.global_batch_size,
       micro_batch_size=t.micro_batch_size, seed=t.seed))
-  val_batches = pipeline.eval_batches(
+  val_batches = batching.eval_batches(
       val_data, global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
       max_batches=config.eval.max_batches)
   example = val_batches[0]
@@ -211,7 +211,7 @@ def _run(config, workdir: str, stop: StopRequested) -> dict:
 
   eval_interval = config.eval.interval
   if config.eval.get("interval_epochs", 0.0) > 0:  # A fraction of an epoch, in whole steps.
-    epoch_steps = pipeline.steps_per_epoch(train_data, t.global_batch_size, t.seed)
+    epoch_steps = batching.steps_per_epoch(train_data, t.global_batch_size, t.seed)
     eval_interval = max(1, round(config.eval.interval_epochs * epoch_steps))
     say(f"Validating every {eval_interval} steps ({config.eval.interval_epochs} of an epoch "
         f"of {epoch_steps:.1f} steps)")

@@ -23,7 +23,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from dpojax import config as config_lib
-from dpojax.data import pipeline
+from dpojax.data import batching, pipeline
 from dpojax.train import logps as logps_lib
 from dpojax.train import reference as reference_lib
 from dpojax.train import sharding
@@ -146,14 +146,14 @@ def compute_logps(step_cfg: step_lib.StepConfig, params, data: pipeline.Preferen
   seq_len = -(-longest // 8) * 8
   pairs_per_batch = -(-pairs_per_batch // micro_batch_size) * micro_batch_size
   # This process's block of each micro-batch, as the training pipeline takes it.
-  shard = pipeline.ProcessShard(pairs_per_batch, micro_batch_size,
+  shard = batching.ProcessShard(pairs_per_batch, micro_batch_size,
                                 jax.process_index() if mesh is not None else 0,
                                 jax.process_count() if mesh is not None else 1, "pairs")
   table = np.zeros((n, 2), np.float32)
   for start in range(0, n, pairs_per_batch):
     idx = list(range(start, min(start + pairs_per_batch, n)))
     idx += [None] * (pairs_per_batch - len(idx))
-    host = pipeline.collate([None if i is None else data[int(i)] for i in shard(idx)],
+    host = batching.collate([None if i is None else data[int(i)] for i in shard(idx)],
                             micro_batch_size=shard.local, seq_len=seq_len, opts=data.opts,
                             pair_offset=shard.offset)
     batch = host if mesh is None else sharding.global_batch(host, mesh)

@@ -123,7 +123,7 @@ def test_no_shuffle_trains_on_the_file_in_order_and_resumes_exactly(tmp_path, mo
   checkpoint gives the uninterrupted run's batches and metrics."""
   seen = []
   real = batching.train_dataset
-  monkeypatch.setattr(loop.pipeline, "train_dataset",
+  monkeypatch.setattr(loop.batching, "train_dataset",
                       lambda *a, **k: _SpyDataset(real(*a, **k), seen))
   train_copy = tmp_path / "my_pairs.jsonl"  # The toy pairs under a user's name.
   train_copy.write_text(open(pipeline.TOY_TRAIN).read())

@@ -18,8 +18,8 @@ import tarfile
 import tempfile
 
 from dpojax import cli
-from dpojax.checkpoint import hf, nemo
-from dpojax.checkpoint.convert_common import ARCHITECTURE_FIELDS, CheckpointError, Loaded
+from dpojax.formats import hf, nemo
+from dpojax.formats.convert_common import ARCHITECTURE_FIELDS, CheckpointError, Loaded
 from dpojax.model import ModelConfig
 
 FORMATS = ("nemo", "hf")

@@ -24,7 +24,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dpojax import errors, workdir
-from dpojax.checkpoint import convert_common
+from dpojax.formats import convert_common
 from dpojax.checkpoint import orbax as orbax_ckpt
 from dpojax.data import sources
 from dpojax.train import loop, sharding

@@ -24,7 +24,7 @@ from dpojax import config as config_lib
 from dpojax import convert
 from dpojax import model as model_lib
 from dpojax import workdir as workdir_lib
-from dpojax.checkpoint import nemo as nemo_ckpt
+from dpojax.formats import nemo as nemo_ckpt
 from dpojax.checkpoint import orbax as orbax_ckpt
 from dpojax.errors import ConfigError
 from dpojax.model import lora as lora_lib

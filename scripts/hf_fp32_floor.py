@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import stories260k as S  # noqa: E402  (tests/stories260k.py: the fixture's paths)
 
 from dpojax import model as model_lib  # noqa: E402
-from dpojax.checkpoint import hf  # noqa: E402
+from dpojax.formats import hf  # noqa: E402
 
 
 def ours(cfg, params, tokens, depth):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpojax import model as model_lib
-from dpojax.checkpoint import convert_common
+from dpojax.formats import convert_common
 
 DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata", "stories260k")
 HF_DIR = os.path.join(DIR, "hf")

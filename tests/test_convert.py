@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from dpojax import convert
-from dpojax.checkpoint import nemo
-from dpojax.checkpoint import nemo_archive
-from dpojax.checkpoint import nemo_weights
+from dpojax.formats import nemo
+from dpojax.formats import nemo_archive
+from dpojax.formats import nemo_weights
 import stories260k as S
 
 

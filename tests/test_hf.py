@@ -1,4 +1,4 @@
-"""dpojax.checkpoint.hf: the real stories260K Llama folder, round trips, transformers parity."""
+"""dpojax.formats.hf: the real stories260K Llama folder, round trips, transformers parity."""
 
 import dataclasses
 import functools
@@ -14,8 +14,8 @@ import sentencepiece as spm
 from safetensors.numpy import load_file
 
 from dpojax import model as model_lib
-from dpojax.checkpoint import hf, nemo
-from dpojax.checkpoint.convert_common import CheckpointError
+from dpojax.formats import hf, nemo
+from dpojax.formats.convert_common import CheckpointError
 import stories260k as S
 
 

@@ -1,4 +1,4 @@
-"""dpojax.checkpoint.nemo: real .nemo fixtures (stories260K), round trips, layouts, safety."""
+"""dpojax.formats.nemo: real .nemo fixtures (stories260K), round trips, layouts, safety."""
 
 import io
 import json
@@ -13,10 +13,10 @@ import sentencepiece as spm
 import torch
 
 from dpojax import model as model_lib
-from dpojax.checkpoint import nemo
-from dpojax.checkpoint import nemo_archive
-from dpojax.checkpoint import nemo_weights
-from dpojax.checkpoint.convert_common import CheckpointError
+from dpojax.formats import nemo
+from dpojax.formats import nemo_archive
+from dpojax.formats import nemo_weights
+from dpojax.formats.convert_common import CheckpointError
 import stories260k as S
 
 

@@ -1,1 +1,1 @@
-"""Checkpoints: Orbax training state; .nemo and Hugging Face conversion."""
+"""The training checkpoint: Orbax state, data iterator and keep-best (conversion: dpojax.formats)."""

@@ -21,7 +21,7 @@ import yaml
 _TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.dirname(_TESTS), _TESTS]  # This checkout's dpojax; tests/stories260k.
 from dpojax import model as model_lib  # pylint: disable=g-import-not-at-top
-from dpojax.checkpoint import nemo  # pylint: disable=g-import-not-at-top
+from dpojax.formats import nemo  # pylint: disable=g-import-not-at-top
 import stories260k as S  # pylint: disable=g-import-not-at-top
 
 C = model_lib.ModelConfig

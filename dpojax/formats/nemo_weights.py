@@ -15,10 +15,10 @@ import warnings
 
 import numpy as np
 
-from dpojax.checkpoint.convert_common import (
+from dpojax.formats.convert_common import (
     CheckpointError, Fields, numpy_dtype, numpy_to_torch, torch_to_numpy)
-from dpojax.checkpoint.nemo_archive import Archive, WEIGHTS_DIR, WEIGHTS_FILE
-from dpojax.checkpoint.nemo_mcore import EXTRA_STATE_MODULES, LAYERS
+from dpojax.formats.nemo_archive import Archive, WEIGHTS_DIR, WEIGHTS_FILE
+from dpojax.formats.nemo_mcore import EXTRA_STATE_MODULES, LAYERS
 
 # ---------------------------------------------------------------------------------------------
 # Weights: every layout to one dict of global tensors with distributed-checkpoint names

@@ -6,7 +6,7 @@ import os
 import re
 import tarfile
 
-from dpojax.checkpoint.convert_common import CheckpointError
+from dpojax.formats.convert_common import CheckpointError
 
 CONFIG_NAME = "model_config.yaml"
 WEIGHTS_FILE = "model_weights.ckpt"

@@ -33,13 +33,13 @@ import uuid
 import numpy as np
 import sentencepiece as spm
 
-from dpojax.checkpoint.convert_common import (
+from dpojax.formats.convert_common import (
     CheckpointError, Fields, Loaded, check_params, check_tensors, dtype_name, unflatten)
-from dpojax.checkpoint.nemo_archive import Archive, CONFIG_NAME, WEIGHTS_DIR, _clean_tarinfo
-from dpojax.checkpoint.nemo_config import config_from_yaml, config_to_yaml, read_config
-from dpojax.checkpoint.nemo_mcore import (
+from dpojax.formats.nemo_archive import Archive, CONFIG_NAME, WEIGHTS_DIR, _clean_tarinfo
+from dpojax.formats.nemo_config import config_from_yaml, config_to_yaml, read_config
+from dpojax.formats.nemo_mcore import (
     EXTRA_STATE_MODULES, MEGATRON_CORE, mcore_shapes, mcore_to_params, params_to_mcore)
-from dpojax.checkpoint.nemo_weights import _ignored, _write_torch_dist, read_weights
+from dpojax.formats.nemo_weights import _ignored, _write_torch_dist, read_weights
 from dpojax.model import ModelConfig
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import tempfile
 import numpy as np
 import sentencepiece as spm
 
-from dpojax.checkpoint.convert_common import (
+from dpojax.formats.convert_common import (
     CheckpointError, Fields, Loaded, check_params, check_tensors, dtype_name, load_json,
     unflatten)
 from dpojax.model import ModelConfig

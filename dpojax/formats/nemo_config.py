@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dpojax.checkpoint.convert_common import CheckpointError, Fields, load_yaml
-from dpojax.checkpoint.nemo_archive import Archive, CONFIG_NAME
+from dpojax.formats.convert_common import CheckpointError, Fields, load_yaml
+from dpojax.formats.nemo_archive import Archive, CONFIG_NAME
 from dpojax.model import ModelConfig
 
 MEGATRON_GPT = "nemo.collections.nlp.models.language_modeling.megatron_gpt_model.MegatronGPTModel"

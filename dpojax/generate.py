@@ -48,6 +48,7 @@ from dpojax.data import templates
 from dpojax.data.sources import DataError, jsonl_records, where
 from dpojax.data.tokenize import Tokenizer
 from dpojax.model import transformer
+from dpojax.ops import logprob_chunked
 
 # Template markers that end a response (besides EOS), used as default stop ids.
 TEMPLATE_STOPS = {"nemo": templates.EXTRA_1, "chatml": templates.IM_END}
@@ -99,9 +100,11 @@ def sample(logits_BxV, rng, sampling: Sampling):
 
 
 def _logits(params, cfg, hidden_BxD):
+  """Next-token logits [B, V] in fp32, final-logit softcapped as the log-probs are."""
   w_VxD = transformer.output_weight(params, cfg)
-  return jnp.einsum("bd,vd->bv", hidden_BxD, w_VxD.astype(hidden_BxD.dtype),
-                    preferred_element_type=jnp.float32, precision="highest")
+  logits_BxV = jnp.einsum("bd,vd->bv", hidden_BxD, w_VxD.astype(hidden_BxD.dtype),
+                          preferred_element_type=jnp.float32, precision="highest")
+  return logprob_chunked.softcap(logits_BxV, cfg.final_logit_softcap)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "pad_id"))

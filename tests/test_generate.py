@@ -260,3 +260,14 @@ def test_clear_errors(tmp_path, capsys):
       f"error: --checkpoint={tmp_path / 'gone.nemo'}: no such file or folder\n")
   with pytest.raises(ValueError, match="--top_p=0.0 must be in"):  # --debug: the traceback.
     gen.main(["--checkpoint", S.HF_DIR, "--prompt", "x", "--top_p", "0", "--debug"])
+
+
+def test_sampling_sees_the_final_logit_softcap():
+  """Generation samples from the same capped logits c * tanh(z / c) that training scores."""
+  cfg = dataclasses.replace(VARIANTS["gqa_partial_rope"], final_logit_softcap=0.5)
+  params = small_params(cfg)
+  hidden = np.random.default_rng(3).normal(size=(3, cfg.hidden_size)).astype(np.float32)
+  got = np.asarray(gen._logits(params, cfg, jnp.asarray(hidden)))  # pylint: disable=protected-access
+  plain = logits(params, cfg, hidden)
+  assert np.abs(plain - 0.5 * np.tanh(plain / 0.5)).max() > 0.1  # The cap bends these.
+  np.testing.assert_allclose(got, 0.5 * np.tanh(plain / 0.5), atol=1e-5)

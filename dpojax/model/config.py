@@ -12,6 +12,7 @@ LAYER_TYPES = ("full_attention", "sliding_attention")  # Hugging Face's `layer_t
 POSITION_EMBEDDINGS = ("rope", "learned_absolute")
 REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION_IMPLS = ("auto", "xla", "flash", "sparse")
+ROPE_SCALINGS = ("none", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: x64 reference runs.
 
 
@@ -70,6 +71,15 @@ class ModelConfig:
   # sliding_window > 0.
   layer_types: tuple[str, ...] | None = None
   rotary_base_local: float | None = None  # RoPE theta of sliding layers; None: rotary_base.
+  # RoPE frequency scaling, as Hugging Face's rope_type: none | linear | llama3. linear
+  # divides every frequency by the factor; llama3 divides the low frequencies (wavelengths
+  # over original_max / low_freq_factor) by it, keeps the high ones (under original_max /
+  # high_freq_factor) and blends in between.
+  rope_scaling: str = "none"
+  rope_scaling_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_positions: int = 8192
 
   def __post_init__(self):
     _check_choice("activation", self.activation, ACTIVATIONS)
@@ -79,6 +89,14 @@ class ModelConfig:
     _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
     _check_choice("param_dtype", self.param_dtype, DTYPES)
     _check_choice("dtype", self.dtype, DTYPES)
+    _check_choice("rope_scaling", self.rope_scaling, ROPE_SCALINGS)
+    if self.rope_scaling != "none" and not self.rope_scaling_factor > 0:
+      raise ConfigError(f"model.rope_scaling_factor={self.rope_scaling_factor} must be positive")
+    if self.rope_scaling == "llama3" and not (
+        0 < self.rope_low_freq_factor < self.rope_high_freq_factor):
+      raise ConfigError(f"model.rope_low_freq_factor={self.rope_low_freq_factor} must be "
+                        f"positive and below model.rope_high_freq_factor="
+                        f"{self.rope_high_freq_factor}")
     for name in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads",
                  "ffn_hidden_size"):
       if getattr(self, name) < 1:

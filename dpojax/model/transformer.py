@@ -69,7 +69,26 @@ class Norm(nn.Module):
     return y.astype(_dtype(cfg.dtype))
 
 
-def rope_table(positions_BxT, rotary_dim: int, base: float, dtype, num_positions=None):
+def scale_frequencies(inv_freq, cfg: ModelConfig):
+  """RoPE inverse frequencies after `cfg.rope_scaling` (Hugging Face's linear and llama3)."""
+  if cfg.rope_scaling == "none":
+    return inv_freq
+  factor = cfg.rope_scaling_factor
+  if cfg.rope_scaling == "linear":
+    return inv_freq / factor
+  low_wavelen = cfg.rope_original_max_positions / cfg.rope_low_freq_factor
+  high_wavelen = cfg.rope_original_max_positions / cfg.rope_high_freq_factor
+  wavelen = 2 * jnp.pi / inv_freq
+  scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+  smooth = ((cfg.rope_original_max_positions / wavelen - cfg.rope_low_freq_factor)
+            / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor))
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def rope_table(positions_BxT, rotary_dim: int, base: float, dtype, num_positions=None,
+               cfg: ModelConfig | None = None):
   """(cos, sin) of each position's rotary angles, [B, T, 1, rotary_dim], in fp32 or wider.
 
   With `num_positions`, the cos and sin of positions 0 .. num_positions - 1 are computed at
@@ -83,6 +102,8 @@ def rope_table(positions_BxT, rotary_dim: int, base: float, dtype, num_positions
   f32 = _at_least_f32(dtype)
   with jax.ensure_compile_time_eval():  # One rounding per op, as HF computes it.
     inv_freq = 1.0 / (base ** (jnp.arange(0, rotary_dim, 2, dtype=f32) / rotary_dim))
+    if cfg is not None:
+      inv_freq = scale_frequencies(inv_freq, cfg).astype(f32)
 
   def cos_sin(positions):
     freqs = positions[..., None].astype(f32) * inv_freq
@@ -321,14 +342,16 @@ class Transformer(nn.Module):
     if cfg.position_embedding_type == "rope":
       # Training rows hold positions below their length; decoding's positions reach further.
       num_positions = tokens_BxT.shape[1] if cache is None else None
-      table = lambda base: rope_table(positions_BxT, cfg.rotary_dim, base, dt, num_positions)
+      # rope_scaling applies to rotary_base's layers; rotary_base_local's stay unscaled (Gemma 3).
+      table = lambda base, scaled: rope_table(positions_BxT, cfg.rotary_dim, base, dt,
+                                              num_positions, cfg if scaled else None)
       sliding, local = cfg.sliding_layers, cfg.rotary_base_local
-      if local is None or local == cfg.rotary_base or not any(sliding):
-        rope = table(cfg.rotary_base)
+      if local is None or not any(sliding):
+        rope = table(cfg.rotary_base, True)
       elif all(sliding):
-        rope = table(local)
+        rope = table(local, False)
       else:
-        rope = {"full": table(cfg.rotary_base), "sliding": table(local)}
+        rope = {"full": table(cfg.rotary_base, True), "sliding": table(local, False)}
 
     block = Block
     if cfg.remat != "none":

@@ -50,11 +50,15 @@ def get_config() -> ml_collections.ConfigDict:
   m.sliding_window = 0  # Sliding layers see keys < this many positions back; 0 = none.
   m.layer_types = ml_collections.config_dict.placeholder(tuple)  # Per layer full/sliding_attention.
   m.rotary_base_local = ml_collections.config_dict.placeholder(float)  # RoPE theta, sliding layers.
-  m.rope_scaling = "none"  # RoPE frequency scaling: none | linear | llama3 (HF rope_type).
-  m.rope_scaling_factor = 1.0  # Its factor (linear, llama3).
+  m.rope_scaling = "none"  # RoPE scaling: none | linear | dynamic | llama3 | yarn (HF rope_type).
+  m.rope_scaling_factor = 1.0  # Its factor (linear, dynamic, llama3, yarn).
   m.rope_low_freq_factor = 1.0  # llama3: wavelengths over original / this are scaled.
   m.rope_high_freq_factor = 4.0  # llama3: wavelengths under original / this are kept.
-  m.rope_original_max_positions = 8192  # llama3: original_max_position_embeddings.
+  m.rope_original_max_positions = 8192  # llama3, yarn: original_max_position_embeddings.
+  m.rope_attention_factor = 1.0  # yarn: cos and sin times this (HF attention_factor).
+  m.rope_yarn_beta_fast = 32.0  # yarn: rotations that bound the kept high frequencies.
+  m.rope_yarn_beta_slow = 1.0  # yarn: rotations that bound the interpolated low ones.
+  m.rope_yarn_truncate = True  # yarn: ramp ends rounded to whole dimensions.
 
   c.init = ml_collections.ConfigDict()
   c.init.path = ""  # .nemo file, Hugging Face folder or dpojax workdir; "" = random init.

@@ -168,9 +168,9 @@ def test_errors_name_file_line_and_field(stories, tmp_path):
   with pytest.raises(CheckpointError, match=rf"{config_path}:{line}: model_type: 'gpt2'"):
     hf.load_hf(str(folder))
   scaled = json.loads(text)
-  scaled["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0}
+  scaled["rope_scaling"] = {"rope_type": "longrope", "factor": 8.0}
   config_path.write_text(json.dumps(scaled, indent=2))
-  with pytest.raises(CheckpointError, match=r"rope_scaling: rope_type 'llama3' is not"):
+  with pytest.raises(CheckpointError, match=r"rope_scaling: rope_type 'longrope' is not"):
     hf.load_hf(str(folder))
   config_path.write_text(text)
   tensors = load_file(str(folder / hf.SINGLE))

@@ -492,27 +492,34 @@ def test_cached_decoding_with_sliding_layers_equals_the_full_forward():
     ("linear", dict(factor=4.0)),
     ("llama3", dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                     original_max_position_embeddings=64)),
+    ("yarn", dict(factor=4.0, original_max_position_embeddings=128)),
+    ("yarn", dict(factor=8.0, original_max_position_embeddings=64, beta_fast=16.0,
+                  beta_slow=2.0, truncate=False)),
 ])
 def test_rope_scaling_frequencies_equal_transformers(kind, extra):
-  """linear and llama3 RoPE scaling give transformers' own inverse frequencies (its
-  ROPE_INIT_FUNCTIONS, the oracle), and the model's angles use them."""
+  """linear, llama3 and yarn RoPE scaling give transformers' own inverse frequencies and
+  attention factor (its ROPE_INIT_FUNCTIONS, the oracle), and the model's angles use them."""
   transformers = pytest.importorskip("transformers")
   from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # pylint: disable=g-import-not-at-top
   hf = transformers.LlamaConfig(hidden_size=64, num_attention_heads=2, rope_theta=10000.0,
                                 max_position_embeddings=512,
                                 rope_scaling={"rope_type": kind, **extra})
   want, attention_factor = ROPE_INIT_FUNCTIONS[kind](hf, "cpu")
-  assert attention_factor == 1.0
+  # yarn's factor with no mscale: 0.1 ln(factor) + 1 (its formula, by hand).
+  assert attention_factor == (0.1 * np.log(extra["factor"]) + 1 if kind == "yarn" else 1.0)
   cfg = dataclasses.replace(
       BASE, hidden_size=64, num_attention_heads=2, rope_scaling=kind,
       rope_scaling_factor=extra["factor"],
       rope_low_freq_factor=extra.get("low_freq_factor", 1.0),
       rope_high_freq_factor=extra.get("high_freq_factor", 4.0),
-      rope_original_max_positions=extra.get("original_max_position_embeddings", 8192))
+      rope_original_max_positions=extra.get("original_max_position_embeddings", 8192),
+      rope_attention_factor=float(attention_factor),
+      rope_yarn_beta_fast=extra.get("beta_fast", 32.0),
+      rope_yarn_beta_slow=extra.get("beta_slow", 1.0), rope_yarn_truncate=extra.get("truncate", True))
   base = 1.0 / (10000.0 ** (jnp.arange(0, 32, 2, dtype=jnp.float32) / 32))
-  got = np.asarray(transformer.scale_frequencies(base, cfg))
+  got = np.asarray(transformer.scale_frequencies(base, cfg, 10000.0))
   np.testing.assert_allclose(got, want.numpy(), rtol=1e-6)
   assert np.abs(got - np.asarray(base)).max() > 1e-3  # The scaling moves some frequencies.
   cos, _ = transformer.rope_table(jnp.arange(40)[None], 32, 10000.0, jnp.float32, None, cfg)
-  np.testing.assert_allclose(np.asarray(cos[0, :, 0, :16]),
-                             np.cos(np.arange(40)[:, None] * want.numpy()[None]), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(cos[0, :, 0, :16]), attention_factor * np.cos(
+      np.arange(40)[:, None] * want.numpy()[None]), atol=1e-5)

@@ -33,11 +33,18 @@ class Loaded(NamedTuple):
 
 # ModelConfig fields that a checkpoint fixes. The others (param_dtype, dtype, remat,
 # init_method_std) are the run's choice; the stored dtype is in the loaded config's param_dtype.
+# The options of the Hugging Face families (model/config.py), off in every .nemo.
+FAMILY_FIELDS = (
+    "qkv_bias", "qk_norm", "post_norms", "scale_embeddings", "query_pre_attn_scalar",
+    "attention_softcap", "final_logit_softcap", "sliding_window", "layer_types",
+    "rotary_base_local", "rope_scaling", "rope_scaling_factor", "rope_low_freq_factor",
+    "rope_high_freq_factor", "rope_original_max_positions", "rope_attention_factor",
+    "rope_yarn_beta_fast", "rope_yarn_beta_slow", "rope_yarn_truncate")
 ARCHITECTURE_FIELDS = (
     "vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_query_groups",
     "kv_channels", "ffn_hidden_size", "activation", "normalization", "layernorm_epsilon",
     "position_embedding_type", "rotary_percentage", "rotary_base", "max_position_embeddings",
-    "bias", "share_embeddings_and_output_weights")
+    "bias", "share_embeddings_and_output_weights") + FAMILY_FIELDS
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
@@ -69,6 +76,11 @@ class Fields:
     if kind is not None and not _is_kind(value, kind):
       raise self.error(key, f"expected {kind.__name__}, got {value!r}")
     return value
+
+  def sub(self, key: str) -> Fields:
+    """The object under `key` (e.g. a multimodal folder's text_config), for its own keys."""
+    value = self.require(key, dict)
+    return Fields(value, self.lines, self.path, f"{self.prefix}{key}.")
 
   def optional(self, key: str, kind, default):
     value = self.data.get(key)
@@ -123,10 +135,16 @@ def load_json(text: str, path: str) -> Fields:
   if not isinstance(data, dict):
     raise CheckpointError(f"{path}:1: expected a JSON object")
   lines = {}
-  for key in data:
-    m = re.search(r'"%s"\s*:' % re.escape(key), text)
-    if m:
-      lines[key] = text.count("\n", 0, m.start()) + 1
+
+  def walk(obj, prefix, start):  # Each key's first occurrence after its parent's.
+    for key, value in obj.items():
+      m = re.compile(r'"%s"\s*:' % re.escape(key)).search(text, start)
+      if m:
+        lines[prefix + key] = text.count("\n", 0, m.start()) + 1
+        if isinstance(value, dict):
+          walk(value, f"{prefix}{key}.", m.end())
+
+  walk(data, "", 0)
   return Fields(data, lines, path)
 
 

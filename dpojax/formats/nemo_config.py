@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dpojax.formats.convert_common import CheckpointError, Fields, load_yaml
+from dpojax.formats.convert_common import FAMILY_FIELDS, CheckpointError, Fields, load_yaml
 from dpojax.formats.nemo_archive import Archive, CONFIG_NAME
 from dpojax.model import ModelConfig
 
@@ -106,6 +106,16 @@ _PRECISION = {"float32": 32, "bfloat16": "bf16", "float16": 16}
 def config_to_yaml(cfg: ModelConfig, tokenizer_member: str | None, vocab_divisor: int,
                    base: dict | None = None) -> dict:
   """model_config.yaml for megatron-core GPT: `base` (e.g. the imported file) + architecture."""
+  default = ModelConfig()
+  held = [f"model.{k}={getattr(cfg, k)!r}" for k in FAMILY_FIELDS
+          if getattr(cfg, k) != getattr(default, k)
+          and not (k.startswith("rope_") and k != "rope_scaling" and cfg.rope_scaling == "none")]
+  held += [f"model.{k}={getattr(cfg, k)!r}" for k, bad in (("activation", "geglu"),
+                                                           ("normalization", "rmsnorm1p"))
+           if getattr(cfg, k) == bad]
+  if held:  # NeMo 1.x GPT has none of the Hugging Face families' options (dpojax's import).
+    raise CheckpointError("a .nemo (megatron-core GPT as dpojax writes it) cannot hold "
+                          + ", ".join(held) + "; export to a Hugging Face folder instead")
   # Training-side keys NeMo reads when it restores a model; a `base` file keeps its own.
   out = {"micro_batch_size": 1, "global_batch_size": 1, "hidden_dropout": 0.0,
          "attention_dropout": 0.0, "ffn_dropout": 0.0, "apply_query_key_layer_scaling": False,

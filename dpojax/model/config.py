@@ -12,7 +12,7 @@ LAYER_TYPES = ("full_attention", "sliding_attention")  # Hugging Face's `layer_t
 POSITION_EMBEDDINGS = ("rope", "learned_absolute")
 REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION_IMPLS = ("auto", "xla", "flash", "sparse")
-ROPE_SCALINGS = ("none", "linear", "llama3")
+ROPE_SCALINGS = ("none", "linear", "dynamic", "llama3", "yarn")
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: x64 reference runs.
 
 
@@ -71,15 +71,21 @@ class ModelConfig:
   # sliding_window > 0.
   layer_types: tuple[str, ...] | None = None
   rotary_base_local: float | None = None  # RoPE theta of sliding layers; None: rotary_base.
-  # RoPE frequency scaling, as Hugging Face's rope_type: none | linear | llama3. linear
-  # divides every frequency by the factor; llama3 divides the low frequencies (wavelengths
-  # over original_max / low_freq_factor) by it, keeps the high ones (under original_max /
-  # high_freq_factor) and blends in between.
+  # RoPE frequency scaling, as Hugging Face's rope_type: none | linear | dynamic | llama3 |
+  # yarn. linear divides every frequency by the factor; llama3 divides the low frequencies
+  # (wavelengths over original_max / low_freq_factor) by it, keeps the high ones (under
+  # original_max / high_freq_factor) and blends in between; yarn ramps between the two over
+  # the dimensions its beta_fast / beta_slow rotations bound; dynamic equals none up to
+  # max_position_embeddings, the only positions dpojax runs.
   rope_scaling: str = "none"
   rope_scaling_factor: float = 1.0
   rope_low_freq_factor: float = 1.0
   rope_high_freq_factor: float = 4.0
   rope_original_max_positions: int = 8192
+  rope_attention_factor: float = 1.0  # cos and sin times this (yarn's attention_factor).
+  rope_yarn_beta_fast: float = 32.0
+  rope_yarn_beta_slow: float = 1.0
+  rope_yarn_truncate: bool = True  # Round yarn's ramp ends to whole dimensions.
 
   def __post_init__(self):
     _check_choice("activation", self.activation, ACTIVATIONS)

@@ -19,6 +19,7 @@ Rows of different lengths are left-padded (segment 0) with per-row positions.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -69,13 +70,28 @@ class Norm(nn.Module):
     return y.astype(_dtype(cfg.dtype))
 
 
-def scale_frequencies(inv_freq, cfg: ModelConfig):
-  """RoPE inverse frequencies after `cfg.rope_scaling` (Hugging Face's linear and llama3)."""
-  if cfg.rope_scaling == "none":
+def scale_frequencies(inv_freq, cfg: ModelConfig, base: float):
+  """RoPE inverse frequencies after `cfg.rope_scaling` (Hugging Face's linear, dynamic, llama3
+  and yarn; `base` is the theta that gave `inv_freq`)."""
+  if cfg.rope_scaling in ("none", "dynamic"):
+    # dynamic changes the frequencies only past max_position_embeddings, where dpojax never
+    # runs (generate refuses longer outputs; training rows are shorter).
     return inv_freq
   factor = cfg.rope_scaling_factor
   if cfg.rope_scaling == "linear":
     return inv_freq / factor
+  if cfg.rope_scaling == "yarn":  # Interpolate the low frequencies, keep the high ones.
+    dim = 2 * inv_freq.shape[0]
+    correction = lambda rotations: (dim * math.log(
+        cfg.rope_original_max_positions / (rotations * 2 * math.pi))) / (2 * math.log(base))
+    low, high = correction(cfg.rope_yarn_beta_fast), correction(cfg.rope_yarn_beta_slow)
+    if cfg.rope_yarn_truncate:
+      low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    high = high + 0.001 if low == high else high
+    ramp = jnp.clip((jnp.arange(dim // 2, dtype=inv_freq.dtype) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp
+    return inv_freq / factor * (1 - extrapolation) + inv_freq * extrapolation
   low_wavelen = cfg.rope_original_max_positions / cfg.rope_low_freq_factor
   high_wavelen = cfg.rope_original_max_positions / cfg.rope_high_freq_factor
   wavelen = 2 * jnp.pi / inv_freq
@@ -103,12 +119,16 @@ def rope_table(positions_BxT, rotary_dim: int, base: float, dtype, num_positions
   with jax.ensure_compile_time_eval():  # One rounding per op, as HF computes it.
     inv_freq = 1.0 / (base ** (jnp.arange(0, rotary_dim, 2, dtype=f32) / rotary_dim))
     if cfg is not None:
-      inv_freq = scale_frequencies(inv_freq, cfg).astype(f32)
+      inv_freq = scale_frequencies(inv_freq, cfg, base).astype(f32)
+  # yarn scales cos and sin (so each attention logit by its square), as HF's attention_scaling.
+  factor = 1.0 if cfg is None else cfg.rope_attention_factor
 
   def cos_sin(positions):
     freqs = positions[..., None].astype(f32) * inv_freq
     emb = jnp.concatenate([freqs, freqs], -1)
-    return jnp.cos(emb), jnp.sin(emb)
+    if factor == 1.0:
+      return jnp.cos(emb), jnp.sin(emb)
+    return jnp.cos(emb) * factor, jnp.sin(emb) * factor
 
   if num_positions is None:
     cos, sin = cos_sin(positions_BxT)

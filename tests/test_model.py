@@ -10,6 +10,7 @@ from scipy.special import erf
 
 from dpojax import model as model_lib
 from dpojax.model import lora
+from dpojax.model import rope as rope_lib
 from dpojax.model import transformer
 from dpojax.ops import dense as dense_ops
 
@@ -285,8 +286,8 @@ def test_rope_table_gathered_equals_computed():
   bit."""
   pos = jnp.asarray(np.random.default_rng(0).integers(0, 64, (3, 64)), jnp.int32)
   for dim, base in ((8, 10000.0), (16, 500000.0)):
-    computed = jax.jit(lambda p: transformer.rope_table(p, dim, base, jnp.float32))(pos)
-    gathered = jax.jit(lambda p: transformer.rope_table(p, dim, base, jnp.float32, 64))(pos)
+    computed = jax.jit(lambda p: rope_lib.rope_table(p, dim, base, jnp.float32))(pos)
+    gathered = jax.jit(lambda p: rope_lib.rope_table(p, dim, base, jnp.float32, 64))(pos)
     for c, g in zip(computed, gathered):
       assert c.shape == (3, 64, 1, dim)
       np.testing.assert_array_equal(g, c)
@@ -517,9 +518,9 @@ def test_rope_scaling_frequencies_equal_transformers(kind, extra):
       rope_yarn_beta_fast=extra.get("beta_fast", 32.0),
       rope_yarn_beta_slow=extra.get("beta_slow", 1.0), rope_yarn_truncate=extra.get("truncate", True))
   base = 1.0 / (10000.0 ** (jnp.arange(0, 32, 2, dtype=jnp.float32) / 32))
-  got = np.asarray(transformer.scale_frequencies(base, cfg, 10000.0))
+  got = np.asarray(rope_lib.scale_frequencies(base, cfg, 10000.0))
   np.testing.assert_allclose(got, want.numpy(), rtol=1e-6)
   assert np.abs(got - np.asarray(base)).max() > 1e-3  # The scaling moves some frequencies.
-  cos, _ = transformer.rope_table(jnp.arange(40)[None], 32, 10000.0, jnp.float32, None, cfg)
+  cos, _ = rope_lib.rope_table(jnp.arange(40)[None], 32, 10000.0, jnp.float32, None, cfg)
   np.testing.assert_allclose(np.asarray(cos[0, :, 0, :16]), attention_factor * np.cos(
       np.arange(40)[:, None] * want.numpy()[None]), atol=1e-5)

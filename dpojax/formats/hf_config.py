@@ -242,6 +242,10 @@ def _canonical(cfg: ModelConfig) -> ModelConfig:
   return dataclasses.replace(cfg, **reset)
 
 
+def _number(x: float) -> int | float:
+  return int(x) if float(x).is_integer() else x  # transformers types some of these int.
+
+
 def config_to_json(cfg: ModelConfig, special_ids: dict[str, int]) -> dict:
   why = []
   if cfg.activation not in ("swiglu", "geglu"):
@@ -292,7 +296,7 @@ def config_to_json(cfg: ModelConfig, special_ids: dict[str, int]) -> dict:
     out.update(use_sliding_window=any(sliding), max_window_layers=first, layer_types=types)
   if gemma:
     out.update(hidden_activation="gelu_pytorch_tanh", layer_types=types,
-               query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
+               query_pre_attn_scalar=_number(cfg.query_pre_attn_scalar or cfg.head_dim),
                attn_logit_softcapping=cfg.attention_softcap or None,
                final_logit_softcapping=cfg.final_logit_softcap or None)
   if kind == "gemma3_text":

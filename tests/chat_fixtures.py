@@ -46,7 +46,7 @@ GEMMA = (  # Gemma 3: the system text folded into the first user turn, role "mod
     "    {%- if (message['role'] == 'assistant') -%}{%- set role = \"model\" -%}"
     "{%- else -%}{%- set role = message['role'] -%}{%- endif -%}\n"
     "    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
-    "    {{ message['content'] | trim }}\n    {{ '<end_of_turn>\n' }}\n{%- endfor -%}\n"
+    "    {{- message['content'] | trim -}}\n    {{- '<end_of_turn>\n' -}}\n{%- endfor -%}\n"
     "{%- if add_generation_prompt -%}\n    {{'<start_of_turn>model\n'}}\n{%- endif -%}\n")
 MISTRAL = (  # Mistral v0.3: [INST] ... [/INST], the system text before the first user turn.
     "{%- if messages[0]['role'] == 'system' %}\n    {%- set system_message = messages[0]['content'] %}\n"
@@ -90,10 +90,16 @@ STYLES = {
 }
 
 
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"
+                r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
 def train_bpe(vocab_size: int = 400) -> tokenizers.Tokenizer:
   """A byte-level BPE (GPT-2 / Llama 3 / Qwen style) with SPECIALS as added tokens."""
   tk = tokenizers.Tokenizer(models.BPE())
-  tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tk.pre_tokenizer = pre_tokenizers.Sequence([  # As Llama 3's and Qwen 2's tokenizer.json.
+      pre_tokenizers.Split(tokenizers.Regex(LLAMA3_SPLIT), behavior="isolated"),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
   tk.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),

@@ -219,8 +219,8 @@ def validate_record(obj: Any, path: str, line: int, fmt: str) -> dict:
     sides = ("chosen_response", "rejected_response")
   elif fmt == "trl":
     c, r = obj.get("chosen"), obj.get("rejected")
-    if (isinstance(c, list) and isinstance(r, list)
-        and (_whole_conversation(c) or _whole_conversation(r))):
+    if ((_whole_conversation(c) or _whole_conversation(r))
+        and (isinstance(c, list) and isinstance(r, list) or "prompt" not in obj)):
       # A `prompt` field beside whole conversations (HuggingFaceH4/ultrafeedback_binarized's
       # first user message) is not used: the conversations hold it.
       record["prompt"], record["chosen"], record["rejected"] = _split_conversations(

@@ -4,11 +4,18 @@ Three input shapes (`data.format`; `auto` detects from the first JSON object of 
   nemo:    {"prompt", "chosen_response", "rejected_response"[, "chosen_reward", "rejected_reward"]}
            (NeMo-Aligner); the prompt may be a list of chat messages, a response one message.
   trl:     {"prompt", "chosen", "rejected"} (TRL); each may be a list of chat messages
-           ({"role": "system"|"user"|"assistant", "content": str}).
+           ({"role": "system"|"user"|"assistant", "content": str}). Conversational with the
+           prompt implicit (TRL, UltraFeedback-binarized): "chosen"/"rejected" hold whole
+           conversations; the messages they share are the prompt (its last one a user turn),
+           and each must go on with one assistant message (a "prompt" field beside them is
+           not used).
   hh-rlhf: {"chosen", "rejected"}, whole "\\n\\nHuman: ...\\n\\nAssistant: ..." dialogues; the
            prompt is the shared dialogue up to and including the last "\\n\\nAssistant:".
 Every record is normalized to {prompt, chosen, rejected, chosen_reward, rejected_reward, line,
-dialogue}: prompt is a string or a message list; chosen/rejected are response strings.
+source, dialogue}: prompt is a string or a message list; chosen/rejected are response strings;
+score_chosen/score_rejected (UltraFeedback) are read as chosen_reward/rejected_reward (RPO's)
+when those are absent; source is the file. Parquet/Arrow files: arrow_sources.py, the same
+validation, rows for lines.
 
 Random access: the source keeps an index of line offsets (numpy arrays, 16 bytes a line), not
 the file. A gzipped file (`.gz`) is decompressed once, streaming, into a cache file

@@ -1,4 +1,9 @@
-"""SentencePiece tokenization of preference pairs, and fitting them to data.max_seq_length.
+"""Tokenization of preference pairs, and fitting them to data.max_seq_length.
+
+Tokenizers (`load_tokenizer`): SentencePiece (`Tokenizer`, a .model) or Hugging Face
+`tokenizers` (hf_tokenizer.HFTokenizer, a tokenizer.json), with the folder's special tokens,
+chat template and generation stop ids (tokenizer_base.py). data.template=auto renders the
+folder's Jinja chat template (chat_template.py; `_tokenize_chat`), else plain.
 
 Choice (data.boundary=joint, the default): the prompt and the response are tokenized as one
 text and split where the prompt's own tokens end, as TRL and NeMo-Aligner do (TRL tokenizes

@@ -7,11 +7,15 @@ import os
 import numpy as np
 import pytest
 
+from dpojax import convert
+from dpojax import model as model_lib
 from dpojax.data import templates
 from dpojax.data.hf_tokenizer import HFTokenizer
 from dpojax.data.sources import DataError
 from dpojax.data.tokenize import Tokenizer, load_tokenizer, tokenize_pair
+from dpojax.train import build
 import chat_fixtures
+from conftest import tiny_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -98,3 +102,18 @@ def test_bad_tokenizer_paths(tmp_path):
   bad.write_text("{not json")
   with pytest.raises(DataError, match="cannot load a Hugging Face tokenizer"):
     load_tokenizer(str(bad))
+
+
+def test_init_path_folder_with_only_tokenizer_json_gives_the_tokenizer(tmp_path):
+  """A Llama 3 / Qwen folder has no tokenizer.model (the converter finds no tokenizer): its
+  tokenizer.json is used, with init.checkpoint_tokenizer (the default)."""
+  folder = chat_fixtures.write_folder(str(tmp_path), chat_fixtures.train_bpe(), style="chatml")
+  config = tiny_config()
+  config.init.path = folder
+  config.model.vocab_size = 512
+  model_cfg = model_lib.ModelConfig.from_dict(config.model)
+  tok, _ = build.tokenizer_and_model(config, convert.Loaded(model_cfg, None, None))
+  assert tok.path == os.path.join(folder, "tokenizer.json") and tok.chat_template
+  config.init.checkpoint_tokenizer = False
+  tok, _ = build.tokenizer_and_model(config, convert.Loaded(model_cfg, None, None))
+  assert tok.path == config.data.tokenizer_path

@@ -168,7 +168,7 @@ class PreferenceData:
                       sum(skipped.values()), len(self.source), details)
     if straddled:
       logging.warning(
-          "%s: %d of %d pairs have a SentencePiece piece across the prompt/response boundary "
+          "%s: %d of %d pairs have a token across the prompt/response boundary "
           "when tokenized jointly (data.boundary=joint); their responses are tokenized apart",
           path, straddled, len(indices))
     if dropped or truncated:

@@ -2,7 +2,9 @@
 a byte-level BPE built here (added special tokens, no BOS) and stories260K's tokenizer.json;
 special tokens, stop ids and no double BOS."""
 
+import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -18,6 +20,8 @@ import chat_fixtures
 from conftest import tiny_config
 
 transformers = pytest.importorskip("transformers")
+STORIES_SP = os.path.join(os.path.dirname(chat_fixtures.STORIES_TOKENIZER), "hf",
+                          "tokenizer.model")
 
 TEXTS = [
     "Hello there, how are you?",
@@ -67,8 +71,7 @@ def test_special_tokens_no_bos_and_stop_ids(bpe_dir):
 
 
 def test_stories260k_tokenizer_json_matches_its_sentencepiece_model():
-  sp = Tokenizer(os.path.join(os.path.dirname(chat_fixtures.STORIES_TOKENIZER), "hf",
-                              "tokenizer.model"))
+  sp = Tokenizer(STORIES_SP)
   hf = load_tokenizer(chat_fixtures.STORIES_TOKENIZER)
   assert (hf.bos_id, hf.eos_id, hf.vocab_size) == (sp.bos_id, sp.eos_id, sp.vocab_size)
   for text in ("Once upon a time", "Lily saw a big dog. She was happy!"):
@@ -117,3 +120,27 @@ def test_init_path_folder_with_only_tokenizer_json_gives_the_tokenizer(tmp_path)
   config.init.checkpoint_tokenizer = False
   tok, _ = build.tokenizer_and_model(config, convert.Loaded(model_cfg, None, None))
   assert tok.path == config.data.tokenizer_path
+
+
+def test_sentencepiece_backend_under_a_chat_template(tmp_path):
+  """A SentencePiece model with a chat template in its folder: the template's "<s>" is the
+  BOS id (not its characters), once, and the ids equal the tokenizer.json backend's."""
+  template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+              "{{ '[INST] ' + m['content'] + ' [/INST]' }}{% else %}{{ ' ' + m['content'] + "
+              "eos_token }}{% endif %}{% endfor %}")
+  config = json.dumps({"bos_token": "<s>", "eos_token": "</s>", "chat_template": template})
+  sp_dir, hf_dir = tmp_path / "sp", tmp_path / "hf"
+  for folder, name, src in ((sp_dir, "tokenizer.model", STORIES_SP),
+                            (hf_dir, "tokenizer.json",
+                             os.path.join(chat_fixtures.STORIES_TOKENIZER, "tokenizer.json"))):
+    folder.mkdir()
+    shutil.copy(src, folder / name)
+    (folder / "tokenizer_config.json").write_text(config)
+  record = {"prompt": [{"role": "user", "content": "Once upon a time"}],
+            "chosen": "there was a cat.", "rejected": "a dog ran.", "line": 1}
+  pairs = [tokenize_pair(record, load_tokenizer(str(d)), template="auto") for d in (sp_dir, hf_dir)]
+  for pair in pairs:
+    assert pair["chosen"][0] == 1 and int(np.sum(pair["chosen"] == 1)) == 1
+    assert pair["chosen"][-1] == 2 and pair["chosen"][-2] != 2  # The template's </s>, once.
+  np.testing.assert_array_equal(pairs[0]["chosen"], pairs[1]["chosen"])
+  assert pairs[0]["prompt_len"] == pairs[1]["prompt_len"]

@@ -65,6 +65,15 @@ class Tokenizer(TokenizerBase):
   def decode(self, ids) -> str:
     return self.sp.decode([int(i) for i in ids])
 
+  def encode_continued(self, text: str) -> list[int]:
+    # transformers' LlamaTokenizer (legacy=False) and a tokenizer.json's Metaspace
+    # (prepend_scheme=first) add no dummy-prefix space after a special token: encode after
+    # "<unk>"'s own text and drop its pieces, as transformers does.
+    if not (text and self.dummy_prefix):
+      return self.encode(text)
+    unk = self.sp.id_to_piece(self.sp.unk_id())
+    return self.sp.encode(unk + text)[len(self.sp.encode(unk)):]
+
   def piece_id(self, text: str) -> int | None:
     i = self.sp.piece_to_id(text)
     return i if i != self.sp.unk_id() and self.sp.id_to_piece(i) == text else None

@@ -110,8 +110,15 @@ class TokenizerBase:
       return self.encode(text)
     ids = []
     for i, piece in enumerate(re.split("(" + "|".join(map(re.escape, names)) + ")", text)):
-      ids.extend([self.piece_id(piece)] if i % 2 else self.encode(piece))
+      if i % 2:
+        ids.append(self.piece_id(piece))
+      else:
+        ids.extend(self.encode_continued(piece) if i else self.encode(piece))
     return ids
+
+  def encode_continued(self, text: str) -> list[int]:
+    """Ids of text that continues a sequence (after a special token): no word-start prefix."""
+    return self.encode(text)
 
   @property
   def chat_template(self) -> str | None:

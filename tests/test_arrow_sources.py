@@ -15,7 +15,9 @@ from dpojax.data import batching, pipeline
 from dpojax.data.arrow_sources import ArrowSource
 from dpojax.data.sources import DataError, validate_record
 from dpojax.data.tokenize import load_tokenizer
+from dpojax.train import loop
 import chat_fixtures
+from conftest import tiny_config
 
 SYSTEM = {"role": "system", "content": "Answer briefly."}
 
@@ -198,3 +200,23 @@ def test_layouts_and_shapes(tmp_path):
     validate_record({"chosen": convo["chosen"], "rejected": [{"role": "user", "content": "x"},
                                                            {"role": "assistant", "content": "y"}]},
                     "f", 1, "trl")
+
+
+@pytest.mark.slow
+def test_training_run_on_parquet_with_the_checkpoint_template(tmp_path, tok):
+  """The wiring end to end (README's command, shrunk): tokenizer.json folder, template=auto,
+  conversational Parquet; the run starts at ln 2 and records what it read."""
+  config = tiny_config()
+  config.model.vocab_size = 512
+  config.data.tokenizer_path = os.path.dirname(tok.path)
+  config.data.template = "auto"
+  config.data.max_seq_length = 96
+  config.data.train_path = write_parquet(tmp_path / "train.parquet", conversation_rows(16))
+  config.data.val_path = write_save_to_disk(tmp_path / "val", conversation_rows(4))
+  config.train.max_steps = 2
+  loop.run(config, str(tmp_path / "run"))
+  with open(tmp_path / "run" / "metrics.jsonl") as f:
+    records = [json.loads(l) for l in f]
+  first = next(r for r in records if r["split"] == "train")
+  assert first["loss"] == pytest.approx(np.log(2), abs=1e-3)
+  assert [r["step"] for r in records if r["split"] == "train"] == [1, 2]

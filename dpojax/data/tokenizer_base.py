@@ -104,12 +104,14 @@ class TokenizerBase:
   def encode_rendered(self, text: str) -> list[int]:
     """Ids of a rendered chat template: its special-token texts (bos_token, ...) as their
     ids, the text between them encoded (a tokenizer.json matches added tokens itself)."""
-    names = sorted({t for t in self.template_variables().values()
-                    if self.piece_id(t) is not None}, key=len, reverse=True)
-    if not names:
+    if "_special_re" not in self.__dict__:
+      names = sorted({t for t in self.template_variables().values()
+                      if self.piece_id(t) is not None}, key=len, reverse=True)
+      self._special_re = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
+    if self._special_re is None:
       return self.encode(text)
     ids = []
-    for i, piece in enumerate(re.split("(" + "|".join(map(re.escape, names)) + ")", text)):
+    for i, piece in enumerate(self._special_re.split(text)):
       if i % 2:
         ids.append(self.piece_id(piece))
       else:

@@ -124,18 +124,18 @@ def get_config() -> ml_collections.ConfigDict:
   t.peak_flops = 0.0  # MFU denominator in FLOP/s; 0 = time a matmul in model.dtype at start; -1 = no MFU.
 
   c.data = dt = ml_collections.ConfigDict()
-  dt.train_path = os.path.join(_ASSETS, "toy_prefs_train.jsonl")  # JSONL[.gz], or a dir from `python -m dpojax.pack`.
-  dt.val_path = os.path.join(_ASSETS, "toy_prefs_val.jsonl")  # Validation JSONL[.gz] (or packed dir).
-  dt.tokenizer_path = os.path.join(_ASSETS, "tokenizer.model")  # SentencePiece model.
+  dt.train_path = os.path.join(_ASSETS, "toy_prefs_train.jsonl")  # JSONL[.gz], .parquet, a folder of Parquet shards, a datasets.save_to_disk folder, or a dir from `python -m dpojax.pack`.
+  dt.val_path = os.path.join(_ASSETS, "toy_prefs_val.jsonl")  # Validation data (the same kinds).
+  dt.tokenizer_path = os.path.join(_ASSETS, "tokenizer.model")  # SentencePiece .model, tokenizer.json, or a folder holding either (init.path's own by default).
   dt.format = "auto"  # auto | nemo | trl | hh-rlhf (auto: from the first record's fields).
   dt.shuffle = True  # A new pair order every epoch; False: the file's order (TRL/NeMo sequential)
   dt.boundary = "joint"  # Prompt+response tokenized together, as TRL/NeMo | apart (each alone).
   dt.max_seq_length = 64  # Tokens per sequence (prompt + response); see data.truncation.
   dt.truncation = "drop"  # Over-long pairs: drop | truncate_prompt_left | truncate_response_right.
   dt.on_error = "raise"  # Bad records: raise (file:line: field) | skip (counted, summarised).
-  dt.template = "plain"  # plain | nemo (extra_id, NeMo docs) | llama2 | chatml.
-  dt.add_bos = True  # Start each sequence with BOS.
-  dt.append_eos = True  # End each response with EOS.
+  dt.template = "plain"  # plain | nemo (extra_id, NeMo docs) | llama2 | chatml | auto (the tokenizer folder's Jinja chat_template, else plain).
+  dt.add_bos = True  # Start each sequence with BOS (template=auto: only where the template wrote none).
+  dt.append_eos = True  # End each response with EOS (template=auto: only after a response holding no stop token).
   dt.packing = "none"  # none | first_fit_decreasing | first_fit_shuffle (re-packed every epoch).
   dt.pack_size = 0  # Tokens per packed row (>= 2 * max_seq_length); 0 = 2 * max_seq_length.
   dt.share_prompt = False  # Packed only: a pair's prompt computed once, both responses branch off it.

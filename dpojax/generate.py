@@ -44,9 +44,9 @@ import numpy as np
 
 from dpojax import cli
 from dpojax import pretrained
-from dpojax.data import templates
+from dpojax.data import chat_template, templates
 from dpojax.data.sources import DataError, jsonl_records, where
-from dpojax.data.tokenize import Tokenizer
+from dpojax.data.tokenize import TEMPLATES, load_tokenizer
 from dpojax.model import transformer
 from dpojax.ops import logprob_chunked
 
@@ -194,14 +194,22 @@ def prompt_ids(tok, prompt: str | list[dict], template: str = "plain",
   """The prompt's ids exactly as training tokenizes it (dpojax.data.tokenize.tokenize_pair)."""
   dialogue = isinstance(prompt, str) and "\n\nHuman:" in prompt  # An HH-RLHF style prompt.
   record = {"prompt": prompt, "chosen": "", "rejected": "", "dialogue": dialogue}
+  if template == "auto" and tok.chat_template is not None:
+    text = chat_template.render(tok.chat_template, templates.prompt_messages(record),
+                                add_generation_prompt=True, variables=tok.template_variables())
+    ids = tok.encode_rendered(text)
+    bos = tok.special(templates.BOS) if add_bos else []
+    return (bos if bos and ids[:len(bos)] != bos else []) + ids
+  template = "plain" if template == "auto" else template
   parts, _ = templates.render(record, template)
   ids = tok.special(templates.BOS) if add_bos else []
   return ids + tok.encode_parts(parts)
 
 
 def default_stop_ids(tok, template: str) -> list[int]:
-  """EOS, plus the template's end-of-turn marker when the vocabulary has it as one piece."""
-  ids = list(tok.special(templates.EOS))
+  """EOS and the checkpoint's generation_config.json eos ids, plus the template's end-of-turn
+  marker when the vocabulary has it as one piece."""
+  ids = list(tok.stop_ids)
   marker = TEMPLATE_STOPS.get(template)
   if marker is not None and len(tok.special(marker)) == 1:
     ids += tok.special(marker)
@@ -284,7 +292,7 @@ def _main(argv) -> int:
                       "init from train.seed) and print both side by side")
   parser.add_argument("--reference", default=None,
                       help="the reference checkpoint to compare with (default: the run's)")
-  parser.add_argument("--template", choices=templates.TEMPLATES, default=None,
+  parser.add_argument("--template", choices=TEMPLATES, default=None,
                       help="prompt template (default: the run's data.template, else plain)")
   parser.add_argument("--add_bos", choices=("true", "false"), default=None,
                       help="prepend BOS (default: the run's data.add_bos, else true)")
@@ -333,7 +341,7 @@ def _run(args, tmp: str) -> list[dict[str, Any]]:
   tokenizer_path = args.tokenizer or policy.tokenizer_path
   if not tokenizer_path:
     raise ValueError(f"{args.checkpoint}: holds no tokenizer; pass --tokenizer")
-  tok = Tokenizer(tokenizer_path)
+  tok = load_tokenizer(tokenizer_path)
   stop_ids = _parse_ids(args.stop_ids)
   if stop_ids is None:
     stop_ids = default_stop_ids(tok, template)

@@ -1,4 +1,5 @@
-"""Offline packing: JSONL preference pairs -> a packed dataset that training reads directly.
+"""Offline packing: preference pairs (JSONL, Parquet, save_to_disk) -> a packed dataset that
+training reads directly.
 
   python -m dpojax.pack --input IN.jsonl[.gz] --output OUT_DIR --pack_size 1024 \\
       --strategy first_fit_decreasing --seed 0 --tokenizer_path tok.model [--max_seq_length 512]
@@ -22,17 +23,19 @@ import time
 from dpojax import cli
 from dpojax.data import packed_dir, packing, pipeline
 from dpojax.data.sources import FORMATS, DataError
-from dpojax.data.tokenize import BOUNDARIES, TEMPLATES, TRUNCATIONS, Tokenizer
+from dpojax.data.tokenize import BOUNDARIES, TEMPLATES, TRUNCATIONS, load_tokenizer
 
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(prog="python -m dpojax.pack", description=__doc__.split("\n")[0])
-  p.add_argument("--input", required=True, help="JSONL (or .jsonl.gz) preference pairs")
+  p.add_argument("--input", required=True, help="preference pairs: JSONL (or .jsonl.gz), "
+                 "Parquet file or folder of shards, or a datasets.save_to_disk folder")
   p.add_argument("--output", required=True, help="directory to write")
   p.add_argument("--pack_size", type=int, required=True, help="tokens per row")
   p.add_argument("--strategy", default="first_fit_decreasing", choices=packing.STRATEGIES)
   p.add_argument("--seed", type=int, default=0, help="tie-breaking / shuffle seed")
-  p.add_argument("--tokenizer_path", required=True, help="SentencePiece model")
+  p.add_argument("--tokenizer_path", required=True,
+                 help="SentencePiece .model, tokenizer.json, or a folder holding either")
   p.add_argument("--max_seq_length", type=int, default=0,
                  help="tokens per sequence (default pack_size // 2)")
   p.add_argument("--format", default="auto", choices=FORMATS)
@@ -63,7 +66,7 @@ def main(argv=None) -> dict:
       pack_size=args.pack_size, cache_dir=args.cache_dir, share_prompt=args.share_prompt,
       boundary=args.boundary)
   start = time.perf_counter()
-  data = pipeline.PreferenceData(args.input, Tokenizer(args.tokenizer_path), opts)
+  data = pipeline.PreferenceData(args.input, load_tokenizer(args.tokenizer_path), opts)
   data.require(1, "pairs to pack")
   if os.path.isdir(args.output) and args.overwrite:
     packed_dir.read_packed_meta(args.output)  # Only ever delete a packed dataset.

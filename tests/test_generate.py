@@ -16,10 +16,11 @@ from dpojax import generate as gen
 from dpojax import workdir as workdir_lib
 from dpojax.checkpoint.orbax import Checkpointer
 from dpojax.data import templates
-from dpojax.data.tokenize import Tokenizer, tokenize_pair
+from dpojax.data.tokenize import Tokenizer, load_tokenizer, tokenize_pair
 from dpojax.model import transformer
 from dpojax.train import step as step_lib
 
+import chat_fixtures
 import stories260k as S
 from conftest import tiny_config
 
@@ -187,6 +188,20 @@ def test_prompt_ids_are_the_training_prompt_prefix(template):
     pair = tokenize_pair(record, tok, template=template)
     want = pair["chosen"][:pair["prompt_len"]].tolist()
     assert gen.prompt_ids(tok, prompt, template) == want
+
+
+@pytest.mark.parametrize("style", ["chatml", "llama3"])
+def test_prompt_ids_and_stop_ids_under_the_checkpoint_chat_template(tmp_path, style):
+  """data.template=auto: the generation prompt is training's prompt (the template's own BOS,
+  not doubled); generation stops at generation_config.json's eos ids."""
+  tok = load_tokenizer(chat_fixtures.write_folder(str(tmp_path), chat_fixtures.train_bpe(),
+                                                  style=style))
+  prompt = chat_fixtures.CONVERSATIONS["multi_system"]
+  pair = tokenize_pair({"prompt": prompt, "chosen": "1 2 3", "rejected": "3 2 1"}, tok,
+                       template="auto")
+  assert gen.prompt_ids(tok, prompt, "auto") == pair["chosen"][:pair["prompt_len"]].tolist()
+  stops = [tok.piece_id(t) for t in chat_fixtures.STYLES[style][3]]
+  assert gen.default_stop_ids(tok, "auto") == stops
 
 
 def make_workdir(path, params, config, *, resolved):

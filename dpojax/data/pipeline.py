@@ -1,5 +1,6 @@
 """Preference data: records -> validated, tokenized pairs (`PreferenceData`), from a JSONL
-file or a packed directory, with the options of the `data` config section.
+file, Parquet/Arrow files (arrow_sources.py) or a packed directory, with the options of the
+`data` config section.
 
 Batches and the Grain datasets over them are in batching.py; packed directories in
 packed_dir.py.
@@ -15,10 +16,11 @@ from absl import logging
 import numpy as np
 
 from dpojax.data import packing, templates
+from dpojax.data.arrow_sources import is_dataset_path, open_source
 from dpojax.data.packed_dir import PACKED_ARRAYS, PACKED_FORMAT, read_packed_meta
-from dpojax.data.sources import FORMATS, DataError, JsonlSource, RecordError, where
-from dpojax.data.tokenize import (BOUNDARIES, TEMPLATES, TRUNCATIONS, Tokenizer, fit_pair,
-                                   tokenize_pair)
+from dpojax.data.sources import FORMATS, DataError, RecordError, where
+from dpojax.data.tokenize import BOUNDARIES, TEMPLATES, TRUNCATIONS, fit_pair, tokenize_pair
+from dpojax.data.tokenizer_base import TokenizerBase
 
 BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_mask", "sequence_ids")
 PAIR_KEYS = ("pair_mask", "chosen_reward", "rejected_reward", "pair_index")
@@ -109,13 +111,13 @@ class PreferenceData:
   `stats` holds the counts (and, once a dataset is built, the packing statistics).
   """
 
-  def __init__(self, path: str, tok: Tokenizer, opts: DataOptions):
+  def __init__(self, path: str, tok: TokenizerBase, opts: DataOptions):
     self.path, self.tok, self.opts = path, tok, opts
     self.rows = None  # (row_starts, items): a fixed packing, from a packed directory.
-    if os.path.isdir(path):
+    if os.path.isdir(path) and not is_dataset_path(path):
       self._load_packed(path)
     else:
-      self._read_jsonl(path)
+      self._read_records(path)
     # A layout, not a value change: padded data (e.g. a JSONL val file next to a packed
     # train directory) simply keeps its two rows per pair.
     self.share_prompt = opts.share_prompt and self.packed
@@ -127,10 +129,10 @@ class PreferenceData:
     self.row_lengths = packing.item_lengths(self.prompt_len, self.chosen_len,
                                             self.rejected_len, self.share_prompt)
 
-  # --- JSONL -----------------------------------------------------------------------------
-  def _read_jsonl(self, path):
+  # --- records: JSONL, Parquet, Arrow ----------------------------------------------------
+  def _read_records(self, path):
     opts = self.opts
-    self.source = JsonlSource(path, opts.format, opts.cache_dir)
+    self.source = open_source(path, opts.format, opts.cache_dir)
     self._keep_prefix = len(self.tok.special(templates.BOS)) if opts.add_bos else 0
     indices, lens = [], []
     skipped, first_skipped = collections.Counter(), {}
@@ -166,7 +168,7 @@ class PreferenceData:
                       sum(skipped.values()), len(self.source), details)
     if straddled:
       logging.warning(
-          "%s: %d of %d pairs have a SentencePiece piece across the prompt/response boundary "
+          "%s: %d of %d pairs have a token across the prompt/response boundary "
           "when tokenized jointly (data.boundary=joint); their responses are tokenized apart",
           path, straddled, len(indices))
     if dropped or truncated:
@@ -187,13 +189,13 @@ class PreferenceData:
   def _tokenize(self, source_index: int) -> dict:
     record = self.source[source_index]
     pair = self.tokenize(record)
-    line = record["line"]
+    line, path = record["line"], record["source"]
     for side in ("chosen", "rejected"):
       if len(pair[side]) <= pair["prompt_len"]:
-        raise RecordError(f"{where(self.path, line, side)}: the response has no tokens",
+        raise RecordError(f"{where(path, line, side)}: the response has no tokens",
                           "empty field")
     if np.array_equal(pair["chosen"], pair["rejected"]):
-      raise RecordError(f"{where(self.path, line, 'rejected')}: chosen and rejected have "
+      raise RecordError(f"{where(path, line, 'rejected')}: chosen and rejected have "
                         "identical tokens", "chosen equals rejected")
     return pair
 

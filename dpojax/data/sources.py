@@ -4,11 +4,18 @@ Three input shapes (`data.format`; `auto` detects from the first JSON object of 
   nemo:    {"prompt", "chosen_response", "rejected_response"[, "chosen_reward", "rejected_reward"]}
            (NeMo-Aligner); the prompt may be a list of chat messages, a response one message.
   trl:     {"prompt", "chosen", "rejected"} (TRL); each may be a list of chat messages
-           ({"role": "system"|"user"|"assistant", "content": str}).
+           ({"role": "system"|"user"|"assistant", "content": str}). Conversational with the
+           prompt implicit (TRL, UltraFeedback-binarized): "chosen"/"rejected" hold whole
+           conversations; the messages they share are the prompt (its last one a user turn),
+           and each must go on with one assistant message (a "prompt" field beside them is
+           not used).
   hh-rlhf: {"chosen", "rejected"}, whole "\\n\\nHuman: ...\\n\\nAssistant: ..." dialogues; the
            prompt is the shared dialogue up to and including the last "\\n\\nAssistant:".
 Every record is normalized to {prompt, chosen, rejected, chosen_reward, rejected_reward, line,
-dialogue}: prompt is a string or a message list; chosen/rejected are response strings.
+source, dialogue}: prompt is a string or a message list; chosen/rejected are response strings;
+score_chosen/score_rejected (UltraFeedback) are read as chosen_reward/rejected_reward (RPO's)
+when those are absent; source is the file. Parquet/Arrow files: arrow_sources.py, the same
+validation, rows for lines.
 
 Random access: the source keeps an index of line offsets (numpy arrays, 16 bytes a line), not
 the file. A gzipped file (`.gz`) is decompressed once, streaming, into a cache file
@@ -33,6 +40,7 @@ NEMO_FIELDS = ("prompt", "chosen_response", "rejected_response")
 TRL_FIELDS = ("prompt", "chosen", "rejected")
 HH_FIELDS = ("chosen", "rejected")
 REWARD_FIELDS = ("chosen_reward", "rejected_reward")
+SCORE_FIELDS = ("score_chosen", "score_rejected")  # Read as REWARD_FIELDS when those are absent.
 ROLES = ("system", "user", "assistant")
 HH_ASSISTANT = "\n\nAssistant:"
 # How many leading records `auto` looks at for one that names its format.
@@ -51,7 +59,15 @@ class RecordError(DataError):
     self.reason = reason
 
 
+class Row(int):
+  """A row of a Parquet/Arrow file (0-based, as `datasets` indexes it), for `where`."""
+
+
 def where(path: str, line: int, field: str | None = None) -> str:
+  """file:line: field 'f' for JSONL; file:row N: column 'f' for a Row of a Parquet/Arrow file."""
+  if isinstance(line, Row):
+    loc = f"{path}:row {int(line)}"
+    return f"{loc}: column '{field}'" if field else loc
   loc = f"{path}:{line}"
   return f"{loc}: field '{field}'" if field else loc
 
@@ -80,6 +96,8 @@ def detect_format(obj: Any) -> str | None:
     return "nemo"
   if "prompt" in obj and ("chosen" in obj or "rejected" in obj):
     return "trl"
+  if isinstance(obj.get("chosen"), list) or isinstance(obj.get("rejected"), list):
+    return "trl"  # Conversational, the prompt implicit (the lists' shared prefix).
   if "chosen" in obj and "rejected" in obj:
     return "hh-rlhf"
   return None
@@ -154,6 +172,48 @@ def _split_dialogue(obj, path, line, field) -> tuple[str, str]:
   return value[:cut], value[cut:]
 
 
+def _whole_conversation(value) -> bool:
+  """A TRL response that holds the whole conversation (a message other than the assistant's)."""
+  return isinstance(value, list) and any(isinstance(m, dict) and m.get("role") != "assistant"
+                                         for m in value)
+
+
+def _split_conversations(obj, path, line) -> tuple[list, str, str]:
+  """TRL's implicit prompt: chosen/rejected hold whole conversations; the prompt is the
+  messages they share, each response the one assistant message after it."""
+  lists = {}
+  for side in ("chosen", "rejected"):
+    if side not in obj:
+      _fail(path, line, side, "missing", "missing field")
+    if not isinstance(obj[side], list):
+      _fail(path, line, side, f"expected a message list (as the other response), got "
+            f"{type(obj[side]).__name__}", "wrong type")
+    lists[side] = _check_messages(obj[side], path, line, side)
+  chosen, rejected = lists["chosen"], lists["rejected"]
+  n = 0
+  while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+    n += 1
+  if n == len(chosen) == len(rejected):
+    _fail(path, line, "rejected", "identical to 'chosen'", "chosen equals rejected")
+  if n == 0:
+    _fail(path, line, "rejected", "shares no messages with 'chosen' (no prompt; give "
+          "'prompt')", "prompts differ")
+  prompt = chosen[:n]
+  if prompt[-1]["role"] != "user":
+    _fail(path, line, f"chosen[{n - 1}].role", "the last shared (prompt) message must have "
+          "role 'user'", "wrong type")
+  responses = []
+  for side, messages in lists.items():
+    rest = messages[n:]
+    if len(rest) != 1 or rest[0]["role"] != "assistant":
+      _fail(path, line, f"{side}[{n}]", f"expected one assistant message after the {n} shared "
+            f"messages, got {[m['role'] for m in rest]}", "wrong type")
+    if not rest[0]["content"].strip():
+      _fail(path, line, f"{side}[{n}].content", "empty response", "empty field")
+    responses.append(rest[0]["content"])
+  return prompt, responses[0], responses[1]
+
+
 def validate_record(obj: Any, path: str, line: int, fmt: str) -> dict:
   """Checks one parsed line of format `fmt`; returns the normalized pair."""
   if not isinstance(obj, dict):
@@ -165,9 +225,17 @@ def validate_record(obj: Any, path: str, line: int, fmt: str) -> dict:
     record["rejected"] = _response(obj, path, line, "rejected_response")
     sides = ("chosen_response", "rejected_response")
   elif fmt == "trl":
-    record["prompt"] = _prompt(obj, path, line)
-    record["chosen"] = _response(obj, path, line, "chosen")
-    record["rejected"] = _response(obj, path, line, "rejected")
+    c, r = obj.get("chosen"), obj.get("rejected")
+    if ((_whole_conversation(c) or _whole_conversation(r))
+        and (isinstance(c, list) and isinstance(r, list) or "prompt" not in obj)):
+      # A `prompt` field beside whole conversations (HuggingFaceH4/ultrafeedback_binarized's
+      # first user message) is not used: the conversations hold it.
+      record["prompt"], record["chosen"], record["rejected"] = _split_conversations(
+          obj, path, line)
+    else:
+      record["prompt"] = _prompt(obj, path, line)
+      record["chosen"] = _response(obj, path, line, "chosen")
+      record["rejected"] = _response(obj, path, line, "rejected")
     sides = ("chosen", "rejected")
   elif fmt == "hh-rlhf":
     prompt, record["chosen"] = _split_dialogue(obj, path, line, "chosen")
@@ -181,13 +249,16 @@ def validate_record(obj: Any, path: str, line: int, fmt: str) -> dict:
     raise ValueError(f"data.format={fmt!r} is not one of {FORMATS[1:]}")
   if record["chosen"] == record["rejected"]:
     _fail(path, line, sides[1], f"identical to '{sides[0]}'", "chosen equals rejected")
-  for field in REWARD_FIELDS:
+  for field, alias in zip(REWARD_FIELDS, SCORE_FIELDS):
+    if obj.get(field) is None and obj.get(alias) is not None:
+      field = alias  # UltraFeedback's score_chosen/score_rejected: the same rewards.
     value = obj.get(field)
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                               or not math.isfinite(value)):
       _fail(path, line, field, f"expected a finite number, got {value!r}", "bad reward")
-    record[field] = None if value is None else float(value)
-  record["line"] = line
+    record[REWARD_FIELDS[SCORE_FIELDS.index(field)] if field in SCORE_FIELDS else field] = (
+        None if value is None else float(value))
+  record["line"], record["source"] = line, path
   return record
 
 

@@ -55,7 +55,8 @@ def split_dialogue(text: str) -> list[dict]:
   return messages
 
 
-def _messages(record: dict) -> list[dict]:
+def prompt_messages(record: dict) -> list[dict]:
+  """A normalized record's prompt as chat messages."""
   prompt = record["prompt"]
   if isinstance(prompt, list):
     return prompt
@@ -76,7 +77,7 @@ def render(record: dict, template: str) -> tuple[list, dict]:
     raise ValueError(f"data.template={template!r} is not one of {TEMPLATES}")
   if template == "plain" and isinstance(record["prompt"], str):
     return [record["prompt"]], {s: [record[s]] for s in ("chosen", "rejected")}
-  system, turns = _system(_messages(record))
+  system, turns = _system(prompt_messages(record))
   strip = lambda side: record[side].strip()
   if template == "plain":
     text = system or ""

@@ -1,4 +1,9 @@
-"""SentencePiece tokenization of preference pairs, and fitting them to data.max_seq_length.
+"""Tokenization of preference pairs, and fitting them to data.max_seq_length.
+
+Tokenizers (`load_tokenizer`): SentencePiece (`Tokenizer`, a .model) or Hugging Face
+`tokenizers` (hf_tokenizer.HFTokenizer, a tokenizer.json), with the folder's special tokens,
+chat template and generation stop ids (tokenizer_base.py). data.template=auto renders the
+folder's Jinja chat template (chat_template.py; `_tokenize_chat`), else plain.
 
 Choice (data.boundary=joint, the default): the prompt and the response are tokenized as one
 text and split where the prompt's own tokens end, as TRL and NeMo-Aligner do (TRL tokenizes
@@ -18,22 +23,26 @@ stands for it ("Assistant:" + " Sure" -> "\u2581Sure", as joint tokenization giv
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import numpy as np
 import sentencepiece as spm
 
-from dpojax.data import templates
-from dpojax.data.sources import DataError
+from dpojax.data import chat_template, templates
+from dpojax.data.hf_tokenizer import TOKENIZER_JSON, HFTokenizer
+from dpojax.data.sources import DataError, RecordError, where
+from dpojax.data.tokenizer_base import TokenizerBase, read_folder_meta
 
-TEMPLATES = templates.TEMPLATES
+# auto: the tokenizer folder's own Jinja chat template (chat_template.py), else plain.
+TEMPLATES = templates.TEMPLATES + ("auto",)
+SP_MODEL = "tokenizer.model"
 TRUNCATIONS = ("drop", "truncate_prompt_left", "truncate_response_right")
 BOUNDARIES = ("joint", "apart")
 
 
-class Tokenizer:
-  """A thin wrapper that fixes which special ids we use."""
+class Tokenizer(TokenizerBase):
+  """The SentencePiece backend (a `.model` file); its folder's metadata as for a
+  tokenizer.json (tokenizer_base.read_folder_meta)."""
 
   def __init__(self, path: str):
     if not os.path.isfile(path):
@@ -43,17 +52,12 @@ class Tokenizer:
       self.sp = spm.SentencePieceProcessor(model_file=path)
     except (OSError, RuntimeError) as e:
       raise DataError(f"{path}: cannot load SentencePiece model ({e})") from None
+    self.meta = read_folder_meta(os.path.dirname(os.path.abspath(path)))
     self.vocab_size = self.sp.vocab_size()
     self.bos_id = self.sp.bos_id()
     self.eos_id = self.sp.eos_id()
     # SentencePiece prepends "▁" to every encoded text unless the model turns it off.
     self.dummy_prefix = self.sp.encode("a", out_type=str)[0].startswith("\u2581")
-    self._specials = {}
-
-  @property
-  def sha256(self) -> str:
-    with open(self.path, "rb") as f:
-      return hashlib.sha256(f.read()).hexdigest()
 
   def encode(self, text: str) -> list[int]:
     return self.sp.encode(text) if text else []
@@ -61,41 +65,35 @@ class Tokenizer:
   def decode(self, ids) -> str:
     return self.sp.decode([int(i) for i in ids])
 
-  def special(self, marker: templates.Special) -> list[int]:
-    """BOS/EOS ids, a marker's own piece id if the vocabulary has it, else its text's ids."""
-    if marker not in self._specials:
-      if marker == templates.BOS:
-        ids = [self.bos_id] if self.bos_id >= 0 else []
-      elif marker == templates.EOS:
-        ids = [self.eos_id] if self.eos_id >= 0 else []
-      else:
-        i = self.sp.piece_to_id(marker.name)
-        whole = i != self.sp.unk_id() and self.sp.id_to_piece(i) == marker.name
-        ids = [i] if whole else self.encode(marker.name)
-      self._specials[marker] = ids
-    return self._specials[marker]
+  def encode_continued(self, text: str) -> list[int]:
+    # transformers' LlamaTokenizer (legacy=False) and a tokenizer.json's Metaspace
+    # (prepend_scheme=first) add no dummy-prefix space after a special token: encode after
+    # "<unk>"'s own text and drop its pieces, as transformers does.
+    if not (text and self.dummy_prefix):
+      return self.encode(text)
+    unk = self.sp.id_to_piece(self.sp.unk_id())
+    return self.sp.encode(unk + text)[len(self.sp.encode(unk)):]
 
-  def encode_parts(self, parts: list, response: bool = False) -> list[int]:
-    """Ids of template parts: runs of text are encoded together, markers by `special`."""
-    ids, text, first = [], "", True
+  def piece_id(self, text: str) -> int | None:
+    i = self.sp.piece_to_id(text)
+    return i if i != self.sp.unk_id() and self.sp.id_to_piece(i) == text else None
 
-    def flush():
-      nonlocal text, first
-      if text:
-        if response and first and self.dummy_prefix and text.startswith(" "):
-          text = text[1:]
-        ids.extend(self.encode(text))
-      first, text = False, ""
+  def id_to_text(self, i: int) -> str:
+    return self.sp.id_to_piece(int(i))
 
-    for part in parts:
-      if isinstance(part, str):
-        text += part
-      else:
-        flush()
-        ids.extend(self.special(part))
-        first = False
-    flush()
-    return ids
+
+def load_tokenizer(path: str) -> TokenizerBase:
+  """data.tokenizer_path: a SentencePiece `.model`, a `tokenizer.json`, or a folder holding
+  either (tokenizer.json first: it carries the added tokens)."""
+  if os.path.isdir(path):
+    for name in (TOKENIZER_JSON, SP_MODEL):
+      if os.path.isfile(os.path.join(path, name)):
+        return load_tokenizer(os.path.join(path, name))
+    raise DataError(f"{path}: a folder without {TOKENIZER_JSON} or {SP_MODEL} "
+                    "(data.tokenizer_path)")
+  if path.endswith(".json"):
+    return HFTokenizer(path)
+  return Tokenizer(path)
 
 
 def _trailing_text(parts: list) -> str:
@@ -125,6 +123,10 @@ def tokenize_pair(record: dict, tok: Tokenizer, *, template: str = "plain",
   """
   if boundary not in BOUNDARIES:
     raise ValueError(f"data.boundary={boundary!r} is not one of {BOUNDARIES}")
+  if template == "auto":
+    if tok.chat_template is not None:
+      return _tokenize_chat(record, tok, add_bos, append_eos, boundary)
+    template = "plain"
   prompt_parts, response_parts = templates.render(record, template)
   prompt = tok.special(templates.BOS) if add_bos else []
   prompt = prompt + tok.encode_parts(prompt_parts)
@@ -144,6 +146,41 @@ def tokenize_pair(record: dict, tok: Tokenizer, *, template: str = "plain",
     if response is None:
       response = tok.encode_parts(response_parts[side], response=True)
     out[side] = np.asarray(prompt + response + eos, np.int32)
+  out["chosen_reward"] = record.get("chosen_reward")
+  out["rejected_reward"] = record.get("rejected_reward")
+  return out
+
+
+def _tokenize_chat(record, tok, add_bos, append_eos, boundary) -> dict:
+  """tokenize_pair under the tokenizer's chat template: the rendered text holds the special
+  tokens, so nothing is added to it except BOS where it lacks one (data.add_bos, as TRL) and
+  EOS after a response holding no stop token (data.append_eos); each response is what follows
+  the rendered prompt, its end-of-turn token included."""
+  try:
+    prompt_text, responses = chat_template.render_pair(record, tok.chat_template,
+                                                       tok.template_variables())
+  except chat_template.NotPrefixError as e:
+    raise RecordError(f"{where(record.get('source', '?'), record.get('line', -1), e.side)}: "
+                      f"{e}", "template not prefix-stable") from None
+  prompt_ids = tok.encode_rendered(prompt_text)
+  bos = tok.special(templates.BOS) if add_bos else []
+  prefix = bos if bos and prompt_ids[:len(bos)] != bos else []
+  stops = set(tok.stop_ids)
+  eos = tok.special(templates.EOS) if append_eos else []
+  out = {"prompt_len": len(prefix) + len(prompt_ids), "line": record.get("line", -1),
+         "straddled": 0}
+  for side in ("chosen", "rejected"):
+    response = None
+    if boundary == "joint":
+      joint = tok.encode_rendered(prompt_text + responses[side])
+      if joint[:len(prompt_ids)] == prompt_ids:
+        response = joint[len(prompt_ids):]
+      else:
+        out["straddled"] += 1
+    if response is None:
+      response = tok.encode_rendered(responses[side])
+    tail = eos if eos and not stops.intersection(response) else []
+    out[side] = np.asarray(prefix + prompt_ids + response + tail, np.int32)
   out["chosen_reward"] = record.get("chosen_reward")
   out["rejected_reward"] = record.get("rejected_reward")
   return out

@@ -4,10 +4,14 @@ run on a file takes no optimizer and no training split (`build_eval`)."""
 
 from __future__ import annotations
 
+import os
+
 from dpojax import config as config_lib
 from dpojax import model as model_lib
+from dpojax import workdir as workdir_lib
 from dpojax.data import pipeline
-from dpojax.data.tokenize import Tokenizer
+from dpojax.data.hf_tokenizer import TOKENIZER_JSON
+from dpojax.data.tokenize import load_tokenizer
 from dpojax.errors import ConfigError
 from dpojax.train import step as step_lib
 
@@ -16,9 +20,15 @@ def tokenizer_and_model(config, pretrained=None):
   """(Tokenizer, ModelConfig): the config's, or `pretrained`'s (init.path) architecture and,
   with init.checkpoint_tokenizer, its tokenizer."""
   tokenizer_path = config.data.tokenizer_path
-  if pretrained is not None and pretrained.tokenizer_path and config.init.checkpoint_tokenizer:
-    tokenizer_path = pretrained.tokenizer_path
-  tok = Tokenizer(tokenizer_path)
+  if pretrained is not None and config.init.checkpoint_tokenizer:
+    # The checkpoint's tokenizer; a Hugging Face folder with only a tokenizer.json (Llama 3,
+    # Qwen) gives none from the converter, so its folder is read here.
+    init_dir = workdir_lib.init_path(config)
+    if pretrained.tokenizer_path:
+      tokenizer_path = pretrained.tokenizer_path
+    elif os.path.isfile(os.path.join(init_dir, TOKENIZER_JSON)):
+      tokenizer_path = os.path.join(init_dir, TOKENIZER_JSON)
+  tok = load_tokenizer(tokenizer_path)
   model_cfg = (model_lib.ModelConfig.from_dict(config.model) if pretrained is None
                else pretrained.config)
   if model_cfg.vocab_size < tok.vocab_size:

@@ -53,6 +53,81 @@ def test_values_and_gradients_match_dense_attention(name):
       np.testing.assert_allclose(x, y, atol=3e-5, rtol=1e-5, err_msg=kernel)
 
 
+@pytest.mark.parametrize("window,softcap,scale", [(40, 0.0, None), (70, 3.0, 0.2)])
+def test_window_softcap_and_scale_match_dense_attention(window, softcap, scale):
+  """Sliding windows (Mistral, Gemma), tanh logit caps and a custom scale (Gemma 2): values
+  and gradients equal the dense path's mask (positions within each packed sequence) on
+  ragged packed rows that span four 64-token tiles."""
+  b, t, n, g, kd, seg = CASES["ragged_noncontiguous"]
+  q, k, v, cot = make(b, t, n, g, kd, seed=2)
+  seg = jnp.asarray(seg)
+  # Positions restart per segment where the rows hold contiguous ones (row 0); row 1's ids
+  # come back (5 2 5), so its positions run on as slots, as the kernel's window counts them.
+  pos = jnp.asarray([np.concatenate([np.arange(70), np.arange(75), np.arange(40),
+                                     np.arange(15)]), np.arange(200)])
+
+  def grads(attend):
+    return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(attend(q, k, v) * cot),
+                                      argnums=(0, 1, 2)))(q, k, v)
+
+  mask = model_lib.attention_mask(seg, None, pos, window)
+  want = grads(lambda q, k, v: model_lib.attend(q, k, v, mask, 0, scale, softcap))
+  got = grads(lambda q, k, v: fa.attention(q, k, v, seg, scale=scale, window=window,
+                                           softcap=softcap))
+  traced = grads(lambda q, k, v: fa.attention(q, k, v, seg, scale=scale, softcap=softcap,
+                                              window=jnp.int32(window)))
+  for x, y, z in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(traced)):
+    assert np.abs(np.asarray(y)).max() > 0.1
+    np.testing.assert_allclose(x, y, atol=3e-5, rtol=1e-5)
+    np.testing.assert_array_equal(x, z)
+
+
+def test_key_blocks_outside_the_window_are_never_read():
+  """Keys 0-63 poisoned with NaN and a 40-token window: queries from 128 on (whose windows
+  start at 89 or later) come out finite and exact only if the kernel skips that block."""
+  q, k, v, cot = make(1, 256, 2, 1, 16, seed=3)
+  seg = jnp.ones((1, 256), jnp.int32)
+  clean = fa.attention(q, k, v, seg, window=40)
+  out = fa.attention(q, k, v.at[:, :64].set(jnp.nan), seg, window=40)
+  np.testing.assert_array_equal(out[:, 128:], clean[:, 128:])
+  assert np.isnan(np.asarray(out[:, :64])).all()
+  # Backward: dq of those queries, and dk/dv of the keys no poisoned query reaches.
+  loss = lambda q, k, v: jnp.sum(fa.attention(q, k, v, seg, window=40)[:, 128:] * cot[:, 128:])
+  dq, dk, dv = jax.grad(loss, argnums=(0, 1, 2))(q, k, v.at[:, :64].set(jnp.nan))
+  dq0, dk0, dv0 = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  np.testing.assert_array_equal(dq[:, 128:], dq0[:, 128:])
+  np.testing.assert_array_equal(dk[:, 128:], dk0[:, 128:])
+  np.testing.assert_array_equal(dv[:, 128:], dv0[:, 128:])
+
+
+def test_model_with_mixed_sliding_layers_equals_the_dense_path():
+  """Gemma-style layers (window on alternate layers, softcap, scale) with attention_impl=flash:
+  each layer picks its window inside the layer scan (a traced window); the packed row's
+  logits and gradients equal the dense path's."""
+  cfg = model_lib.ModelConfig(
+      vocab_size=64, hidden_size=32, num_layers=3, num_attention_heads=4, num_query_groups=2,
+      ffn_hidden_size=48, sliding_window=5, attention_softcap=4.0, query_pre_attn_scalar=10.0,
+      layer_types=("sliding_attention", "full_attention", "sliding_attention"),
+      attention_block=0)
+  params = model_lib.init_params(cfg, jax.random.key(0))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (1, 20)), jnp.int32)
+  seg = jnp.asarray([[1] * 12 + [2] * 8])
+  pos = jnp.asarray([list(range(12)) + list(range(8))])
+
+  def run(impl):
+    c = dataclasses.replace(cfg, attention_impl=impl)
+    f = lambda p: jnp.sum(model_lib.apply(p, c, tokens, pos, seg) ** 2)
+    return jax.jit(jax.value_and_grad(f))(params)
+
+  for x, y in zip(jax.tree.leaves(run("flash")), jax.tree.leaves(run("xla"))):
+    np.testing.assert_allclose(x, y, atol=2e-5, rtol=1e-5)
+  assert model_lib.attention_path(dataclasses.replace(cfg, attention_impl="flash")) == (
+      "flash (window 5 on 2/3 layers, logit softcap 4, scale 10^-1/2)")
+  assert model_lib.attention_path(dataclasses.replace(cfg, attention_impl="sparse")) == (
+      "sparse -> xla (sparse has no logit softcap 4, scale 10^-1/2, per-layer windows) "
+      "(window 5 on 2/3 layers, logit softcap 4, scale 10^-1/2)")
+
+
 @pytest.mark.slow
 def test_blocks_of_other_segments_are_never_read():
   """Values of segment 1 poisoned with NaN: a kernel that visits its key blocks (even masked)
@@ -85,15 +160,17 @@ def test_segment_bounds_against_a_loop():
 @pytest.mark.parametrize("t", [40, 4096])
 def test_kernels_lower_to_triton_for_gpu(t):
   """Without a GPU: the Pallas -> Triton lowering (which wants power-of-two blocks) accepts
-  the forward, dq and dk/dv kernels (fp32 and bf16, GQA), for 4096-token rows and a short
-  row padded to 64; compiling Triton to PTX needs the GPU."""
-  for dtype in (jnp.float32, jnp.bfloat16):
+  the forward, dq and dk/dv kernels (fp32 and bf16, GQA, with a softcap and a window), for
+  4096-token rows and a short row padded to 64; compiling Triton to PTX needs the GPU."""
+  for dtype, softcap, window in ((jnp.float32, 0.0, 0), (jnp.bfloat16, 0.0, 0),
+                                 (jnp.bfloat16, 50.0, 16)):  # Gemma 2's cap and a window.
     specs = [jax.ShapeDtypeStruct((2, t, 32, 64), dtype)] + [
         jax.ShapeDtypeStruct((2, t, 4, 64), dtype)] * 2 + [
             jax.ShapeDtypeStruct((2, t), jnp.int32)]
 
     def fn(q, k, v, seg):
-      out, vjp = jax.vjp(lambda q, k, v: fa.attention(q, k, v, seg, interpret=False), q, k, v)
+      out, vjp = jax.vjp(lambda q, k, v: fa.attention(
+          q, k, v, seg, interpret=False, softcap=softcap, window=window, scale=0.1), q, k, v)
       return out, vjp(out)
 
     hlo = jax.jit(fn).trace(*specs).lower(lowering_platforms=("cuda",)).as_text()

@@ -280,3 +280,21 @@ def test_dpo_steps_from_each_family(name, folders, tmp_path):
   assert abs(train[0]["loss"] - np.log(2)) < 1e-5, train[0]  # Its update has lr 0 (warmup).
   assert train[-1]["loss"] < train[0]["loss"] - 0.05, [r["loss"] for r in train]
   assert val[-1]["loss"] < val[0]["loss"], val
+
+
+def test_a_tokenizer_json_folder_travels_with_the_export(folders, tmp_path):
+  """A run tokenized by a tokenizer.json exports it with its folder's files (not as a
+  SentencePiece model); the exported folder's tokenizer is that file again."""
+  source = os.path.join(ROOT, "tests", "testdata", "stories260k", "tokenizer")
+  loaded = hf.load_hf(folders["qwen3"])
+  out = tmp_path / "export"
+  hf.save_hf(str(out), loaded.config, loaded.params, os.path.join(source, hf.TOKENIZER_JSON))
+  for name in os.listdir(source):
+    if name in hf.TOKENIZER_FILES:
+      assert (out / name).read_bytes() == open(os.path.join(source, name), "rb").read(), name
+  assert not (out / hf.TOKENIZER).exists()
+  assert hf.load_hf(str(out)).tokenizer_path == str(out / hf.TOKENIZER_JSON)
+  with open(out / hf.CONFIG) as f:
+    written = json.load(f)
+  auto = transformers.AutoTokenizer.from_pretrained(str(out))
+  assert written["eos_token_id"] == auto.eos_token_id

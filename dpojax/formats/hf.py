@@ -19,6 +19,7 @@ import tempfile
 import numpy as np
 import sentencepiece as spm
 
+from dpojax.data import tokenize
 from dpojax.formats import hf_config
 from dpojax.formats.convert_common import (
     CheckpointError, Loaded, check_params, check_tensors, dtype_name, load_json, unflatten)
@@ -28,6 +29,10 @@ CONFIG = "config.json"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 TOKENIZER = "tokenizer.model"
+TOKENIZER_JSON = "tokenizer.json"
+# Beside a tokenizer.json, what transformers and dpojax read of it (all optional).
+TOKENIZER_FILES = (TOKENIZER_JSON, "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "generation_config.json")
 # A multimodal folder's text model, by transformers version: its tensors' prefix -> ours.
 _TEXT_PREFIXES = ("model.language_model.", "language_model.model.")
 _MULTIMODAL_PARTS = ("model.vision_tower.", "model.multi_modal_projector.", "vision_tower.",
@@ -214,7 +219,8 @@ def _text_model(tensors: dict, source: str) -> dict:
 
 
 def load_hf(path: str) -> Loaded:
-  """(ModelConfig, params as numpy in the dpojax layout, tokenizer.model path or None)."""
+  """(ModelConfig, params as numpy in the dpojax layout, tokenizer.model or tokenizer.json
+  path or None)."""
   config_path = os.path.join(path, CONFIG)
   if not os.path.isfile(config_path):
     raise CheckpointError(f"{path}: no {CONFIG} (not a Hugging Face model folder)")
@@ -239,15 +245,21 @@ def load_hf(path: str) -> Loaded:
     raise CheckpointError(f"{source}: tensors mix dtypes {dtypes}")
   params = hf_to_params(tensors, cfg)
   check_params(cfg, params, source)
-  tokenizer = os.path.join(path, TOKENIZER)
-  return Loaded(cfg, params, tokenizer if os.path.isfile(tokenizer) else None)
+  found = [os.path.join(path, n) for n in (TOKENIZER, TOKENIZER_JSON)
+           if os.path.isfile(os.path.join(path, n))]
+  return Loaded(cfg, params, found[0] if found else None)
 
 
 def _special_ids(tokenizer_path: str | None) -> dict[str, int]:
   if tokenizer_path is None:
     return {}
-  sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
-  ids = {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": sp.pad_id()}
+  if tokenizer_path.endswith(".json"):
+    tok = tokenize.load_tokenizer(tokenizer_path)
+    ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}
+  else:
+    sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
+    ids = {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(),
+           "pad_token_id": sp.pad_id()}
   return {k: v for k, v in ids.items() if v >= 0}
 
 
@@ -313,7 +325,13 @@ def _write_folder(path, config, tensors, tokenizer_path, cfg, max_shard_bytes):
                  "weight_map": weight_map}, fh, indent=2)
   with open(os.path.join(path, CONFIG), "w") as fh:
     json.dump(config, fh, indent=2)
-  if tokenizer_path is not None:
+  if tokenizer_path is not None and tokenizer_path.endswith(".json"):
+    folder = os.path.dirname(os.path.abspath(tokenizer_path))
+    shutil.copyfile(tokenizer_path, os.path.join(path, TOKENIZER_JSON))
+    for name in TOKENIZER_FILES[1:]:
+      if os.path.isfile(os.path.join(folder, name)):
+        shutil.copyfile(os.path.join(folder, name), os.path.join(path, name))
+  elif tokenizer_path is not None:
     shutil.copyfile(tokenizer_path, os.path.join(path, TOKENIZER))
     with open(os.path.join(path, "tokenizer_config.json"), "w") as fh:
       json.dump({"tokenizer_class": "LlamaTokenizer", "add_bos_token": True,

@@ -70,30 +70,60 @@ class Norm(nn.Module):
     return y.astype(_dtype(cfg.dtype))
 
 
+def _impl(cfg: ModelConfig) -> str:
+  if cfg.attention_impl != "auto":
+    return cfg.attention_impl
+  gpu = jax.default_backend() == "gpu"
+  return "flash" if gpu and jnp.finfo(_dtype(cfg.dtype)).bits <= 32 else "xla"
+
+
+def attention_path(cfg: ModelConfig, mesh=None) -> str:
+  """The attention path training rows take, for the run's start-up line: the kernel, the
+  options it applies, and why a requested path falls back to the dense one."""
+  impl, sliding = _impl(cfg), cfg.sliding_layers
+  has = []
+  if any(sliding):
+    has.append(f"window {cfg.sliding_window} on {sum(sliding)}/{cfg.num_layers} layers")
+  if cfg.attention_softcap:
+    has.append(f"logit softcap {cfg.attention_softcap:g}")
+  if cfg.attention_scale is not None:
+    has.append(f"scale {cfg.query_pre_attn_scalar:g}^-1/2")
+  lacks = [x for x in has if not x.startswith("window")]
+  if impl == "sparse" and any(sliding) and not all(sliding):
+    lacks.append("per-layer windows")
+  if impl == "sparse" and not (mesh is None or mesh.size == 1):
+    lacks.append("multi-device meshes")
+  path = f"{impl} -> xla (sparse has no {', '.join(lacks)})" if impl == "sparse" and lacks \
+      else impl
+  return path + (f" ({', '.join(has)})" if has else "")
+
+
 def layer_mask(cfg: ModelConfig, segment_ids_BxT, branch_ids_BxT=None, mesh=None,
                positions_BxT=None):
   """What every layer's `attend` gets, computed once per forward: `Segments` for the flash
   kernel, `TilePairs` for the block-sparse path, else the dense `attention_mask`.
 
-  Sliding windows: when every layer slides, the one mask holds the window (the block-sparse
-  path then skips the tiles outside it); when only some do, {"full", "sliding"} dense masks
-  that each layer picks from. Layers with a custom attention scale, logit softcap or
-  windows take the dense path (the flash kernel has neither yet).
+  Sliding windows: when every layer slides, the one mask holds the window (the flash and
+  block-sparse paths then skip the tiles outside it); when only some do, {"full", "sliding"}
+  masks that each layer picks from (flash: two `Segments` that differ in their window only).
+  The flash kernel has the custom attention scale and logit softcap too; the block-sparse
+  path has neither, and such models take the dense path there (see `attention_path`).
   """
-  impl = cfg.attention_impl
-  if impl == "auto":
-    gpu = jax.default_backend() == "gpu"
-    impl = "flash" if gpu and jnp.finfo(_dtype(cfg.dtype)).bits <= 32 else "xla"
+  impl = _impl(cfg)
   sliding = cfg.sliding_layers
   plain = cfg.attention_scale is None and not cfg.attention_softcap
-  if any(sliding) and not all(sliding):
+  mixed = any(sliding) and not all(sliding)
+  window = cfg.sliding_window if all(sliding) else 0
+  if impl == "flash" and branch_ids_BxT is None:
+    bounds = flash_attention.segment_bounds(segment_ids_BxT)
+    segments = lambda w: attention_ops.Segments(segment_ids_BxT, bounds, mesh, w)
+    if mixed:
+      return {"full": segments(jnp.int32(0)), "sliding": segments(jnp.int32(cfg.sliding_window))}
+    return segments(window)
+  if mixed:
     return {"full": attention_ops.attention_mask(segment_ids_BxT, branch_ids_BxT),
             "sliding": attention_ops.attention_mask(segment_ids_BxT, branch_ids_BxT,
                                                     positions_BxT, cfg.sliding_window)}
-  if impl == "flash" and branch_ids_BxT is None and plain and not any(sliding):
-    bounds = flash_attention.segment_bounds(segment_ids_BxT)
-    return attention_ops.Segments(segment_ids_BxT, bounds, mesh)
-  window = cfg.sliding_window if all(sliding) else 0
   mask = attention_ops.attention_mask(segment_ids_BxT, branch_ids_BxT, positions_BxT, window)
   block, t = cfg.attention_block, segment_ids_BxT.shape[1]
   # One device only: XLA cannot split its pair list by batch shard (it would replicate it).

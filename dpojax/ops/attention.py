@@ -41,12 +41,14 @@ def attention_mask(segment_ids_BxT, branch_ids_BxT=None, positions_BxT=None, win
 
 @flax.struct.dataclass
 class Segments:
-  """The mask as the flash kernel takes it: causal AND same segment, from [B, T] segment ids;
+  """The mask as the flash kernel takes it: causal AND same segment (AND `window`), from [B, T]
+  segment ids;
   `bounds`: flash_attention.segment_bounds of the ids (None: the kernel computes them);
   `mesh` (static): the device mesh the kernel runs per shard on (None: one device or GSPMD)."""
   ids_BxT: jax.Array
   bounds: Any = None
   mesh: Any = flax.struct.field(pytree_node=False, default=None)
+  window: Any = 0  # Sliding window (0: none); an array when layers pick theirs in the scan.
 
 
 @flax.struct.dataclass
@@ -174,12 +176,13 @@ def attend(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS, block: int = 0,
   Half-precision inputs go through jax.nn.dot_product_attention (its mixed-precision matmul
   handling); fp32 and fp64 through `_softmax_attention`.
   `scale` multiplies the logits (None: K^-1/2); `softcap` > 0 caps them to
-  softcap * tanh(l / softcap). The flash and block-sparse paths take neither (layer_mask
-  gives them only layers without either).
+  softcap * tanh(l / softcap). The flash kernel takes both; the block-sparse path neither
+  (layer_mask gives it only layers without either).
   """
   if isinstance(mask_Bx1xTxS, Segments):
     return flash_attention.attention(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS.ids_BxT,
-                                     bounds=mask_Bx1xTxS.bounds, mesh=mask_Bx1xTxS.mesh)
+                                     bounds=mask_Bx1xTxS.bounds, mesh=mask_Bx1xTxS.mesh,
+                                     scale=scale, window=mask_Bx1xTxS.window, softcap=softcap)
   if isinstance(mask_Bx1xTxS, TilePairs):
     return sparse_attention.attention(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS.mask_BxTxT,
                                       mask_Bx1xTxS.pairs, mask_Bx1xTxS.block)

@@ -190,7 +190,8 @@ def _run(config, workdir: str, stop: StopRequested) -> dict:
   say(f"Training on {len(train_data)} pairs ({len(val_data)} val) for {t.max_steps} steps, "
         f"{n_params:,} parameters "
         f"({sum(x.size for x in jax.tree.leaves(abstract.trainable)):,} trained), mesh "
-        f"{dict(mesh.shape)}, {jax.process_count()} process(es)")
+        f"{dict(mesh.shape)}, {jax.process_count()} process(es), attention "
+        f"{model_lib.attention_path(step_cfg.model, mesh)}")
 
   def data_state():
     return {"iterator": train_iter.get_state(), "consumed_samples": consumed}

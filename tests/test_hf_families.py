@@ -271,6 +271,9 @@ def test_dpo_steps_from_each_family(name, folders, tmp_path):
   else:
     config = tiny_config()
     config.init.path = folders[name]
+    if name == "qwen3":  # LoRA on every target, with head_dim != hidden / heads.
+      config.lora.enabled, config.lora.targets, config.lora.rank = True, ("all",), 8
+      config.train.learning_rate = 1e-2
     config.train.max_steps = 4
     config.eval.interval = config.checkpoint.interval = 4
     loop.run(config, workdir)

@@ -25,6 +25,7 @@ QWEN = ("qwen2", "qwen3")
 # transformers' class defaults where a file leaves a key out.
 _TIED = {"llama": False, "mistral": False, "qwen2": False, "qwen3": False, "gemma2": True,
          "gemma3_text": True}
+_THETA = {"gemma3_text": 1_000_000.0}  # Else 10000.
 _ROPE_KINDS = {"default": "none", "linear": "linear", "dynamic": "dynamic",
                "llama3": "llama3", "yarn": "yarn"}
 _TORCH_DTYPE = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -65,7 +66,7 @@ def _rope(f: Fields, kind: str) -> dict:
   # transformers 5 writes rope_parameters; older files (and hub files) hold rope_scaling.
   scaling, key = (params, "rope_parameters") if rope_type(params) != "default" or not legacy \
       else (legacy, "rope_scaling")
-  theta = params.get("rope_theta", f.get("rope_theta", 10000.0))
+  theta = params.get("rope_theta", f.get("rope_theta", _THETA.get(kind, 10000.0)))
   out = {"rotary_base": float(theta)}
   if kind == "gemma3_text":
     if local is not None and rope_type(local) != "default":
@@ -107,15 +108,17 @@ def _rope(f: Fields, kind: str) -> dict:
 
 def _sliding(f: Fields, kind: str, num_layers: int) -> dict:
   """sliding_window and layer_types from the family's keys (or its rule)."""
-  window = f.optional("sliding_window", int, None)
+  # transformers' class default where the key is absent; null is no window.
+  window = f.optional("sliding_window", int, None) if "sliding_window" in f.data else 4096
+  if kind in QWEN and not f.optional("use_sliding_window", bool, False):
+    window = None  # As Qwen2Config: the flag turns the window off whatever layer_types say.
   types = f.optional("layer_types", list, None)
   if types is None:
     if kind == "mistral":
       types = ["sliding_attention"] * num_layers
     elif kind in QWEN:
-      first = f.optional("max_window_layers", int, num_layers if kind == "qwen2" else 28)
-      slide = f.optional("use_sliding_window", bool, False)
-      types = ["sliding_attention" if slide and i >= first else "full_attention"
+      first = f.optional("max_window_layers", int, 28)
+      types = ["sliding_attention" if i >= first else "full_attention"
                for i in range(num_layers)]
     elif kind == "gemma2":
       types = ["sliding_attention" if (i + 1) % 2 else "full_attention"
@@ -171,7 +174,7 @@ def config_from_json(f: Fields, vocab_size: int, param_dtype: str) -> ModelConfi
   if config_vocab != vocab_size:
     raise f.error("vocab_size", f"{config_vocab} but the embedding has {vocab_size} rows")
   softcap = lambda key: float(f.optional(key, float, 0.0)) if gemma else 0.0
-  scalar = f.optional("query_pre_attn_scalar", float, head_dim) if gemma else None
+  scalar = f.optional("query_pre_attn_scalar", float, 256) if gemma else None
   try:
     return ModelConfig(
         vocab_size=vocab_size, hidden_size=d, num_layers=num_layers,

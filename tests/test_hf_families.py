@@ -36,7 +36,7 @@ import stories260k as S
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
-COMMON = dict(vocab_size=384, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+COMMON = dict(vocab_size=384, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
               rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 STD = 0.12  # Weights (not norms).
@@ -64,13 +64,13 @@ FAMILIES = {
 EXPECTED = {
     "llama3": dict(rope_scaling="llama3", share_embeddings_and_output_weights=True),
     "qwen2": dict(qkv_bias=True, rope_scaling="yarn", sliding_window=WINDOW,
-                  layer_types=("full_attention", "sliding_attention", "sliding_attention")),
+                  layer_types=("full_attention", "sliding_attention")),
     "qwen3": dict(qk_norm=True, kv_channels=12),
     "mistral": dict(sliding_window=WINDOW, layer_types=None, kv_channels=12),
     "gemma2": dict(normalization="rmsnorm1p", activation="geglu", post_norms=True,
                    scale_embeddings=True, attention_softcap=5.0, final_logit_softcap=3.0,
                    query_pre_attn_scalar=12.0,
-                   layer_types=("sliding_attention", "full_attention", "sliding_attention")),
+                   layer_types=("sliding_attention", "full_attention")),
     "gemma3": dict(qk_norm=True, rotary_base=1000.0, rotary_base_local=100.0,
                    rope_scaling="linear", rope_scaling_factor=2.0, post_norms=True),
 }

@@ -161,6 +161,11 @@ def test_logits_packed_rows_and_greedy_equal_transformers(name, folders):
     p64 = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
     ours64 = np.asarray(_logits(cfg64, p64, tokens, positions, segments))
   assert ours64.dtype == np.float64
+  print(f"{name}: |logit| max {scale:.2f}; / max: ours fp32 vs HF fp64 "
+        f"{np.abs(ours[0] - want64).max() / scale:.2e}, vs HF fp32 "
+        f"{np.abs(ours[0] - want32).max() / scale:.2e}, HF fp32 vs fp64 "
+        f"{np.abs(want32 - want64).max() / scale:.2e}; ours fp64 vs HF fp64 "
+        f"{np.abs(ours64[0] - want64).max():.2e} absolute")
   assert np.abs(ours64[0] - want64).max() <= 1e-5, np.abs(ours64[0] - want64).max()
   # Greedy decoding, 5 prompt tokens + 32 new (past the window), through the KV cache.
   prompt = tokens[0, :5]

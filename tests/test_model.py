@@ -406,8 +406,8 @@ def test_each_family_option_changes_the_model(name):
 
 def test_sliding_window_masks_equal_a_loop_in_every_path():
   """The windowed mask against a loop over (query, key), on a packed row and a shared-prompt
-  row; the tiled and block-sparse paths (which skip tiles outside the window) equal the
-  dense path in values and gradients."""
+  row; the tiled, block-sparse and flash paths (the last two skip tiles outside the window)
+  equal the dense path in values and gradients."""
   rng = np.random.default_rng(12)
   seg = np.asarray([[1] * 6 + [2] * 7 + [3] * 5 + [0] * 2,
                     [1] * 13 + [0] * 7])
@@ -435,7 +435,8 @@ def test_sliding_window_masks_equal_a_loop_in_every_path():
   loss = lambda c: jax.jit(jax.value_and_grad(lambda p: jnp.sum(jnp.sin(model_lib.apply(
       p, c, tokens, pos[:1], seg[:1])[:, :18]))))
   want = loss(dense)(params)
-  for c in (cfg, sparse):  # Tiled dense, block-sparse.
+  flash = dataclasses.replace(cfg, attention_impl="flash")  # Interpreted off GPU.
+  for c in (cfg, sparse, flash):  # Tiled dense, block-sparse, the flash kernel.
     np.testing.assert_allclose(row(c)(params), row(dense)(params), atol=1e-5)
     got = loss(c)(params)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):

@@ -8,7 +8,7 @@ import numpy as np
 
 from dpojax.data import batching, packing, pipeline
 from dpojax.model import transformer
-from dpojax.train import loop
+from dpojax.train import compiled
 
 # Llama-style, vocab 1000, hidden 256, FFN 688 (swiglu), 4 layers, 8 heads, 4 query groups,
 # tied embeddings, rmsnorm, rope, fp32: N = 3,158,272 parameters.
@@ -97,4 +97,4 @@ def packed_synthetic_batches(rng, *, steps, rows, micro_rows, pack_size, vocab):
 
 def matmul_peak(n=None, repeats=5, dtype="float32"):
   """Best FLOP/s of an n x n x n product, as the training loop measures it for MFU."""
-  return loop.matmul_peak_flops(n, repeats, dtype)
+  return compiled.matmul_peak_flops(n, repeats, dtype)

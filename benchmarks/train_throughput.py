@@ -89,7 +89,7 @@ import numpy as np  # noqa: E402
 from dpojax import model as model_lib  # noqa: E402
 from dpojax.data import batching  # noqa: E402
 from dpojax.ops import flash_attention  # noqa: E402
-from dpojax.train import loop, sharding  # noqa: E402
+from dpojax.train import compiled, sharding  # noqa: E402
 from dpojax.train import metrics as metrics_lib  # noqa: E402
 from dpojax.train import precompute  # noqa: E402
 from dpojax.train import step as step_lib  # noqa: E402
@@ -139,7 +139,7 @@ def run(step_cfg, batches, params, tx, schedule, mesh):
       b["ref_logps_chosen"], b["ref_logps_rejected"] = stats[..., 0], stats[..., 1]
   ref_params = params if step_cfg.reference == "copy" else {}
   state = step_lib.init_state(params, tx)
-  train_fn, _, state_sh, ref_sh = loop.compile_steps(step_cfg, tx, schedule, state,
+  train_fn, _, state_sh, ref_sh = compiled.compile_steps(step_cfg, tx, schedule, state,
                                                      ref_params, mesh, batches[0])
   # Own buffers (no host round trip): the step donates the state, and params would alias it.
   ref, state = (jax.tree.map(jnp.copy, jax.device_put(x, sh))

@@ -133,7 +133,7 @@ def get_config() -> ml_collections.ConfigDict:
   dt.max_seq_length = 64  # Tokens per sequence (prompt + response); see data.truncation.
   dt.truncation = "drop"  # Over-long pairs: drop | truncate_prompt_left | truncate_response_right.
   dt.on_error = "raise"  # Bad records: raise (file:line: field) | skip (counted, summarised).
-  dt.template = "plain"  # plain | nemo (extra_id, NeMo docs) | llama2 | chatml | auto (the tokenizer folder's Jinja chat_template, else plain).
+  dt.template = "auto"  # auto (the tokenizer folder's own Jinja chat template, else plain) | plain | nemo (extra_id, NeMo docs) | llama2 | chatml.
   dt.add_bos = True  # Start each sequence with BOS (template=auto: only where the template wrote none).
   dt.append_eos = True  # End each response with EOS (template=auto: only after a response holding no stop token).
   dt.packing = "none"  # none | first_fit_decreasing | first_fit_shuffle (re-packed every epoch).

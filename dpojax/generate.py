@@ -6,8 +6,9 @@
 
 --checkpoint is a dpojax workdir (its latest checkpoint, or a checkpoints/<step> folder), a
 .nemo file or a Hugging Face folder. Prompts are rendered with the run's training template
-(data.template, data.add_bos from the workdir's run_config.json; --template/--add_bos for a
-.nemo or Hugging Face checkpoint), so the model sees exactly what it was trained on.
+(data.template, data.add_bos from the workdir's run_config.json), so the model sees exactly
+what it was trained on; a .nemo or Hugging Face checkpoint uses its own chat template where
+its tokenizer folder has one (--template/--add_bos override either).
 --input is JSONL with a `prompt` per line (a string or a list of chat messages; preference
 files in the nemo/trl formats work as they are).
 
@@ -46,7 +47,7 @@ from dpojax import cli
 from dpojax import pretrained
 from dpojax.data import chat_template, templates
 from dpojax.data.sources import DataError, jsonl_records, where
-from dpojax.data.tokenize import TEMPLATES, load_tokenizer
+from dpojax.data.tokenize import TEMPLATES, load_tokenizer, resolve_template
 from dpojax.model import transformer
 from dpojax.ops import logprob_chunked
 
@@ -293,11 +294,13 @@ def _main(argv) -> int:
   parser.add_argument("--reference", default=None,
                       help="the reference checkpoint to compare with (default: the run's)")
   parser.add_argument("--template", choices=TEMPLATES, default=None,
-                      help="prompt template (default: the run's data.template, else plain)")
+                      help="prompt template (default: the run's data.template; for a .nemo or "
+                      "Hugging Face folder, its own chat template where it has one, else plain)")
   parser.add_argument("--add_bos", choices=("true", "false"), default=None,
                       help="prepend BOS (default: the run's data.add_bos, else true)")
   parser.add_argument("--tokenizer", default=None,
-                      help="SentencePiece model (default: the checkpoint's or the run's)")
+                      help="tokenizer.model or tokenizer.json (default: the checkpoint's or the "
+                      "run's)")
   parser.add_argument("--config", default=None,
                       help="run config (.json or .py) for a workdir without run_config.json")
   cli.add_debug_flag(parser)
@@ -336,12 +339,17 @@ def _run(args, tmp: str) -> list[dict[str, Any]]:
                      "records no reference; pass --reference PATH")
   run_cfg = policy.run_config
   data_cfg = run_cfg.data if run_cfg is not None else {}
-  template = args.template or data_cfg.get("template", "plain")
   add_bos = (data_cfg.get("add_bos", True) if args.add_bos is None else args.add_bos == "true")
   tokenizer_path = args.tokenizer or policy.tokenizer_path
   if not tokenizer_path:
     raise ValueError(f"{args.checkpoint}: holds no tokenizer; pass --tokenizer")
   tok = load_tokenizer(tokenizer_path)
+  # The run's template, else (a .nemo or Hugging Face folder) the checkpoint's own chat
+  # template where it has one; an explicit --template that differs from that one warns.
+  template, warning = resolve_template(args.template or data_cfg.get("template", "auto"), tok,
+                                       "--template")
+  if warning and args.template:
+    print(warning, file=sys.stderr, flush=True)
   stop_ids = _parse_ids(args.stop_ids)
   if stop_ids is None:
     stop_ids = default_stop_ids(tok, template)

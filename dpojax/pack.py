@@ -23,7 +23,8 @@ import time
 from dpojax import cli
 from dpojax.data import packed_dir, packing, pipeline
 from dpojax.data.sources import FORMATS, DataError
-from dpojax.data.tokenize import BOUNDARIES, TEMPLATES, TRUNCATIONS, load_tokenizer
+from dpojax.data.tokenize import (BOUNDARIES, TEMPLATES, TRUNCATIONS, load_tokenizer,
+                                  resolve_template)
 
 
 def parse_args(argv=None):
@@ -39,7 +40,9 @@ def parse_args(argv=None):
   p.add_argument("--max_seq_length", type=int, default=0,
                  help="tokens per sequence (default pack_size // 2)")
   p.add_argument("--format", default="auto", choices=FORMATS)
-  p.add_argument("--template", default="plain", choices=TEMPLATES)
+  p.add_argument("--template", default="auto", choices=TEMPLATES,
+                 help="auto (default, as training's): the tokenizer folder's chat template, "
+                 "else plain")
   p.add_argument("--add_bos", default=True, action=argparse.BooleanOptionalAction)
   p.add_argument("--append_eos", default=True, action=argparse.BooleanOptionalAction)
   p.add_argument("--truncation", default="drop", choices=TRUNCATIONS)
@@ -59,14 +62,18 @@ def main(argv=None) -> dict:
   args = parse_args(argv)
   if os.path.exists(args.output) and not args.overwrite:
     raise DataError(f"{args.output}: exists (pass --overwrite to replace it)")
+  tok = load_tokenizer(args.tokenizer_path)
+  template, warning = resolve_template(args.template, tok, "--template")
+  if warning:
+    print(warning, flush=True)
   opts = pipeline.DataOptions(
       max_seq_length=args.max_seq_length or args.pack_size // 2, format=args.format,
-      template=args.template, add_bos=args.add_bos, append_eos=args.append_eos,
+      template=template, add_bos=args.add_bos, append_eos=args.append_eos,
       truncation=args.truncation, on_error=args.on_error, packing=args.strategy,
       pack_size=args.pack_size, cache_dir=args.cache_dir, share_prompt=args.share_prompt,
       boundary=args.boundary)
   start = time.perf_counter()
-  data = pipeline.PreferenceData(args.input, load_tokenizer(args.tokenizer_path), opts)
+  data = pipeline.PreferenceData(args.input, tok, opts)
   data.require(1, "pairs to pack")
   if os.path.isdir(args.output) and args.overwrite:
     packed_dir.read_packed_meta(args.output)  # Only ever delete a packed dataset.

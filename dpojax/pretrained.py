@@ -21,7 +21,7 @@ import jax
 import ml_collections
 
 from dpojax import config as config_lib
-from dpojax import convert
+from dpojax.formats import checkpoints
 from dpojax import model as model_lib
 from dpojax import workdir as workdir_lib
 from dpojax.formats import nemo as nemo_ckpt
@@ -52,42 +52,42 @@ def _extract_dir(workdir: str) -> str:
 def load_pretrained(config, workdir: str):
   """`init.path`: a .nemo file, a Hugging Face folder, or a dpojax workdir/checkpoint folder.
 
-  Returns None (random init) or a `convert.Loaded` (ModelConfig, host params, tokenizer).
+  Returns None (random init) or a `checkpoints.Loaded` (ModelConfig, host params, tokenizer).
   """
   path = workdir_lib.init_path(config)  # Or init.from, its old name.
   if not path:
     return None
   if not os.path.exists(path):
     raise ConfigError(f"init.path={path}: no such file or folder")
-  if convert.is_checkpoint(path):
+  if checkpoints.is_checkpoint(path):
     try:
-      loaded = convert.load(path, extract_dir=_extract_dir(workdir))
+      loaded = checkpoints.load(path, extract_dir=_extract_dir(workdir))
     except (tarfile.TarError, EOFError) as e:  # A member cut short (the header scan passed).
       raise ConfigError(f"init.path={path}: truncated or corrupt archive ({e})") from None
-    arch = {k: getattr(loaded.config, k) for k in convert.ARCHITECTURE_FIELDS}
+    arch = {k: getattr(loaded.config, k) for k in checkpoints.ARCHITECTURE_FIELDS}
     model_cfg = dataclasses.replace(model_lib.ModelConfig.from_dict(config.model), **arch)
-    return convert.Loaded(model_cfg, loaded.params, loaded.tokenizer_path)
+    return checkpoints.Loaded(model_cfg, loaded.params, loaded.tokenizer_path)
   model_cfg = model_lib.ModelConfig.from_dict(config.model)
   if workdir_lib.find_config(path):
     # A dpojax run: its architecture and tokenizer from its run config, as for a .nemo; a
     # LoRA run's policy is its adapters merged into its base.
     policy = load_policy(path, extract_dir=_extract_dir(workdir))
-    arch = {k: getattr(policy.config, k) for k in convert.ARCHITECTURE_FIELDS}
-    return convert.Loaded(dataclasses.replace(model_cfg, **arch), policy.params,
+    arch = {k: getattr(policy.config, k) for k in checkpoints.ARCHITECTURE_FIELDS}
+    return checkpoints.Loaded(dataclasses.replace(model_cfg, **arch), policy.params,
                           policy.tokenizer_path)
   try:
     params = orbax_ckpt.load_params(path, functools.partial(model_lib.init_params, model_cfg))
   except FileNotFoundError as e:
     raise ConfigError(str(e)) from None
-  return convert.Loaded(model_cfg, params, None)
+  return checkpoints.Loaded(model_cfg, params, None)
 
 
 def export(config, model_cfg, params, tokenizer_path, init_from):
   """`export.to`: the aligned policy as a .nemo file or a Hugging Face folder."""
   base = None
-  if init_from and convert.detect_format(init_from) == "nemo":
+  if init_from and checkpoints.detect_format(init_from) == "nemo":
     base = nemo_ckpt.read_nemo_config(init_from)
-  convert.save(config.export.to, model_cfg, params, tokenizer_path, base_config=base,
+  checkpoints.save(config.export.to, model_cfg, params, tokenizer_path, base_config=base,
                overwrite=True)
 
 
@@ -114,8 +114,8 @@ def load_policy(path: str, *, config_path: str | None = None,
   if not os.path.exists(path):
     raise WorkdirError(f"--checkpoint={path}: no such file or folder")
   if (config_path is None and workdir_lib.find_config(path) is None
-      and convert.is_checkpoint(path)):
-    cfg, params, tokenizer = convert.load(path, extract_dir=extract_dir)
+      and checkpoints.is_checkpoint(path)):
+    cfg, params, tokenizer = checkpoints.load(path, extract_dir=extract_dir)
     return Model(cfg, params, tokenizer, None)
   config, init = resolve(*workdir_lib.workdir_config(path, config_path), extract_dir)
   cfg = workdir_lib.model_config(config)

@@ -55,14 +55,18 @@ def init_path(config) -> str:
   return old
 
 
-def write_config(workdir: str, config, model_cfg=None, tokenizer_path: str | None = None) -> str:
-  """Writes `<workdir>/run_config.json` atomically; `model_cfg` and `tokenizer_path` (what the
-  run really uses) replace the `model` section and `data.tokenizer_path`."""
+def write_config(workdir: str, config, model_cfg=None, tokenizer_path: str | None = None,
+                 template: str | None = None) -> str:
+  """Writes `<workdir>/run_config.json` atomically; `model_cfg`, `tokenizer_path` and
+  `template` (what the run really uses) replace the `model` section, `data.tokenizer_path`
+  and `data.template`."""
   d = json.loads(config.to_json_best_effort())
   if model_cfg is not None:
     d["model"] = dataclasses.asdict(model_cfg)
   if tokenizer_path:
     d.setdefault("data", {})["tokenizer_path"] = os.path.abspath(tokenizer_path)
+  if template:
+    d.setdefault("data", {})["template"] = template
   path = os.path.join(workdir, RUN_CONFIG)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:

@@ -40,6 +40,32 @@ TRUNCATIONS = ("drop", "truncate_prompt_left", "truncate_response_right")
 BOUNDARIES = ("joint", "apart")
 
 
+def resolve_template(template: str, tok, key: str = "data.template") -> tuple[str, str | None]:
+  """(the template a run renders with, a WARNING line or None).
+
+  `auto` (the default) is the tokenizer folder's own chat template where it has one (kept as
+  "auto": the same folder gives the same template to generate and evaluate), else `plain`.
+  Any other template over a folder that has its own is used as asked, with a warning: a model
+  aligned on a format it was never tuned on is a wasted run that looks fine in the metrics.
+  """
+  own = tok.chat_template
+  if template == "auto":
+    return ("auto" if own is not None else "plain"), None
+  if own is None:
+    return template, None
+  folder = os.path.dirname(os.path.abspath(tok.path))
+  return template, (f"WARNING: {key}={template} renders the data, but the tokenizer folder "
+                    f"{folder} has its own chat template, which this model was tuned on; "
+                    f"leave {key} at auto to use it")
+
+
+def describe_template(template: str, tok) -> str:
+  """The start-up line's words for a resolved template."""
+  if template == "auto":
+    return f"template: the chat template of {os.path.dirname(os.path.abspath(tok.path))}"
+  return f"template: {template}"
+
+
 class Tokenizer(TokenizerBase):
   """The SentencePiece backend (a `.model` file); its folder's metadata as for a
   tokenizer.json (tokenizer_base.read_folder_meta)."""

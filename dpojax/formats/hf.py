@@ -250,16 +250,37 @@ def load_hf(path: str) -> Loaded:
   return Loaded(cfg, params, found[0] if found else None)
 
 
+SPECIAL_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
+
+
 def _special_ids(tokenizer_path: str | None) -> dict[str, int]:
+  """config.json's token ids: the tokenizer's own, and where it names none (a tokenizer.json
+  folder without a pad token, say) those of the model folder it came with, so an export keeps
+  its source's pad_token_id and unk_token_id."""
   if tokenizer_path is None:
     return {}
   if tokenizer_path.endswith(".json"):
     tok = tokenize.load_tokenizer(tokenizer_path)
     ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}
+    for name in ("pad_token", "unk_token"):
+      text = tok.meta.special_tokens.get(name)
+      piece = None if text is None else tok.piece_id(text)
+      ids[f"{name}_id"] = -1 if piece is None else piece
   else:
     sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
     ids = {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(),
-           "pad_token_id": sp.pad_id()}
+           "pad_token_id": sp.pad_id(), "unk_token_id": sp.unk_id()}
+  source = os.path.join(os.path.dirname(os.path.abspath(tokenizer_path)), CONFIG)
+  if os.path.isfile(source):
+    try:
+      with open(source, encoding="utf-8") as f:
+        theirs = json.load(f)
+    except (OSError, ValueError):
+      theirs = {}
+    for key in SPECIAL_ID_KEYS:
+      value = theirs.get(key) if isinstance(theirs, dict) else None
+      if ids.get(key, -1) < 0 and isinstance(value, int) and not isinstance(value, bool):
+        ids[key] = value
   return {k: v for k, v in ids.items() if v >= 0}
 
 

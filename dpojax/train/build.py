@@ -4,6 +4,7 @@ run on a file takes no optimizer and no training split (`build_eval`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from dpojax import config as config_lib
@@ -11,7 +12,7 @@ from dpojax import model as model_lib
 from dpojax import workdir as workdir_lib
 from dpojax.data import pipeline
 from dpojax.data.hf_tokenizer import TOKENIZER_JSON
-from dpojax.data.tokenize import load_tokenizer
+from dpojax.data.tokenize import load_tokenizer, resolve_template
 from dpojax.errors import ConfigError
 from dpojax.train import step as step_lib
 
@@ -47,11 +48,19 @@ def step_config(config, model_cfg) -> step_lib.StepConfig:
   return config_lib.step_config(config, step_cfg)  # lora.* and reference.* (checked).
 
 
+def data_options(config, tok) -> pipeline.DataOptions:
+  """data.* with the template resolved (auto: the tokenizer folder's chat template, else
+  plain)."""
+  opts = pipeline.DataOptions.from_config(config.data)
+  template, _ = resolve_template(opts.template, tok)
+  return dataclasses.replace(opts, template=template)
+
+
 def build(config, pretrained=None):
   """Everything a run needs before the first step; fails early on bad config or data."""
   config_lib.check_config(config)
   tok, model_cfg = tokenizer_and_model(config, pretrained)
-  opts = pipeline.DataOptions.from_config(config.data)
+  opts = data_options(config, tok)
   train_data = pipeline.PreferenceData(config.data.train_path, tok, opts)
   val_data = pipeline.PreferenceData(config.data.val_path, tok, opts)
   train_data.require(config.train.global_batch_size, "train.global_batch_size")
@@ -64,6 +73,6 @@ def build_eval(config, data_path: str):
   it, its data settings and loss. `config` is resolved (init.path's architecture in place)."""
   config_lib.check_config(config)
   tok, model_cfg = tokenizer_and_model(config)
-  data = pipeline.PreferenceData(data_path, tok, pipeline.DataOptions.from_config(config.data))
+  data = pipeline.PreferenceData(data_path, tok, data_options(config, tok))
   data.require(1, "pairs to evaluate")
   return data, step_config(config, model_cfg)

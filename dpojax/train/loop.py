@@ -26,7 +26,7 @@ from dpojax import pretrained as pretrained_lib
 from dpojax import workdir as workdir_lib
 from dpojax.checkpoint import orbax as orbax_ckpt
 from dpojax.checkpoint.orbax import Checkpointer
-from dpojax.data import batching, pipeline
+from dpojax.data import batching, pipeline, tokenize
 from dpojax.train import build as build_lib
 from dpojax.train import compiled
 from dpojax.train import metrics as metrics_lib
@@ -117,9 +117,12 @@ def _run(config, workdir: str, stop: StopRequested) -> dict:
   if stop.signal is not None:
     return _stopped_before_training(stop, workdir)
   if jax.process_index() == 0:  # What generate/evaluate need to rebuild the run.
-    workdir_lib.write_config(workdir, config, step_cfg.model, tok.path)
-    if warning := pipeline.toy_val_warning(config.data.train_path, config.data.val_path):
-      print(warning, flush=True)
+    workdir_lib.write_config(workdir, config, step_cfg.model, tok.path,
+                             template=train_data.opts.template)
+    for warning in (pipeline.toy_val_warning(config.data.train_path, config.data.val_path),
+                    tokenize.resolve_template(config.data.template, tok)[1]):
+      if warning:
+        print(warning, flush=True)
   t = config.train
   mesh = sharding.make_mesh(config.mesh)
   step_cfg = dataclasses.replace(step_cfg, mesh=mesh)  # Vocab-parallel log-probs, flash shards.

@@ -5,20 +5,25 @@ one `error: ...` line on stderr and exit 1; `--debug` shows its traceback. Anyth
 bug and keeps its traceback.
 """
 
+# pylint: disable=wrong-import-position
+import signal
+
+# SIGTERM/SIGINT from here on are recorded, not fatal: a signal during the imports and start-up
+# below ends the run cleanly (exit 0) at the next stage. The loop's StopRequested takes over.
+# (Before this line, in the interpreter's own start-up or a shell shim that execs it, the
+# default action applies: exit 143.)
+_EARLY = []
+signal.signal(signal.SIGTERM, lambda signum, frame: _EARLY.append(signum))
+signal.signal(signal.SIGINT, lambda signum, frame: _EARLY.append(signum))
+
 from dpojax import hostmem
 
 hostmem.retain_freed_memory()  # Before any import starts threads.
 
-# pylint: disable=wrong-import-position
+import os
 import re
-import signal
 import sys
 
-# SIGTERM/SIGINT from here on are recorded, not fatal: a signal during the imports and start-up
-# below ends the run cleanly (exit 0) at the next stage. The loop's StopRequested takes over.
-_EARLY = []
-signal.signal(signal.SIGTERM, lambda signum, frame: _EARLY.append(signum))
-signal.signal(signal.SIGINT, lambda signum, frame: _EARLY.append(signum))
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -112,11 +117,17 @@ def main(argv):
       stop.signal = _EARLY[0]
     try:
       sharding.maybe_initialize_distributed(_CONFIG.value.distributed)
-      loop.run(_CONFIG.value, _WORKDIR.value, stop=stop)
+      result = loop.run(_CONFIG.value, _WORKDIR.value, stop=stop)
     except USER_ERRORS as e:
       if _DEBUG.value:
         raise
       fail(str(e))
+  if result.get("abandoned"):
+    # A compilation or the step-0 validation is still running on its thread: leave it,
+    # without the interpreter's shutdown waiting on it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # pylint: disable=protected-access
 
 
 if __name__ == "__main__":

@@ -123,3 +123,44 @@ def test_a_bug_keeps_its_traceback(results):
   assert code == 1
   assert "Traceback" in err and "KeyError: 'a bug'" in err
   assert not any(l.startswith("error:") for l in err.splitlines())
+
+
+# --- a stop signal while the start-up compiles ---------------------------------------------
+
+# Unrolled layers: the eval step's compilation takes seconds, long enough for the signal to land
+# inside it (the start-up line is printed just before the step-0 validation compiles).
+SLOW_COMPILE = ["--config.model.num_layers=12", "--config.model.scan_unroll=12",
+                "--config.model.hidden_size=64", "--config.model.num_attention_heads=4"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_during_compilation_and_validation_ends_the_run_at_once(tmp_path, sig):
+  """The signal lands while the step-0 validation compiles: the run does not wait for the
+  compilation and the validation (no val record is written), exits 0, and says nothing was
+  saved; run again, it starts from scratch and trains."""
+  import signal as signal_lib  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  cmd = [sys.executable, "-m", "dpojax.main", f"--config={TINY_CONFIG}", f"--workdir={workdir}",
+         *SLOW_COMPILE]
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if line.startswith("Training on "):
+      break
+  time.sleep(1.0)  # Into the eval step's compilation.
+  sent = time.perf_counter()
+  proc.send_signal(getattr(signal_lib, sig))
+  out, err = proc.communicate(timeout=300)
+  elapsed = time.perf_counter() - sent
+  print(f"{sig}: exited {elapsed:.2f} s after the signal")
+  assert proc.returncode == 0, err[-3000:]
+  assert out.splitlines()[-1] == (
+      f"Received signal {int(getattr(signal_lib, sig))} before the first step: nothing was "
+      "saved yet; run again with the same --workdir to start or resume.")
+  records = os.path.join(workdir, "metrics.jsonl")
+  assert not os.path.exists(records) or not open(records).read().strip()
+  assert not os.path.exists(os.path.join(workdir, "checkpoints", "0"))

@@ -263,7 +263,6 @@ def test_shared_prompt_run_validates_like_separate_sequences(tmp_path):
 @pytest.mark.parametrize("key,value,message", [
     ("train.micro_batch_size", 3, "train.global_batch_size=8 is not a multiple"),
     ("dpo.beta", 0.0, "dpo.beta=0.0 must be positive"),
-    ("model.vocab_size", 100, "model.vocab_size=100 is smaller than the tokenizer's 384"),
 ])
 def test_config_errors_name_the_key(key, value, message):
   config = tiny_config()
@@ -331,3 +330,12 @@ def test_rpo_reads_rewards_from_jsonl(tmp_path):
   loop.run(config, str(tmp_path / "run"))
   val0 = read_metrics(str(tmp_path / "run"))[0]
   assert val0["step"] == 0 and val0["loss"] == pytest.approx(9.0, abs=1e-5)
+
+
+def test_a_from_scratch_model_is_sized_by_its_tokenizer():
+  """model.vocab_size under the tokenizer's: the model takes the tokenizer's size (a
+  pretrained model's own vocab is never changed: that stays an error)."""
+  config = tiny_config()
+  config.model.vocab_size = 100
+  tok, _, _, step_cfg = build_lib.build(config)
+  assert tok.vocab_size == 384 and step_cfg.model.vocab_size == 384

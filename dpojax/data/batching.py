@@ -87,6 +87,25 @@ def steps_per_epoch(data: PreferenceData, global_batch_size: int, seed: int) -> 
   return units / global_batch_size
 
 
+def describe_layout(data: PreferenceData, global_batch_size: int, seed: int,
+                    max_steps: int) -> str:
+  """The start-up line's account of a step: pairs, or packed rows with their token efficiency
+  and the pairs a step holds on average (epoch 0's packing), and the epochs the run covers."""
+  if not data.packed:
+    per_epoch = len(data) / global_batch_size
+    head = f"{len(data)} pairs, {global_batch_size} pairs a step"
+  else:
+    row_starts, items = RowStream(data, seed).epoch(0)
+    st = packing.stats(data.row_lengths[items], row_starts, data.packed_size)
+    per_epoch = st["rows"] / global_batch_size
+    head = (f"{len(data)} pairs packed into {st['rows']} rows of {data.packed_size} tokens "
+            f"({100 * st['token_efficiency']:.1f}% real tokens, "
+            f"{st['pairs_per_row_mean']:.2f} pairs a row), {global_batch_size} rows a step "
+            f"(about {global_batch_size * st['pairs_per_row_mean']:.1f} pairs)")
+  return (f"{head}, {per_epoch:.1f} steps an epoch: {max_steps} steps are "
+          f"{max_steps / per_epoch:.2f} epochs")
+
+
 # --- packed batches ------------------------------------------------------------------------
 class RowStream:
   """The endless stream of packed rows: epoch e is packed (or, for a fixed packing, its rows

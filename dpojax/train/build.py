@@ -32,6 +32,9 @@ def tokenizer_and_model(config, pretrained=None):
   tok = load_tokenizer(tokenizer_path)
   model_cfg = (model_lib.ModelConfig.from_dict(config.model) if pretrained is None
                else pretrained.config)
+  if pretrained is None and model_cfg.vocab_size < tok.vocab_size:
+    # A model trained from scratch is sized by its tokenizer (the start-up line says so).
+    model_cfg = dataclasses.replace(model_cfg, vocab_size=tok.vocab_size)
   if model_cfg.vocab_size < tok.vocab_size:
     raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the "
                       f"tokenizer's {tok.vocab_size} ({tok.path})")

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import os
 import signal
+import threading
 import time
 
 import jax
@@ -81,7 +82,8 @@ def _latest_on_disk(workdir: str) -> int | None:
 
 def _before_first_step(signum, latest, directory) -> str:
   saved = ("nothing was saved yet" if latest is None else
-           f"nothing new was saved; the latest checkpoint is still step {latest} in {directory}")
+           f"nothing new was saved; the latest checkpoint is still step {latest} in {directory}"
+           if latest else f"the latest checkpoint is step 0 (the initial state) in {directory}")
   return (f"Received signal {signum} before the first step: {saved}; run again with the same "
           "--workdir to start or resume.")
 
@@ -94,6 +96,37 @@ def _stopped_before_training(stop, workdir: str) -> dict:
   return {"state": None, "val": None, "step": latest or 0}
 
 
+class _Abandoned(Exception):
+  """A stop signal arrived while a start-up stage (compilation, the step-0 validation, the
+  reference tables) was still running: the stage is left to its thread and the run ends."""
+
+
+def _interruptible(stop: StopRequested, fn, *args):
+  """fn(*args) on a worker thread while this one polls for a stop signal: XLA compiles and
+  runs without returning to Python, and on a real model compiling the step and validating at
+  step 0 take minutes, longer than a preemption's grace period. Raises _Abandoned when a
+  signal comes first (the worker, a daemon, is left to finish or die with the process)."""
+  if stop.signal is not None:
+    raise _Abandoned
+  box = {}
+
+  def work():
+    try:
+      box["out"] = fn(*args)
+    except BaseException as e:  # pylint: disable=broad-exception-caught (re-raised below)
+      box["err"] = e
+
+  worker = threading.Thread(target=work, name="dpojax-start-up", daemon=True)
+  worker.start()
+  while worker.is_alive():
+    worker.join(0.05)
+    if stop.signal is not None and worker.is_alive():
+      raise _Abandoned
+  if "err" in box:
+    raise box["err"]
+  return box["out"]
+
+
 def run(config, workdir: str, stop: StopRequested | None = None) -> dict:
   """Trains to `train.max_steps` (resuming from `workdir` if it has a checkpoint).
 
@@ -101,7 +134,10 @@ def run(config, workdir: str, stop: StopRequested | None = None) -> dict:
   start-up before the next stage, during training after the current step and its checkpoint.
   """
   with stop or StopRequested() as stop:
-    return _run(config, workdir, stop)
+    try:
+      return _run(config, workdir, stop)
+    except _Abandoned:  # Nothing of this start was saved (no step had finished).
+      return dict(_stopped_before_training(stop, workdir), abandoned=True)
 
 
 def _run(config, workdir: str, stop: StopRequested) -> dict:
@@ -157,9 +193,10 @@ def _run(config, workdir: str, stop: StopRequested) -> dict:
                             params_sh)
   tables = None
   if precomputed:  # One forward pass over both splits (or the disk cache), before training.
-    tables = precompute.precompute_tables(
-        step_cfg, ref_cfg, params, {"train": train_data, "val": val_data},
-        pairs_per_batch=t.global_batch_size, micro_batch_size=t.micro_batch_size, mesh=mesh)
+    tables = _interruptible(stop, functools.partial(
+        precompute.precompute_tables, step_cfg, ref_cfg, params,
+        {"train": train_data, "val": val_data}, pairs_per_batch=t.global_batch_size,
+        micro_batch_size=t.micro_batch_size, mesh=mesh))
     val_batches = [precompute.add_ref_logps(b, tables["val"]) for b in val_batches]
   # copy: the reference is the initial policy in its own buffers (the state is donated);
   # LoRA: the frozen tree holds `params` itself as the base.
@@ -190,8 +227,12 @@ def _run(config, workdir: str, stop: StopRequested) -> dict:
   writer = MetricWriter(workdir, resume_step=start if start else -1, enabled=lead)
   say = functools.partial(print, flush=True) if lead else lambda *a, **k: None
   n_params = sum(x.size for x in jax.tree.leaves(abstract_params))
-  say(f"Training on {len(train_data)} pairs ({len(val_data)} val) for {t.max_steps} steps, "
-        f"{n_params:,} parameters "
+  sized = ("" if pretrained is not None or step_cfg.model.vocab_size == config.model.vocab_size
+           else f" (model.vocab_size {config.model.vocab_size} -> {step_cfg.model.vocab_size}: "
+           "the tokenizer's)")
+  say(f"Training on {batching.describe_layout(train_data, t.global_batch_size, t.seed, t.max_steps)}"
+      f" ({len(val_data)} val pairs), {tokenize.describe_template(train_data.opts.template, tok)}, "
+      f"{n_params:,} parameters{sized} "
         f"({sum(x.size for x in jax.tree.leaves(abstract.trainable)):,} trained), mesh "
         f"{dict(mesh.shape)}, {jax.process_count()} process(es), attention "
         f"{model_lib.attention_path(step_cfg.model, mesh)}")
@@ -205,9 +246,21 @@ def _run(config, workdir: str, stop: StopRequested) -> dict:
       n_params, reference=step_cfg.reference, lora=step_cfg.lora is not None), peak)
   bar = metrics_lib.progress_bar(t.max_steps, start, lead)
 
+  def first_call(fn, *args):
+    """The first eval or train call of this start compiles: a stop signal ends the run
+    there, after the checkpoints already written are complete."""
+    try:
+      return _interruptible(stop, fn, *args)
+    except _Abandoned:
+      bar.close()
+      orbax_ckpt.close_checkpoints(ckpt, config, say)
+      writer.close()
+      raise
+
   def validate(step):
-    metrics = metrics_lib.evaluate(eval_fn, state if sync else state.params, ref_params,
-                                   val_batches, mesh)
+    evaluate = functools.partial(metrics_lib.evaluate, eval_fn, state if sync else state.params,
+                                 ref_params, val_batches, mesh)
+    metrics = first_call(evaluate) if step == start else evaluate()
     writer.write(step, "val", metrics)
     orbax_ckpt.save_checkpoint(ckpt, step, state, data_state(), config, say,
                                best_loss=metrics["loss"])
@@ -228,7 +281,11 @@ def _run(config, workdir: str, stop: StopRequested) -> dict:
     host_batch = next(train_iter)
     if precomputed:
       host_batch = precompute.add_ref_logps(host_batch, tables["train"])
-    state, metrics = train_fn(state, ref_params, sharding.global_batch(host_batch, mesh))
+    batch = sharding.global_batch(host_batch, mesh)
+    if step == start:
+      state, metrics = first_call(train_fn, state, ref_params, batch)
+    else:
+      state, metrics = train_fn(state, ref_params, batch)
     step += 1
     if sync and step % ref_cfg.sync_steps == 0:  # TR-DPO, after the optimizer step.
       state = sync_fn(state, ref_params)
@@ -255,6 +312,7 @@ def _run(config, workdir: str, stop: StopRequested) -> dict:
       now = time.perf_counter()
       metrics["step_time"] = (now - tick) / (step - tick_step)
       metrics["consumed_samples"] = consumed
+      metrics["epoch"] = consumed / len(train_data)  # Pairs seen / pairs in the file.
       metrics["nonfinite_steps"] = nonfinite_total
       metrics.update(throughput.report())
       tick, tick_step = now, step
@@ -267,6 +325,11 @@ def _run(config, workdir: str, stop: StopRequested) -> dict:
   bar.close()
   orbax_ckpt.close_checkpoints(ckpt, config, say)
   writer.close()
+  if lead and not (stop.signal is not None and step == start):  # Stopped: nothing new.
+    try:
+      say(f"Wrote {plot.plot_metrics(workdir)}")
+    except (OSError, ValueError) as e:
+      say(f"WARNING: training curves not drawn ({e})")
   if stop.signal is not None:
     latest = ckpt.latest_step()
     if step == start:
@@ -278,11 +341,6 @@ def _run(config, workdir: str, stop: StopRequested) -> dict:
       say(f"Received signal {stop.signal} at step {step}: its checkpoint was not written; the "
           f"latest is step {latest} in {ckpt.directory}; run again with the same --workdir to "
           "resume from it.")
-  if lead:
-    try:
-      say(f"Wrote {plot.plot_metrics(workdir)}")
-    except (OSError, ValueError) as e:
-      say(f"WARNING: training curves not drawn ({e})")
   if config.export.to and stop.signal is None:
     policy = state.params
     if step_cfg.lora is not None:  # Adapters folded into the base.

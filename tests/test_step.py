@@ -291,3 +291,23 @@ def test_each_nemo_loss_trains_and_reads_rewards_from_the_jsonl(data, tiny_model
     assert before["accuracy"] == 0.0 and before["rewards_margin_mean"] == 0.0, name
     assert after["accuracy"] >= 0.75, (name, after)
     assert after["rewards_margin_mean"] > 0, (name, after)
+
+
+def test_equal_weights_give_exact_ties_in_the_train_step(data, tiny_model):
+  """Policy = reference (a live copy, step 1): the policy's log-probs under value_and_grad
+  equal the reference forward's bit for bit, so every reward is exactly 0 and no pair counts
+  as correct (TRL reports 0 there too); a rounding-level difference would flip ties at
+  random and report an accuracy near 0.5."""
+  mcfg, params = tiny_model
+  cfg = step_lib.StepConfig(model=mcfg)
+  c = tiny_config()
+  tx, schedule = step_lib.make_optimizer(c.train)
+  train, evaluate = step_lib.jit_steps(cfg, tx, schedule)
+  batch = next(iter(batching.train_dataset(data["train"], global_batch_size=8,
+                                            micro_batch_size=4, seed=0)))
+  batch = jax.tree.map(jnp.asarray, batch)
+  state = step_lib.init_state(jax.tree.map(jnp.copy, params), tx)
+  _, metrics = train(state, params, batch)
+  for m in (jax.device_get(metrics), jax.device_get(evaluate(params, params, batch))):
+    assert float(m["accuracy"]) == 0.0
+    assert float(m["rewards_margin_mean"]) == 0.0 and float(m["rewards_chosen_mean"]) == 0.0

@@ -10,12 +10,16 @@ writes the same folder as export.to, which transformers loads with its pad/unk t
 
 import json
 import os
+import re
+import shlex
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 import chat_fixtures
-from conftest import tiny_config
+from conftest import ROOT, tiny_config
 from dpojax import convert
 from dpojax import generate as generate_lib
 from dpojax.data import batching
@@ -238,3 +242,42 @@ def jax_leaves(tree):
   for key in sorted(tree):
     value = tree[key]
     yield from (jax_leaves(value) if isinstance(value, dict) else [value])
+
+
+def _walkthrough_commands():
+  """The shell block of README's "A chat model, end to end", continuations joined."""
+  with open(os.path.join(ROOT, "README.md")) as f:
+    text = f.read()
+  section = text[text.index("### A chat model, end to end"):]
+  block = re.search(r"```shell\n(.*?)```", section, flags=re.S).group(1)
+  lines = re.sub(r"\\\n\s*", " ", block).splitlines()
+  return [l.split("  #", 1)[0].strip() for l in lines if l.strip()]
+
+
+@pytest.mark.slow
+def test_readme_chat_model_walkthrough_runs_as_written(tmp_path):
+  """Each command of the walk-through (the pip line aside), with /tmp moved under tmp_path
+  and a shorter run: the training renders with the checkpoint's template, generate answers,
+  convert writes the folder and transformers loads it."""
+  commands = _walkthrough_commands()
+  assert commands[0].startswith("pip install") and len(commands) == 6, commands
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  outputs = []
+  for command in commands[1:]:
+    argv = [a.replace("/tmp/", f"{tmp_path}/") for a in shlex.split(command)]
+    if argv[:3] == ["python", "-m", "dpojax.main"]:
+      argv += ["--config.train.max_steps=4", "--config.eval.interval=4",
+               "--config.eval.max_batches=1", "--config.train.peak_flops=-1",
+               "--config.checkpoint.async_save=False"]
+    argv[0] = sys.executable
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (command, proc.stderr[-3000:])
+    outputs.append(proc.stdout)
+  train_out, generate_out = outputs[1], outputs[2]
+  assert f"template: the chat template of {tmp_path}/byo/model" in train_out
+  with open(tmp_path / "byo_run" / "run_config.json") as f:
+    assert json.load(f)["data"]["template"] == "auto"
+  assert generate_out.startswith("=== prompt 1: Count from 3 to 9.\n")
+  assert os.path.isfile(tmp_path / "byo_aligned" / "model.safetensors")
+  template = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "byo_aligned")).chat_template
+  assert template is not None and "<|im_start|>" in template

@@ -1,6 +1,7 @@
 """init.path (a .nemo, an HF folder, a dpojax workdir) and export.to at the end of a run."""
 
 import os
+import re
 
 import jax
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 
 from dpojax import convert
 from dpojax import pretrained
+from dpojax.formats import nemo
 from dpojax.train import loop
 
 from conftest import TESTDATA, tiny_config
@@ -50,6 +52,18 @@ def test_init_from_hf_exports_nemo(tmp_path):
   out = loop.run(config, str(tmp_path / "run"))
   loaded = convert.load(config.export.to, extract_dir=str(tmp_path / "x"))
   assert_trees_equal(loaded.params, jax.device_get(out["state"].params))
+  # `convert --from WORKDIR` writes the same .nemo as export.to: weights, config, tokenizer.
+  again = str(tmp_path / "converted.nemo")
+  assert convert.main(["--from", str(tmp_path / "run"), "--to", again]) == 0
+  converted = convert.load(again, extract_dir=str(tmp_path / "y"))
+  assert converted.config == loaded.config
+  assert_trees_equal(converted.params, loaded.params)
+  with open(converted.tokenizer_path, "rb") as a, open(loaded.tokenizer_path, "rb") as b:
+    assert a.read() == b.read()
+  ours, theirs = nemo.read_nemo_config(again), nemo.read_nemo_config(config.export.to)
+  for c in (ours, theirs):  # The artifact's name holds a random hex: its bytes are above.
+    assert re.fullmatch(r"nemo:[0-9a-f]{32}_tokenizer\.model", c["tokenizer"].pop("model"))
+  assert ours == theirs
 
 
 @pytest.mark.slow

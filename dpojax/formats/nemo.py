@@ -139,6 +139,13 @@ def save_nemo(path: str, cfg: ModelConfig, params, tokenizer_path: str | None = 
   tensors = params_to_mcore(unflatten(flat), cfg)
   if tokenizer_path is not None and not os.path.isfile(tokenizer_path):
     raise CheckpointError(f"{tokenizer_path}: tokenizer file not found")
+  if tokenizer_path is not None and not tokenizer_path.endswith(".model"):
+    # NeMo packages a SentencePiece model; a tokenizer.json it names by hub id or folder,
+    # which would not travel with the file.
+    raise CheckpointError(
+        f"save_nemo({path}): a .nemo holds a SentencePiece tokenizer.model, and this model's "
+        f"tokenizer is {tokenizer_path}; export to a Hugging Face folder instead (a --to "
+        "path not ending in .nemo)")
   out_dir = os.path.dirname(os.path.abspath(path))
   os.makedirs(out_dir, exist_ok=True)
   with tempfile.TemporaryDirectory(prefix=".dpojax-nemo-", dir=out_dir) as stage:

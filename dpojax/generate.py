@@ -47,7 +47,8 @@ from dpojax import cli
 from dpojax import pretrained
 from dpojax.data import chat_template, templates
 from dpojax.data.sources import DataError, jsonl_records, where
-from dpojax.data.tokenize import TEMPLATES, load_tokenizer, resolve_template
+from dpojax.data.tokenize import (TEMPLATES, describe_template, load_tokenizer,
+                                  resolve_template)
 from dpojax.model import transformer
 from dpojax.ops import logprob_chunked
 
@@ -358,6 +359,11 @@ def _run(args, tmp: str) -> list[dict[str, Any]]:
                           sampling=sampling, stop_ids=stop_ids, seed=args.seed,
                           batch_size=min(args.batch_size, len(ids)))
   answers = run(policy.params, policy.config)
+  for i, a in enumerate(answers):
+    if not a:  # Often a prompt in a format the model was not tuned on.
+      print(f"WARNING: prompt {i + 1}: the first token generated was a stop id "
+            f"({describe_template(template, tok)}); pass --template or --stop_ids to change "
+            "either", file=sys.stderr, flush=True)
   results = [{"prompt": p, "policy": tok.decode(a), "policy_ids": a}
              for p, a in zip(prompts, answers)]
   if args.compare_reference:

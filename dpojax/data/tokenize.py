@@ -54,7 +54,7 @@ def resolve_template(template: str, tok, key: str = "data.template") -> tuple[st
   if own is None:
     return template, None
   folder = os.path.dirname(os.path.abspath(tok.path))
-  return template, (f"WARNING: {key}={template} renders the data, but the tokenizer folder "
+  return template, (f"WARNING: {key}={template} is used, but the tokenizer folder "
                     f"{folder} has its own chat template, which this model was tuned on; "
                     f"leave {key} at auto to use it")
 

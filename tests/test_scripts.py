@@ -203,9 +203,9 @@ def test_check_family_sharding_one_mesh_two_steps():
                    env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
   tol = 1e-5  # The script's stated tolerance (its docstring and TOLERANCE).
   update = float(re.search(r"largest parameter update \(one device\) (\S+)", out).group(1))
-  # Step 1 has learning rate 0 (warmup); step 2 moves the parameters far beyond the tolerance,
-  # so the parameter comparison below can fail.
-  assert update > 100 * tol
+  # Step 1 has learning rate 0 (warmup); step 2's Adam update moves parameters by about its
+  # learning rate (5e-4 here), far beyond the tolerance, so the comparison below can fail.
+  assert update > 10 * tol
   m = re.search(r"\(2, 2, 2\) losses (\[.*?\]) (\[.*?\]) max param diff (\S+)", out)
   single, sharded = ast.literal_eval(m.group(1)), ast.literal_eval(m.group(2))
   assert len(single) == len(sharded) == 2

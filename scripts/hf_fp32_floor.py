@@ -4,9 +4,12 @@ fp64 logits on the stories260K folder (tests/testdata), for the model cut to 1..
 Issue 7 asks for |ours - transformers| <= 1e-5 in fp32. This prints, per depth, the max
 absolute difference of ours (fp32) against transformers fp32 and fp64, and of transformers'
 own fp32 against its fp64: the last column is the rounding floor of an fp32 forward.
-Needs the test extras (torch, transformers). Run: python scripts/hf_fp32_floor.py
+Needs the test extras (torch, transformers).
+Run: python scripts/hf_fp32_floor.py [--depths 1 2 ...]  (default: every depth, 1..5)
+tests/test_scripts.py runs it with --depths 1 2.
 """
 
+import argparse
 import dataclasses
 import os
 import sys
@@ -47,12 +50,15 @@ def theirs(tokens, depth, dtype):
 
 
 def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--depths", type=int, nargs="+", help="layer counts (default: 1..all)")
+  args = p.parse_args()
   cfg, params, _ = hf.load_hf(S.HF_DIR)
   rng = np.random.default_rng(0)
   ids = [1] + S.REFERENCE["greedy_ids"]
   tokens = np.stack([ids, rng.integers(0, cfg.vocab_size, len(ids))]).astype(np.int32)
   print("layers  ours-HF32  ours-HF64  HF32-HF64  max|logit|")
-  for depth in range(1, cfg.num_layers + 1):
+  for depth in args.depths or range(1, cfg.num_layers + 1):
     a = ours(cfg, params, tokens, depth)
     b32, b64 = theirs(tokens, depth, torch.float32), theirs(tokens, depth, torch.float64)
     d = lambda x, y: np.abs(x - y).max()

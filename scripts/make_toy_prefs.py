@@ -7,14 +7,20 @@ Two families a small model can learn from scratch:
   counting: the chosen answer counts up by one; the rejected one counts by two, counts
     down, or skips a number;
   helpfulness: the chosen answer helps with the named topic; the rejected one refuses.
-Run: python scripts/make_toy_prefs.py
+Run: python scripts/make_toy_prefs.py [--out DIR]  (default: dpojax/assets)
+tests/test_scripts.py regenerates all three files into a temp folder and checks that they are
+byte-identical to the shipped ones.
 """
 
+import argparse
+import io
 import json
 import os
 import random
 
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "dpojax", "assets")
+import sentencepiece as spm
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "dpojax", "assets")
 TOPICS = ["cats", "dogs", "trees", "rivers", "the moon", "bread", "music", "trains", "rain",
           "birds", "ships", "tea", "snow", "books", "stars", "horses", "apples", "bees"]
 ADJECTIVES = ["lovely", "curious", "useful", "old", "bright", "simple", "famous", "quiet"]
@@ -53,24 +59,31 @@ def make(n, rng):
   return rows
 
 
-def train_tokenizer(rows):
-  import sentencepiece as spm
+def train_tokenizer(rows, out):
   text = [r[k] for r in rows for k in ("prompt", "chosen_response", "rejected_response")]
+  # Written through model_writer, not model_prefix: the model then records no output path
+  # (its trainer_spec.model_prefix stays empty), so the bytes are the same in any folder.
+  model = io.BytesIO()
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(text), model_prefix=os.path.join(OUT, "tokenizer"),
+      sentence_iterator=iter(text), model_writer=model,
       vocab_size=384, model_type="unigram", byte_fallback=True, character_coverage=1.0,
       bos_id=1, eos_id=2, unk_id=0, pad_id=-1, num_threads=1, minloglevel=2)
-  os.remove(os.path.join(OUT, "tokenizer.vocab"))
+  with open(os.path.join(out, "tokenizer.model"), "wb") as f:
+    f.write(model.getvalue())
 
 
 def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--out", default=ASSETS, help="folder to write into (default dpojax/assets)")
+  out = p.parse_args().out
+  os.makedirs(out, exist_ok=True)
   rng = random.Random(1234)
   splits = {"train": make(2000, rng), "val": make(200, rng)}
   for name, rows in splits.items():
-    with open(os.path.join(OUT, f"toy_prefs_{name}.jsonl"), "w") as f:
+    with open(os.path.join(out, f"toy_prefs_{name}.jsonl"), "w") as f:
       for row in rows:
         f.write(json.dumps(row) + "\n")
-  train_tokenizer(splits["train"])
+  train_tokenizer(splits["train"], out)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ config error types and the places that branch on the reference mode.
   python scripts/structure.py [package_dir]
 
 Reads the source with `ast` only (nothing is imported). An import inside a function counts
-as function-local unless it names an optional dependency (OPTIONAL).
+as function-local unless it names an optional dependency (OPTIONAL). Exits 1 (after printing
+every count) when the package breaks a rule of ARCHITECTURE.md: a module over MAX_LINES lines,
+an import cycle, or a function-local import.
 """
 import ast
 import os
@@ -13,6 +15,7 @@ import sys
 
 # Optional: extras in pyproject.toml (nemo, hf, test) or GPU-only packages.
 OPTIONAL = ("torch", "transformers", "jax_triton", "triton", "matplotlib", "yaml", "safetensors")
+MAX_LINES = 450
 # How a branch on the reference mode reads: the mode strings, or LoRA's presence (which
 # decided the reference tree's layout before the mode was resolved once).
 MODE_BRANCH = re.compile(
@@ -107,12 +110,13 @@ def main(root="dpojax"):
                if isinstance(n, ast.ClassDef) and n.name.endswith("ConfigError")]
     branches += [f"{path}:{i}" for i, line in enumerate(src.splitlines(), 1)
                  if MODE_BRANCH.search(line) and not line.lstrip().startswith("#")]
-  big = {n: l for n, l in lines.items() if l > 450}
+  big = {n: l for n, l in lines.items() if l > MAX_LINES}
   print(f"modules: {len(modules)}  lines: {sum(lines.values())}")
-  print(f"modules over 450 lines: {len(big)} "
+  print(f"modules over {MAX_LINES} lines: {len(big)} "
         + ", ".join(f"{n} ({l})" for n, l in sorted(big.items(), key=lambda x: -x[1])))
+  found = cycles(full_graph)  # Module-level cycles are among these.
   print(f"import cycles (module-level): {cycles(graph) or 0}")
-  print(f"import cycles (counting function-local imports): {cycles(full_graph) or 0}")
+  print(f"import cycles (counting function-local imports): {found or 0}")
   print(f"function-local imports (not of {', '.join(OPTIONAL)}): {sum(local_count.values())} "
         + ", ".join(f"{n} {c}" for n, c in sorted(local_count.items(), key=lambda x: -x[1])
                     if c))
@@ -120,7 +124,13 @@ def main(root="dpojax"):
   print(f"lines that branch on the reference mode: {len(branches)}")
   importers_of_loop = sorted(n for n, t in full_graph.items() if "dpojax.train.loop" in t)
   print(f"modules importing dpojax.train.loop: {importers_of_loop}")
+  broken = [what for what, bad in (("modules too long", big), ("import cycles", found),
+                                   ("function-local imports", sum(local_count.values())))
+            if bad]
+  if broken:
+    print(f"failed: {', '.join(broken)}")
+  return 1 if broken else 0
 
 
 if __name__ == "__main__":
-  main(*sys.argv[1:])
+  sys.exit(main(*sys.argv[1:]))

@@ -40,7 +40,8 @@ from dpojax.train import sharding
 
 # Printed first, in this order; every other metric follows.
 HEADLINE = ("accuracy", "loss", "rewards_margin_mean", "rewards_chosen_mean",
-            "rewards_rejected_mean", "logps_chosen_mean", "logps_rejected_mean", "num_pairs")
+            "rewards_rejected_mean", "logps_chosen_mean", "logps_rejected_mean", "num_pairs",
+            "nll_loss", "log_odds_ratio", "log_odds_chosen", "kl")  # CPO/ORPO/KTO's.
 
 
 def evaluate(config, policy_params, ref_params, data_path: str, *, batch_size: int | None = None,

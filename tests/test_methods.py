@@ -1,0 +1,102 @@
+"""SimPO, CPO and ORPO end to end: no reference in the step (arguments, memory, FLOPs), and
+training on the toy pairs learns (slow)."""
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from dpojax import config as config_lib
+from dpojax import model as model_lib
+from dpojax import workdir as workdir_lib
+from dpojax.data import pipeline
+from dpojax.model import lora
+from dpojax.train import loop
+from dpojax.train import metrics as metrics_lib
+from dpojax.train import reference
+from dpojax.train import step as step_lib
+
+from conftest import ROOT, tiny_config
+
+MCFG = model_lib.ModelConfig(vocab_size=512, hidden_size=128, num_layers=1,
+                             num_attention_heads=4, num_query_groups=None, ffn_hidden_size=256)
+
+
+def compiled_step(loss_name: str):
+  """The train step of `loss_name` compiled on shapes only, and its frozen tree."""
+  params = jax.eval_shape(functools.partial(model_lib.init_params, MCFG), jax.random.key(0))
+  batch = {k: jax.ShapeDtypeStruct((1, 4, 16), jnp.int32) for k in pipeline.BATCH_KEYS}
+  batch.update({k: jax.ShapeDtypeStruct((1, 2), jnp.float32) for k in pipeline.PAIR_KEYS})
+  tx, schedule = step_lib.make_optimizer(tiny_config().train)
+  cfg = step_lib.StepConfig(
+      model=MCFG, loss=config_lib.LossConfig(losses=(loss_name,), weights=(1.0,)))
+  parts = reference.abstract_split(cfg, params)
+  state = jax.eval_shape(lambda p: step_lib.init_state(p, tx), parts.trainable)
+  lowered = jax.jit(functools.partial(step_lib.train_step, cfg=cfg, tx=tx, schedule=schedule),
+                    donate_argnums=0).lower(state, parts.frozen, batch)
+  return cfg, parts, lowered.compile(), lora.nbytes(params)
+
+
+@pytest.mark.slow
+def test_reference_free_step_has_no_reference_memory_or_flops():
+  """Compiled memory analysis: SimPO's step holds no reference (its frozen argument is empty)
+  and needs about one parameter copy less than the live-reference DPO step; its FLOPs are
+  the policy's forward and backward only (6N, where DPO adds a 2N reference forward)."""
+  cfg, parts, simpo, param_bytes = compiled_step("simpo")
+  assert cfg.reference == "none" and jax.tree.leaves(parts.frozen) == []
+  _, _, dpo, _ = compiled_step("dpo")
+  mem = {}
+  for name, c in (("simpo", simpo), ("dpo", dpo)):
+    m = c.memory_analysis()
+    mem[name] = (m.argument_size_in_bytes, m.argument_size_in_bytes + m.temp_size_in_bytes
+                 + m.output_size_in_bytes - m.alias_size_in_bytes)
+  assert mem["dpo"][0] - mem["simpo"][0] == param_bytes  # Arguments: exactly one copy.
+  saved = mem["dpo"][1] - mem["simpo"][1]
+  print(f"params {param_bytes} B; peak (args + temp + out - alias): dpo {mem['dpo'][1]} B, "
+        f"simpo {mem['simpo'][1]} B, saved {saved} B")
+  assert 0.9 * param_bytes <= saved <= 1.1 * param_bytes, (saved, param_bytes, mem)
+  flops = {n: c.cost_analysis()["flops"] for n, c in (("simpo", simpo), ("dpo", dpo))}
+  # A forward is a third of forward + backward: the reference adds 1/3 of the policy's FLOPs.
+  assert 1.25 <= flops["dpo"] / flops["simpo"] <= 1.4, flops
+  print(f"compiled FLOPs: dpo {flops['dpo']:.4g}, simpo {flops['simpo']:.4g}")
+  assert metrics_lib.flops_per_token(100, reference=cfg.reference) == 600
+
+
+def run(tmp_path, name, **overrides):
+  config = tiny_config()
+  config.dpo.preference_loss = name
+  for key, value in overrides.items():
+    section, field = key.split("__")
+    config[section][field] = value
+  workdir = str(tmp_path / name)
+  loop.run(config, workdir)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("name", ["orpo"])
+def test_reference_free_run_logs_trl_metrics(tmp_path, name):
+  """A short ORPO run: the step runs with mode none and logs TRL's ORPO metrics."""
+  records = run(tmp_path, name)
+  val = [r for r in records if r["split"] == "val"]
+  for key in ("nll_loss", "log_odds_ratio", "log_odds_chosen", "rewards_chosen_mean"):
+    assert all(key in r for r in records), key
+  assert val[-1]["nll_loss"] < val[0]["nll_loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["simpo", "cpo", "orpo"])
+def test_default_run_learns(tmp_path, name):
+  """The default config's 200 steps with each method: validation accuracy > 0.9."""
+  config = workdir_lib.load_config_file(os.path.join(ROOT, "configs", "dpo_gpt.py"))
+  config.dpo.preference_loss = name
+  config.train.peak_flops = -1.0
+  config.checkpoint.async_save = False
+  workdir = str(tmp_path / name)
+  loop.run(config, workdir)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    val = [json.loads(line) for line in f if '"val"' in line]
+  assert val[-1]["step"] == 200 and val[-1]["accuracy"] > 0.9, val[-1]

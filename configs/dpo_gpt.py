@@ -152,6 +152,7 @@ def get_config() -> ml_collections.ConfigDict:
   dt.prefetch = 2  # Batches prepared ahead of the step.
   dt.default_chosen_reward = 1.0  # Reward when a record has no chosen_reward.
   dt.default_rejected_reward = 0.0  # Reward when a record has no rejected_reward.
+  dt.unpair = False  # KTO: split each pair into a desirable and an undesirable example (TRL unpair_preference_dataset).
 
   c.eval = e = ml_collections.ConfigDict()
   e.interval = 25  # Steps between validations (and at the end).

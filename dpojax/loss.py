@@ -18,6 +18,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from dpojax import loss_kto
 from dpojax import loss_ref_free
 from dpojax import methods
 from dpojax.config import LossConfig
@@ -221,6 +222,8 @@ def dpo_loss(stats: PairStats, cfg: LossConfig, *, num_pairs, num_chosen_tokens=
   if cfg.method in methods.REFERENCE_FREE_LOSSES:  # SimPO, CPO, ORPO.
     return loss_ref_free.method_loss(stats, cfg, num_pairs=num_pairs,
                                      num_nll_tokens=num_chosen_tokens)
+  if cfg.method in methods.UNPAIRED_LOSSES:  # KTO: each "pair" is an example + KL sequence.
+    return loss_kto.kto_loss(stats, cfg, num_pairs=num_pairs)
   mask = stats.pair_mask.astype(jnp.float32)
   msum = lambda x: jnp.sum(x * mask)
   counts = jnp.maximum(stats.counts, 1.0)
@@ -289,6 +292,8 @@ def finalize_metrics(sums: dict) -> dict:
     tokens = max(sums["_num_chosen_tokens"], 1.0)
     out["loss"] += sums["_token_loss"] / tokens
     out["preference_loss"] += sums.get("_token_preference_loss", 0.0) / tokens
+  if "_kl_batches" in sums:  # KTO's means over desirable / undesirable examples.
+    out.update(loss_kto.finalize(sums))
   if "_nll_sum" in sums:  # CPO/ORPO's NLL term, as TRL logs it.
     out["nll_loss"] = sums["_nll_sum"] / max(sums["_num_chosen_tokens"], 1.0)
   if "_rewards_all_sq" in sums:

@@ -21,6 +21,7 @@ from dpojax.data.packed_dir import PACKED_ARRAYS, PACKED_FORMAT, read_packed_met
 from dpojax.data.sources import FORMATS, DataError, RecordError, where
 from dpojax.data.tokenize import BOUNDARIES, TEMPLATES, TRUNCATIONS, fit_pair, tokenize_pair
 from dpojax.data.tokenizer_base import TokenizerBase
+from dpojax.data.unpaired import UnpairedSource
 
 BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_mask", "sequence_ids")
 PAIR_KEYS = ("pair_mask", "chosen_reward", "rejected_reward", "pair_index")
@@ -53,6 +54,8 @@ class DataOptions:
   share_prompt: bool = False
   shuffle: bool = True  # False: every epoch in the file's (or the packing's) order.
   boundary: str = "joint"  # tokenize.BOUNDARIES.
+  unpair: bool = False  # KTO: split paired records into examples (data/unpaired.py).
+  kl_chunk: int = 0  # KTO: examples with KL partners from runs of this many; 0 = pairs.
 
   def __post_init__(self):
     for key, value, allowed in (("format", self.format, FORMATS),
@@ -133,6 +136,11 @@ class PreferenceData:
   def _read_records(self, path):
     opts = self.opts
     self.source = open_source(path, opts.format, opts.cache_dir)
+    if opts.kl_chunk:  # KTO: examples with their KL sequences, shaped as pairs.
+      self.source = UnpairedSource(self.source, opts.kl_chunk, opts.unpair)
+    elif self.source.format == "kto" or opts.unpair:
+      raise DataError(f"{path}: unpaired examples (format kto, or data.unpair=True) need an "
+                      "unpaired loss: dpo.preference_loss=kto or apo_zero_unpaired")
     self._keep_prefix = len(self.tok.special(templates.BOS)) if opts.add_bos else 0
     indices, lens = [], []
     skipped, first_skipped = collections.Counter(), {}
@@ -194,7 +202,7 @@ class PreferenceData:
       if len(pair[side]) <= pair["prompt_len"]:
         raise RecordError(f"{where(path, line, side)}: the response has no tokens",
                           "empty field")
-    if np.array_equal(pair["chosen"], pair["rejected"]):
+    if not self.opts.kl_chunk and np.array_equal(pair["chosen"], pair["rejected"]):
       raise RecordError(f"{where(path, line, 'rejected')}: chosen and rejected have "
                         "identical tokens", "chosen equals rejected")
     return pair

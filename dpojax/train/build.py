@@ -4,9 +4,11 @@ run on a file takes no optimizer and no training split (`build_eval`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from dpojax import config as config_lib
+from dpojax import methods
 from dpojax import model as model_lib
 from dpojax import workdir as workdir_lib
 from dpojax.data import pipeline
@@ -47,11 +49,20 @@ def step_config(config, model_cfg) -> step_lib.StepConfig:
   return config_lib.step_config(config, step_cfg)  # lora.* and reference.* (checked).
 
 
+def data_options(config) -> pipeline.DataOptions:
+  """data.*, and for KTO's unpaired losses the run of examples their KL partners rotate in:
+  the micro-batch, TRL's per_device_train_batch_size (dpojax.data.unpaired)."""
+  opts = pipeline.DataOptions.from_config(config.data)
+  if config_lib.LossConfig.from_config(config.dpo).method in methods.UNPAIRED_LOSSES:
+    opts = dataclasses.replace(opts, kl_chunk=int(config.train.micro_batch_size))
+  return opts
+
+
 def build(config, pretrained=None):
   """Everything a run needs before the first step; fails early on bad config or data."""
   config_lib.check_config(config)
   tok, model_cfg = tokenizer_and_model(config, pretrained)
-  opts = pipeline.DataOptions.from_config(config.data)
+  opts = data_options(config)
   train_data = pipeline.PreferenceData(config.data.train_path, tok, opts)
   val_data = pipeline.PreferenceData(config.data.val_path, tok, opts)
   train_data.require(config.train.global_batch_size, "train.global_batch_size")
@@ -64,6 +75,6 @@ def build_eval(config, data_path: str):
   it, its data settings and loss. `config` is resolved (init.path's architecture in place)."""
   config_lib.check_config(config)
   tok, model_cfg = tokenizer_and_model(config)
-  data = pipeline.PreferenceData(data_path, tok, pipeline.DataOptions.from_config(config.data))
+  data = pipeline.PreferenceData(data_path, tok, data_options(config))
   data.require(1, "pairs to evaluate")
   return data, step_config(config, model_cfg)

@@ -210,6 +210,9 @@ class PreferenceData:
   # --- packed directory ------------------------------------------------------------------
   def _load_packed(self, path):
     meta = read_packed_meta(path)
+    if self.opts.kl_chunk:
+      raise DataError(f"{path}: a packed directory holds pairs; KTO's unpaired examples pack "
+                      "online (data.packing=first_fit_*) from their JSONL/Parquet file")
     opts, tok = self.opts, self.tok
     # Older files: no shared prompt, responses tokenized apart.
     packed_with = dict(meta, share_prompt=meta.get("share_prompt", False),

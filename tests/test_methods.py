@@ -7,10 +7,13 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from PIL import Image
 import pytest
 
 from dpojax import config as config_lib
 from dpojax import model as model_lib
+from dpojax import plot
 from dpojax import workdir as workdir_lib
 from dpojax.data import pipeline
 from dpojax.model import lora
@@ -77,6 +80,7 @@ def run(tmp_path, name, **overrides):
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["orpo"])
 def test_reference_free_run_logs_trl_metrics(tmp_path, name):
   """A short ORPO run: the step runs with mode none and logs TRL's ORPO metrics."""
@@ -156,3 +160,18 @@ def test_kto_default_run_separates_rewards(tmp_path):
     val = [json.loads(line) for line in f if '"val"' in line]
   assert val[0]["rewards_margin_mean"] == 0.0
   assert val[-1]["rewards_chosen_mean"] > 1.0 > -1.0 > val[-1]["rewards_rejected_mean"], val[-1]
+
+
+def test_curves_gain_the_methods_panels(tmp_path):
+  """ORPO's and KTO's metrics get their own panels: a third row below the 2 x 3 grid."""
+  with open(tmp_path / "metrics.jsonl", "w") as f:
+    for step in (0, 1, 2):
+      base = {k: 0.1 * step for _, lines in plot.PANELS for k, _ in lines}
+      f.write(json.dumps(dict(base, step=step, split="val", nll_loss=2.0 - step,
+                              log_odds_ratio=-0.6, kl=0.3)) + "\n")
+  image = Image.open(plot.plot_metrics(str(tmp_path)))
+  assert image.size == (1500, 1200)
+  rgb = np.asarray(image.convert("RGB")).astype(int)
+  red = np.array([0xd6, 0x27, 0x28])
+  third_row = rgb[800:, :]
+  assert (np.abs(third_row - red).sum(-1) < 60).sum() > 100  # Validation curves drawn there.

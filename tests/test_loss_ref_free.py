@@ -93,7 +93,7 @@ def ours(f32, mask, cfg):
       nll_logps=f32["full"] if cfg.nll_over_prompt else None,
       nll_counts=f32["full_n"] if cfg.nll_over_prompt else None)
   n_tok = (f32["full_n"] if cfg.nll_over_prompt else f32["n"])[:, 0] @ mask
-  loss, sums = jax.jit(lambda s: loss_lib.dpo_loss(
+  loss, sums = (lambda s: loss_lib.dpo_loss(
       s, cfg, num_pairs=mask.sum(), num_chosen_tokens=n_tok))(stats)
   return float(loss), loss_lib.finalize_metrics(jax.device_get(sums))
 

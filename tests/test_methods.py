@@ -1,5 +1,6 @@
-"""SimPO, CPO and ORPO end to end: no reference in the step (arguments, memory, FLOPs), and
-training on the toy pairs learns (slow)."""
+"""SimPO, CPO, ORPO and KTO end to end: no reference in the reference-free step (arguments,
+memory, FLOPs), KTO in every reference mode, the curves' panels, and training on the toy pairs
+learns (slow)."""
 
 import functools
 import json
@@ -68,29 +69,6 @@ def test_reference_free_step_has_no_reference_memory_or_flops():
   assert metrics_lib.flops_per_token(100, reference=cfg.reference) == 600
 
 
-def run(tmp_path, name, **overrides):
-  config = tiny_config()
-  config.dpo.preference_loss = name
-  for key, value in overrides.items():
-    section, field = key.split("__")
-    config[section][field] = value
-  workdir = str(tmp_path / name)
-  loop.run(config, workdir)
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["orpo"])
-def test_reference_free_run_logs_trl_metrics(tmp_path, name):
-  """A short ORPO run: the step runs with mode none and logs TRL's ORPO metrics."""
-  records = run(tmp_path, name)
-  val = [r for r in records if r["split"] == "val"]
-  for key in ("nll_loss", "log_odds_ratio", "log_odds_chosen", "rewards_chosen_mean"):
-    assert all(key in r for r in records), key
-  assert val[-1]["nll_loss"] < val[0]["nll_loss"]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["simpo", "cpo", "orpo"])
 def test_default_run_learns(tmp_path, name):
@@ -104,12 +82,17 @@ def test_default_run_learns(tmp_path, name):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     val = [json.loads(line) for line in f if '"val"' in line]
   assert val[-1]["step"] == 200 and val[-1]["accuracy"] > 0.9, val[-1]
+  assert val[-1]["nll_loss"] < val[0]["nll_loss"]  # TRL's NLL term (cpo_alpha = 1: on).
+  if name == "orpo":
+    assert val[-1]["log_odds_ratio"] > val[0]["log_odds_ratio"]
+    assert val[-1]["log_odds_chosen"] > val[0]["log_odds_chosen"]
 
 
 def kto_config(**sections):
   config = tiny_config()
   config.dpo.preference_loss = "kto"
   config.data.unpair = True
+  config.train.max_steps = 3
   for key, value in sections.items():
     section, field = key.split("__")
     config[section][field] = value

@@ -154,9 +154,11 @@ def test_kto_run_config_builds_unpaired_data(tmp_path):
   assert step_cfg.reference == "copy"
 
 
-def test_packed_and_padded_give_the_same_example_logps(tok):
-  """KTO rows packed (each example beside its KL sequence) = padded, per example, in float64:
-  both sequences' log-probs, the loss and the metrics."""
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_packed_and_padded_give_the_same_example_logps(tok, share_prompt):
+  """KTO rows packed (each example beside its KL sequence; with data.share_prompt, the two
+  branch off one prompt) = padded, per example, in float64: both sequences' log-probs, the
+  loss and the metrics."""
   data = pipeline.PreferenceData(VAL, tok, pipeline.DataOptions(
       max_seq_length=48, kl_chunk=4, unpair=True))
   examples = [data[i] for i in list(range(6)) + list(range(len(data) - 6, len(data)))]
@@ -181,7 +183,7 @@ def test_packed_and_padded_give_the_same_example_logps(tok):
       return jax.device_get(step({k: jnp.asarray(v[0]) for k, v in batch.items()}))
 
   padded = batching.collate(examples, micro_batch_size=n, seq_len=48, opts=data.opts)
-  packed, slots = packed_batch(examples, 96, 1)
+  packed, slots = packed_batch(examples, 96, 1, share_prompt)
   assert packed["tokens"].shape[1] < n
   (want, (want_loss, want_m)), (got, (got_loss, got_m)) = run(padded), run(packed)
   assert np.abs(want["logps"]).min() > 1.0

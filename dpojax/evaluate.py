@@ -36,6 +36,7 @@ from dpojax.data import batching
 from dpojax.train import build as build_lib
 from dpojax.train import compiled
 from dpojax.train import metrics as metrics_lib
+from dpojax.train import reference as reference_lib
 from dpojax.train import sharding
 
 # Printed first, in this order; every other metric follows.
@@ -64,8 +65,12 @@ def evaluate(config, policy_params, ref_params, data_path: str, *, batch_size: i
   mesh = _mesh(config.mesh)
   abstract_params = jax.eval_shape(functools.partial(model_lib.init_params, model_cfg),
                                    jax.random.key(0))
+  # SimPO/CPO/ORPO (reference mode none): no reference weights in the step at all.
+  no_reference = reference_lib.resolve(step_cfg).logps == "zero"
+  if no_reference:
+    ref_params = {}
   eval_fn, params_sh, ref_sh = compiled.compile_eval_step(
-      step_cfg, abstract_params, abstract_params, mesh, batches[0])
+      step_cfg, abstract_params, {} if no_reference else abstract_params, mesh, batches[0])
   dtype = np.dtype(jax.numpy.dtype(model_cfg.param_dtype))
   place = lambda tree, sh: jax.device_put(
       jax.tree.map(lambda x: np.asarray(x, dtype), tree), sh)

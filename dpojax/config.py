@@ -382,7 +382,7 @@ def check_config(config):
                       f"{CHECKPOINT_ON_ERROR}")
   model_lib.ModelConfig.from_dict(config.model)  # Names the model.* key (dtypes, shapes).
   loss_cfg = LossConfig.from_config(config.dpo)  # Checks every dpo.* key; names the key.
-  methods.check_data(loss_cfg, config.data)
+  methods.check_data(loss_cfg, config.data, config.train)
   logprob_lib.resolve_impl(config.logprob.impl)  # Names logprob.impl if it is unknown.
 
 

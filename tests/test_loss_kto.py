@@ -10,6 +10,7 @@ import pytest
 from dpojax import config as config_lib
 from dpojax import loss as loss_lib
 
+from conftest import tiny_config
 from method_fixtures import stories_kto_logps
 
 
@@ -147,3 +148,18 @@ def test_config():
     config_lib.LossConfig(losses=("kto",), weights=(1.0,), reference_free=True)
   with pytest.raises(config_lib.ConfigError, match=r"dpo.undesirable_weight=-1.0 must be"):
     config_lib.LossConfig(losses=("kto",), weights=(1.0,), undesirable_weight=-1.0)
+
+
+def test_run_config_checks():
+  config = tiny_config()
+  config.dpo.preference_loss = "kto"
+  config.train.micro_batch_size = 1
+  config.train.global_batch_size = 2
+  with pytest.raises(config_lib.ConfigError, match=r"train.micro_batch_size=1 with "
+                                                   r"dpo.preference_loss='kto'.* at least 2"):
+    config_lib.check_config(config)
+  config.dpo.preference_loss = "orpo"
+  config.data.share_prompt = True
+  with pytest.raises(config_lib.ConfigError, match=r"data.share_prompt=True with "
+                                                   r"dpo.preference_loss='orpo'"):
+    config_lib.check_config(config)

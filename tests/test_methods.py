@@ -13,7 +13,9 @@ from PIL import Image
 import pytest
 
 from dpojax import config as config_lib
+from dpojax import evaluate as evaluate_lib
 from dpojax import model as model_lib
+from dpojax import pretrained
 from dpojax import plot
 from dpojax import workdir as workdir_lib
 from dpojax.data import pipeline
@@ -125,6 +127,17 @@ def test_kto_reference_modes_agree(tmp_path):
   assert_same_records(runs["copy"], runs["precomputed"], 1e-5)
   assert_same_records(runs["lora_copy"], runs["lora_base"], 1e-5)
   assert all("kl" in r and "rewards_chosen_mean" in r for r in runs["copy"])
+  # `python -m dpojax.evaluate` of the run gives its last validation (the unpaired file).
+  policy = pretrained.load_policy(str(tmp_path / "copy"))
+  ref = pretrained.load_reference(policy, extract_dir=str(tmp_path / "ref"))
+  config = kto_config()
+  # Its batches are micro-batches (KTO's KL runs over each): the run's, in the same order.
+  per_batch = config.train.global_batch_size // config.train.micro_batch_size
+  got = evaluate_lib.evaluate(policy.run_config, policy.params, ref, config.data.val_path,
+                              max_batches=config.eval.max_batches * per_batch)
+  last = [r for r in runs["copy"] if r["split"] == "val"][-1]
+  for key in ("loss", "kl", "rewards_chosen_mean", "num_desirable", "num_pairs"):
+    assert got[key] == pytest.approx(last[key], rel=1e-5, abs=1e-6), key
   assert len([f for f in os.listdir(tmp_path / "cache") if f.endswith(".npy")]) == 2
 
 

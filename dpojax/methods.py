@@ -80,3 +80,20 @@ def validate(cfg):
                       "must be False")
   if name in UNPAIRED_LOSSES and not (cfg.desirable_weight or cfg.undesirable_weight):
     raise ConfigError("dpo.desirable_weight and dpo.undesirable_weight are both 0")
+
+
+def weight_warning(num_desirable: int, num_undesirable: int, desirable_weight: float,
+                   undesirable_weight: float) -> str | None:
+  """TRL's KTOTrainer start-up advice (Eq. 8 of the KTO paper) when the labels are unbalanced
+  and neither weight is in the range that balances them; None when all is well."""
+  nd, nu = max(num_desirable, 1), max(num_undesirable, 1)
+  if nd == nu:
+    return None
+  des = (round(nu * undesirable_weight / nd, 2), round(nu * undesirable_weight / nd * 1.33, 2))
+  und = (round(nd * desirable_weight / nu / 1.33, 2), round(nd * desirable_weight / nu, 2))
+  if des[0] <= desirable_weight <= des[1] or und[0] <= undesirable_weight <= und[1]:
+    return None
+  return (f"KTO: {nd} desirable and {nu} undesirable examples, but dpo.desirable_weight="
+          f"{desirable_weight} and dpo.undesirable_weight={undesirable_weight} do not balance "
+          f"them; set EITHER dpo.desirable_weight in [{des[0]}, {des[1]}] OR "
+          f"dpo.undesirable_weight in [{und[0]}, {und[1]}] (not both; TRL's advice)")

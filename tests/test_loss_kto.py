@@ -9,6 +9,7 @@ import pytest
 
 from dpojax import config as config_lib
 from dpojax import loss as loss_lib
+from dpojax import methods
 
 from conftest import tiny_config
 from method_fixtures import stories_kto_logps
@@ -163,3 +164,13 @@ def test_run_config_checks():
   with pytest.raises(config_lib.ConfigError, match=r"data.share_prompt=True with "
                                                    r"dpo.preference_loss='orpo'"):
     config_lib.check_config(config)
+
+
+def test_weight_advice_is_trls():
+  """TRL's bounds: desirable_weight in [nu*uw/nd, 1.33 nu*uw/nd] or undesirable_weight in
+  [nd*dw/nu/1.33, nd*dw/nu], each rounded to 2 places."""
+  assert methods.weight_warning(100, 100, 1.0, 1.0) is None
+  assert methods.weight_warning(100, 300, 3.5, 1.0) is None  # 3.5 in [3.0, 3.99].
+  assert methods.weight_warning(100, 300, 1.0, 0.3) is None  # 0.3 in [0.25, 0.33].
+  msg = methods.weight_warning(100, 300, 1.0, 1.0)
+  assert "dpo.desirable_weight in [3.0, 3.99] OR dpo.undesirable_weight in [0.25, 0.33]" in msg

@@ -152,6 +152,9 @@ def test_kto_run_config_builds_unpaired_data(tmp_path):
   assert train.opts.kl_chunk == config.train.micro_batch_size
   assert len(train) == 2 * len(train.source.inner) - train.dropped
   assert step_cfg.reference == "copy"
+  # The labels are counted for TRL's weight advice: one desirable example per kept chosen.
+  kept = [train.source.example(int(i))["label"] for i in train.indices]
+  assert train.stats["desirable"] == sum(kept) > 0
 
 
 @pytest.mark.parametrize("share_prompt", [False, True])

@@ -144,7 +144,7 @@ class PreferenceData:
     self._keep_prefix = len(self.tok.special(templates.BOS)) if opts.add_bos else 0
     indices, lens = [], []
     skipped, first_skipped = collections.Counter(), {}
-    dropped, truncated, straddled = collections.Counter(), 0, 0
+    dropped, truncated, straddled, desirable = collections.Counter(), 0, 0, 0
     for i in range(len(self.source)):
       try:
         pair = self._tokenize(i)
@@ -160,6 +160,7 @@ class PreferenceData:
         continue
       truncated += status == "truncated"
       straddled += pair["straddled"] > 0
+      desirable += bool(opts.kl_chunk and pair["chosen_reward"] == 1.0)  # KTO's labels.
       indices.append(i)
       lens.append((pair["prompt_len"], len(pair["chosen"]), len(pair["rejected"])))
     self.indices = np.asarray(indices, np.int64)
@@ -170,6 +171,8 @@ class PreferenceData:
                   "truncated": truncated, "skipped_by_reason": dict(skipped),
                   "dropped_by_reason": dict(dropped), "format": self.source.format,
                   "straddled": straddled}
+    if opts.kl_chunk:
+      self.stats["desirable"] = desirable
     if skipped:
       details = "; ".join(f"{r}: {n} (first: {first_skipped[r]})" for r, n in skipped.items())
       logging.warning("%s: data.on_error=skip skipped %d of %d records: %s", path,

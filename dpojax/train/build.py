@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from absl import logging
+
 from dpojax import config as config_lib
 from dpojax import methods
 from dpojax import model as model_lib
@@ -66,6 +68,13 @@ def build(config, pretrained=None):
   train_data = pipeline.PreferenceData(config.data.train_path, tok, opts)
   val_data = pipeline.PreferenceData(config.data.val_path, tok, opts)
   train_data.require(config.train.global_batch_size, "train.global_batch_size")
+  if "desirable" in train_data.stats:  # KTO: TRL's advice on unbalanced labels.
+    loss_cfg = config_lib.LossConfig.from_config(config.dpo)
+    warning = methods.weight_warning(
+        train_data.stats["desirable"], len(train_data) - train_data.stats["desirable"],
+        loss_cfg.desirable_weight, loss_cfg.undesirable_weight)
+    if warning:
+      logging.warning("%s", warning)
   val_data.require(1, "validation pairs")
   return tok, train_data, val_data, step_config(config, model_cfg)
 

@@ -140,7 +140,8 @@ class PreferenceData:
       self.source = UnpairedSource(self.source, opts.kl_chunk, opts.unpair)
     elif self.source.format == "kto" or opts.unpair:
       raise DataError(f"{path}: unpaired examples (format kto, or data.unpair=True) need an "
-                      "unpaired loss: dpo.preference_loss=kto or apo_zero_unpaired")
+                      "unpaired loss: dpo.preference_loss=kto or apo_zero_unpaired (and pack "
+                      "online: python -m dpojax.pack writes pairs only)")
     self._keep_prefix = len(self.tok.special(templates.BOS)) if opts.add_bos else 0
     indices, lens = [], []
     skipped, first_skipped = collections.Counter(), {}

@@ -70,7 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.dpo = d = ml_collections.ConfigDict()
   d.beta = 0.1  # KL penalty: implicit reward = beta * (policy logp - reference logp).
   d.ref_policy_kl_penalty = ml_collections.config_dict.placeholder(float)  # NeMo's name for beta.
-  d.preference_loss = "dpo"  # dpo|ipo|rpo_sq|rpo_bwd_kl|rpo_fwd_kl or a TRL name: docs/losses.md.
+  d.preference_loss = "dpo"  # dpo|ipo|rpo_sq|rpo_bwd_kl|rpo_fwd_kl, a TRL name, simpo|cpo|orpo|kto..: docs/losses.md.
   d.losses = ()  # Weighted list instead of preference_loss, e.g. ('sigmoid', 'bco_pair', 'sft').
   d.loss_weights = ()  # One weight per dpo.losses entry; () = 1.0 each.
   d.preference_average_log_probs = False  # Average log-ratios over response tokens (else sum).
@@ -86,6 +86,12 @@ def get_config() -> ml_collections.ConfigDict:
   d.discopop_tau = 0.05  # DiscoPOP temperature.
   d.reference_free = False  # Reference log-probs = 0 (no reference forward pass).
   d.bco_baseline = "none"  # bco_pair reward baseline: none | micro_batch_mean.
+  # SimPO / CPO / ORPO (reference-free: no reference model at all) and KTO: TRL's defaults.
+  d.simpo_gamma = 0.5  # simpo: target reward margin gamma (TRL CPOConfig.simpo_gamma).
+  d.cpo_alpha = 1.0  # simpo/cpo*: weight of the chosen response's NLL term (TRL cpo_alpha).
+  d.alphapo_alpha = 0.0  # simpo/cpo*: AlphaPO reward r = (1 - p^-alpha)/alpha; 0 = log p (TRL alpha).
+  d.desirable_weight = 1.0  # kto/apo_zero_unpaired: weight of desirable examples' losses.
+  d.undesirable_weight = 1.0  # kto/apo_zero_unpaired: weight of undesirable examples' losses.
 
   c.lora = lo = ml_collections.ConfigDict()
   lo.enabled = False  # Train LoRA adapters only; the base stays frozen (NeMo peft_scheme=lora).
@@ -146,6 +152,7 @@ def get_config() -> ml_collections.ConfigDict:
   dt.prefetch = 2  # Batches prepared ahead of the step.
   dt.default_chosen_reward = 1.0  # Reward when a record has no chosen_reward.
   dt.default_rejected_reward = 0.0  # Reward when a record has no rejected_reward.
+  dt.unpair = False  # KTO: split each pair into a desirable and an undesirable example (TRL unpair_preference_dataset).
 
   c.eval = e = ml_collections.ConfigDict()
   e.interval = 25  # Steps between validations (and at the end).

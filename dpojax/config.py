@@ -26,6 +26,7 @@ import math
 import os
 import tempfile
 
+from dpojax import methods
 from dpojax import model as model_lib
 from dpojax.errors import ConfigError
 from dpojax.model import lora as lora_lib
@@ -43,7 +44,9 @@ F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"
 # difference (other losses would keep the beta * log Z(x) term).
 F_DIVERGENCE_LOSSES = ("dpo", "sigmoid", "sigmoid_norm", "hinge", "ipo", "ipo_normalized",
                        "exo_pair", "robust", "discopop", "sft")
-LABEL_SMOOTHING_LOSSES = ("dpo", "sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")
+LABEL_SMOOTHING_LOSSES = ("dpo", "sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "simpo",
+                          "cpo")
+ALL_LOSSES = LOSSES + methods.METHOD_LOSSES  # With SimPO/CPO/ORPO/KTO (dpojax.methods).
 # Losses that normalise by token counts themselves: averaging log-probs first would do it twice.
 NORMALIZED_LOSSES = ("ipo_normalized", "sigmoid_norm")
 SORTING_LOSSES = ("aot", "aot_unpaired")
@@ -73,23 +76,43 @@ class LossConfig:
   discopop_tau: float = 0.05
   reference_free: bool = False
   bco_baseline: str = "none"
+  simpo_gamma: float = 0.5  # TRL CPOConfig defaults (dpojax.methods).
+  cpo_alpha: float = 1.0
+  alphapo_alpha: float = 0.0
+  desirable_weight: float = 1.0  # TRL KTOConfig defaults.
+  undesirable_weight: float = 1.0
 
   def __post_init__(self):
+    if all(n in methods.REFERENCE_FREE_LOSSES for n in self.losses):  # No reference at all.
+      object.__setattr__(self, "reference_free", True)
     self.validate()
 
   @property
+  def method(self) -> str | None:
+    """SimPO/CPO/ORPO/KTO's loss name (dpojax.methods), None for the DPO family."""
+    return methods.method(self.losses)
+
+  @property
   def uses_token_sft(self) -> bool:
-    """TRL's `sft` entry: a token mean over the global batch, so it needs a token count."""
-    return "sft" in self.losses
+    """TRL's `sft` entry or CPO/ORPO's NLL term: a token mean over the global batch, so it
+    needs a token count."""
+    return ("sft" in self.losses or "orpo" in self.losses
+            or (self.cpo_alpha != 0 and bool(set(self.losses) & {"simpo", "cpo", "cpo_hinge",
+                                                                  "cpo_ipo"})))
+
+  @property
+  def nll_over_prompt(self) -> bool:
+    """ORPO: the NLL term counts the prompt's tokens too."""
+    return bool(set(self.losses) & set(methods.PROMPT_NLL_LOSSES))
 
   def validate(self):
     """Raises ConfigError naming the `dpo.*` key for every invalid value or combination."""
     if not self.losses:
       raise ConfigError("dpo.losses is empty: name at least one loss")
     for i, name in enumerate(self.losses):
-      if name not in LOSSES:
+      if name not in ALL_LOSSES:
         key = "dpo.preference_loss" if len(self.losses) == 1 else f"dpo.losses[{i}]"
-        raise ConfigError(f"{key}={name!r} is not one of {LOSSES}")
+        raise ConfigError(f"{key}={name!r} is not one of {ALL_LOSSES}")
     if len(self.weights) != len(self.losses):
       raise ConfigError(f"dpo.loss_weights has {len(self.weights)} entries but dpo.losses has "
                         f"{len(self.losses)}")
@@ -153,6 +176,7 @@ class LossConfig:
       raise ConfigError(f"dpo.discopop_tau={self.discopop_tau} must be positive")
     if self.bco_baseline not in BCO_BASELINES:
       raise ConfigError(f"dpo.bco_baseline={self.bco_baseline!r} is not one of {BCO_BASELINES}")
+    methods.validate(self)
 
   @classmethod
   def from_config(cls, dpo_cfg) -> LossConfig:
@@ -219,7 +243,9 @@ class LossConfig:
         ld_alpha=None if ld_alpha is None else float(ld_alpha),
         discopop_tau=float(get("discopop_tau", num)),
         reference_free=get("reference_free", (bool,)),
-        bco_baseline=get("bco_baseline", (str,)))
+        bco_baseline=get("bco_baseline", (str,)),
+        **{k: float(get(k, num)) for k in ("simpo_gamma", "cpo_alpha", "alphapo_alpha",
+                                           "desirable_weight", "undesirable_weight")})
 
 
 # --- reference -------------------------------------------------------------------------------
@@ -237,7 +263,8 @@ def reference_mode(mode: str, *, lora: bool, reference_free: bool) -> str:
   if mode == "auto":
     mode = "none" if reference_free else "lora_base" if lora else "copy"
   if reference_free and mode != "none":
-    raise ConfigError(f"dpo.reference_free=True contradicts reference.mode={mode!r}")
+    raise ConfigError(f"dpo.reference_free=True contradicts reference.mode={mode!r} (the "
+                      f"losses {methods.REFERENCE_FREE_LOSSES} imply it: they have no reference)")
   if mode == "lora_base" and not lora:
     raise ConfigError("reference.mode=lora_base needs lora.enabled=True")
   return mode
@@ -273,7 +300,7 @@ class ReferenceConfig:
     if unknown:
       raise ConfigError(f"unknown config keys: {['reference.' + k for k in unknown]}")
     lora_on = bool(config.get("lora", {}).get("enabled", False))
-    reference_free = bool(config.get("dpo", {}).get("reference_free", False))
+    reference_free = methods.section_is_reference_free(config.get("dpo", {}))
     mode = reference_mode(d.get("mode", "auto"), lora=lora_on, reference_free=reference_free)
     sync_steps, alpha = d.get("sync_steps", cls.sync_steps), d.get("sync_alpha", cls.sync_alpha)
     if isinstance(sync_steps, bool) or not isinstance(sync_steps, int) or sync_steps < 0:
@@ -354,7 +381,8 @@ def check_config(config):
     raise ConfigError(f"checkpoint.on_error={config.checkpoint.on_error!r} is not one of "
                       f"{CHECKPOINT_ON_ERROR}")
   model_lib.ModelConfig.from_dict(config.model)  # Names the model.* key (dtypes, shapes).
-  LossConfig.from_config(config.dpo)  # Checks every dpo.* key; names the key.
+  loss_cfg = LossConfig.from_config(config.dpo)  # Checks every dpo.* key; names the key.
+  methods.check_data(loss_cfg, config.data, config.train)
   logprob_lib.resolve_impl(config.logprob.impl)  # Names logprob.impl if it is unknown.
 
 

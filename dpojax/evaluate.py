@@ -36,11 +36,13 @@ from dpojax.data import batching
 from dpojax.train import build as build_lib
 from dpojax.train import compiled
 from dpojax.train import metrics as metrics_lib
+from dpojax.train import reference as reference_lib
 from dpojax.train import sharding
 
 # Printed first, in this order; every other metric follows.
 HEADLINE = ("accuracy", "loss", "rewards_margin_mean", "rewards_chosen_mean",
-            "rewards_rejected_mean", "logps_chosen_mean", "logps_rejected_mean", "num_pairs")
+            "rewards_rejected_mean", "logps_chosen_mean", "logps_rejected_mean", "num_pairs",
+            "nll_loss", "log_odds_ratio", "log_odds_chosen", "kl")  # CPO/ORPO/KTO's.
 
 
 def evaluate(config, policy_params, ref_params, data_path: str, *, batch_size: int | None = None,
@@ -63,8 +65,12 @@ def evaluate(config, policy_params, ref_params, data_path: str, *, batch_size: i
   mesh = _mesh(config.mesh)
   abstract_params = jax.eval_shape(functools.partial(model_lib.init_params, model_cfg),
                                    jax.random.key(0))
+  # SimPO/CPO/ORPO (reference mode none): no reference weights in the step at all.
+  no_reference = reference_lib.resolve(step_cfg).logps == "zero"
+  if no_reference:
+    ref_params = {}
   eval_fn, params_sh, ref_sh = compiled.compile_eval_step(
-      step_cfg, abstract_params, abstract_params, mesh, batches[0])
+      step_cfg, abstract_params, {} if no_reference else abstract_params, mesh, batches[0])
   dtype = np.dtype(jax.numpy.dtype(model_cfg.param_dtype))
   place = lambda tree, sh: jax.device_put(
       jax.tree.map(lambda x: np.asarray(x, dtype), tree), sh)

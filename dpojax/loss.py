@@ -18,6 +18,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from dpojax import loss_kto
+from dpojax import loss_ref_free
+from dpojax import methods
 from dpojax.config import LossConfig
 
 EXP_CLAMP = 80.0  # TRL's clamp of f-divergence exponents in fp32/bf16.
@@ -25,7 +28,8 @@ EXP_CLAMP = 80.0  # TRL's clamp of f-divergence exponents in fp32/bf16.
 # Metrics that are sums over pairs and become means over `num_pairs` at logging time.
 PAIR_MEAN_METRICS = (
     "loss", "preference_loss", "sft_loss", "accuracy", "rewards_chosen_mean",
-    "rewards_rejected_mean", "rewards_margin_mean", "logps_chosen_mean", "logps_rejected_mean")
+    "rewards_rejected_mean", "rewards_margin_mean", "logps_chosen_mean", "logps_rejected_mean",
+    "log_odds_ratio", "log_odds_chosen")
 
 
 @flax.struct.dataclass
@@ -39,6 +43,8 @@ class PairStats:
   pair_mask: [P], 1 for real pairs.
   gt_rewards: the data's chosen_reward / rejected_reward (RPO).
   wpo_logps: mean over response tokens of (log p - log sum_v p_v^2), for WPO; no gradient.
+  nll_logps / nll_counts: ORPO's NLL sums and token counts over prompt and response; None =
+    policy_plain_logps / counts.
   """
 
   policy_logps: Any
@@ -48,6 +54,8 @@ class PairStats:
   gt_rewards: Any = None
   policy_plain_logps: Any = None
   wpo_logps: Any = None
+  nll_logps: Any = None
+  nll_counts: Any = None
 
 
 def _scores(logratios, cfg: LossConfig):
@@ -211,6 +219,11 @@ def dpo_loss(stats: PairStats, cfg: LossConfig, *, num_pairs, num_chosen_tokens=
   Returns:
     (loss, metric sums); `finalize_metrics` turns the sums into means.
   """
+  if cfg.method in methods.REFERENCE_FREE_LOSSES:  # SimPO, CPO, ORPO.
+    return loss_ref_free.method_loss(stats, cfg, num_pairs=num_pairs,
+                                     num_nll_tokens=num_chosen_tokens)
+  if cfg.method in methods.UNPAIRED_LOSSES:  # KTO: each "pair" is an example + KL sequence.
+    return loss_kto.kto_loss(stats, cfg, num_pairs=num_pairs)
   mask = stats.pair_mask.astype(jnp.float32)
   msum = lambda x: jnp.sum(x * mask)
   counts = jnp.maximum(stats.counts, 1.0)
@@ -278,7 +291,11 @@ def finalize_metrics(sums: dict) -> dict:
   if "_num_chosen_tokens" in sums:
     tokens = max(sums["_num_chosen_tokens"], 1.0)
     out["loss"] += sums["_token_loss"] / tokens
-    out["preference_loss"] += sums["_token_preference_loss"] / tokens
+    out["preference_loss"] += sums.get("_token_preference_loss", 0.0) / tokens
+  if "_kl_batches" in sums:  # KTO's means over desirable / undesirable examples.
+    out.update(loss_kto.finalize(sums))
+  if "_nll_sum" in sums:  # CPO/ORPO's NLL term, as TRL logs it.
+    out["nll_loss"] = sums["_nll_sum"] / max(sums["_num_chosen_tokens"], 1.0)
   if "_rewards_all_sq" in sums:
     m = 2 * n
     total = sums["rewards_chosen_mean"] + sums["rewards_rejected_mean"]

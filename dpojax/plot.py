@@ -28,6 +28,10 @@ PANELS = (
     ("chosen reward", [("rewards_chosen_mean", "")]),
     ("rejected reward", [("rewards_rejected_mean", "")]),
     ("policy log-probs", [("logps_chosen_mean", " chosen"), ("logps_rejected_mean", " rejected")]),
+    # The methods' own (dpojax.methods): CPO/SimPO/ORPO's NLL term, ORPO's odds, KTO's KL.
+    ("NLL of the chosen (CPO, ORPO)", [("nll_loss", "")]),
+    ("ORPO log odds", [("log_odds_ratio", " log sigmoid(ratio)"), ("log_odds_chosen", " ratio")]),
+    ("KL estimate (KTO)", [("kl", "")]),
 )
 SPLIT_COLORS = {"train": "#1f77b4", "val": "#d62728"}  # Blue and red; other splits: grey.
 FIGSIZE, DPI = (15.0, 8.0), 100  # 1500 x 800 pixels.
@@ -71,9 +75,10 @@ def plot_metrics(workdir: str, output: str | None = None) -> str:
   if not panels:
     raise ValueError(f"{path}: none of the metrics to plot "
                      f"({', '.join(m for _, lines in PANELS for m, _ in lines)})")
-  fig = Figure(figsize=FIGSIZE, dpi=DPI)
+  rows = max(2, -(-len(panels) // 3))  # 2 x 3, a row more per 3 of the methods' panels.
+  fig = Figure(figsize=(FIGSIZE[0], FIGSIZE[1] * rows / 2), dpi=DPI)
   FigureCanvasAgg(fig)
-  axes = fig.subplots(2, 3).ravel()
+  axes = fig.subplots(rows, 3).ravel()
   for ax, (title, lines) in zip(axes, panels):
     for split, series in sorted(data.items()):
       color = SPLIT_COLORS.get(split, "#7f7f7f")

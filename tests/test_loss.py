@@ -369,8 +369,9 @@ def test_from_config_reads_every_key_of_the_default_section():
 
 
 @pytest.mark.parametrize("changes,message", [
-    ({"preference_loss": "kto"}, r"dpo.preference_loss='kto' is not one of"),
-    ({"losses": ("sigmoid", "orpo")}, r"dpo.losses\[1\]='orpo' is not one of"),
+    ({"preference_loss": "kto_pair"}, r"dpo.preference_loss='kto_pair' is not one of"),
+    ({"losses": ("sigmoid", "kto_pair")}, r"dpo.losses\[1\]='kto_pair' is not one of"),
+    ({"losses": ("sigmoid", "orpo")}, r"'orpo' is a whole method .* set it alone"),
     ({"preference_loss": "ipo", "beta": 0.0}, r"dpo.beta=0.0 must be positive \(ipo"),
     ({"preference_loss": "ipo", "ref_policy_kl_penalty": -1.0},
      r"dpo.ref_policy_kl_penalty=-1.0 must be positive"),

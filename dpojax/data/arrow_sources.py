@@ -99,7 +99,7 @@ class ArrowSource:
         return fmt
     columns = self.tables[0].column_names if self.tables else []
     raise DataError(f"{self.path}: cannot detect data.format from the columns {columns}; "
-                    "expected those of nemo, trl or hh-rlhf (see dpojax.data.sources); set "
+                    "expected those of nemo, trl, hh-rlhf or kto (see dpojax.data.sources); set "
                     "data.format")
 
   def __len__(self) -> int:

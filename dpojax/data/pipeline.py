@@ -21,6 +21,7 @@ from dpojax.data.packed_dir import PACKED_ARRAYS, PACKED_FORMAT, read_packed_met
 from dpojax.data.sources import FORMATS, DataError, RecordError, where
 from dpojax.data.tokenize import BOUNDARIES, TEMPLATES, TRUNCATIONS, fit_pair, tokenize_pair
 from dpojax.data.tokenizer_base import TokenizerBase
+from dpojax.data.unpaired import UnpairedSource
 
 BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_mask", "sequence_ids")
 PAIR_KEYS = ("pair_mask", "chosen_reward", "rejected_reward", "pair_index")
@@ -53,6 +54,8 @@ class DataOptions:
   share_prompt: bool = False
   shuffle: bool = True  # False: every epoch in the file's (or the packing's) order.
   boundary: str = "joint"  # tokenize.BOUNDARIES.
+  unpair: bool = False  # KTO: split paired records into examples (data/unpaired.py).
+  kl_chunk: int = 0  # KTO: examples with KL partners from runs of this many; 0 = pairs.
 
   def __post_init__(self):
     for key, value, allowed in (("format", self.format, FORMATS),
@@ -133,10 +136,16 @@ class PreferenceData:
   def _read_records(self, path):
     opts = self.opts
     self.source = open_source(path, opts.format, opts.cache_dir)
+    if opts.kl_chunk:  # KTO: examples with their KL sequences, shaped as pairs.
+      self.source = UnpairedSource(self.source, opts.kl_chunk, opts.unpair)
+    elif self.source.format == "kto" or opts.unpair:
+      raise DataError(f"{path}: unpaired examples (format kto, or data.unpair=True) need an "
+                      "unpaired loss: dpo.preference_loss=kto or apo_zero_unpaired (and pack "
+                      "online: python -m dpojax.pack writes pairs only)")
     self._keep_prefix = len(self.tok.special(templates.BOS)) if opts.add_bos else 0
     indices, lens = [], []
     skipped, first_skipped = collections.Counter(), {}
-    dropped, truncated, straddled = collections.Counter(), 0, 0
+    dropped, truncated, straddled, desirable = collections.Counter(), 0, 0, 0
     for i in range(len(self.source)):
       try:
         pair = self._tokenize(i)
@@ -152,6 +161,7 @@ class PreferenceData:
         continue
       truncated += status == "truncated"
       straddled += pair["straddled"] > 0
+      desirable += bool(opts.kl_chunk and pair["chosen_reward"] == 1.0)  # KTO's labels.
       indices.append(i)
       lens.append((pair["prompt_len"], len(pair["chosen"]), len(pair["rejected"])))
     self.indices = np.asarray(indices, np.int64)
@@ -162,6 +172,8 @@ class PreferenceData:
                   "truncated": truncated, "skipped_by_reason": dict(skipped),
                   "dropped_by_reason": dict(dropped), "format": self.source.format,
                   "straddled": straddled}
+    if opts.kl_chunk:
+      self.stats["desirable"] = desirable
     if skipped:
       details = "; ".join(f"{r}: {n} (first: {first_skipped[r]})" for r, n in skipped.items())
       logging.warning("%s: data.on_error=skip skipped %d of %d records: %s", path,
@@ -194,7 +206,7 @@ class PreferenceData:
       if len(pair[side]) <= pair["prompt_len"]:
         raise RecordError(f"{where(path, line, side)}: the response has no tokens",
                           "empty field")
-    if np.array_equal(pair["chosen"], pair["rejected"]):
+    if not self.opts.kl_chunk and np.array_equal(pair["chosen"], pair["rejected"]):
       raise RecordError(f"{where(path, line, 'rejected')}: chosen and rejected have "
                         "identical tokens", "chosen equals rejected")
     return pair
@@ -202,6 +214,9 @@ class PreferenceData:
   # --- packed directory ------------------------------------------------------------------
   def _load_packed(self, path):
     meta = read_packed_meta(path)
+    if self.opts.kl_chunk:
+      raise DataError(f"{path}: a packed directory holds pairs; KTO's unpaired examples pack "
+                      "online (data.packing=first_fit_*) from their JSONL/Parquet file")
     opts, tok = self.opts, self.tok
     # Older files: no shared prompt, responses tokenized apart.
     packed_with = dict(meta, share_prompt=meta.get("share_prompt", False),

@@ -11,6 +11,10 @@ Three input shapes (`data.format`; `auto` detects from the first JSON object of 
            not used).
   hh-rlhf: {"chosen", "rejected"}, whole "\\n\\nHuman: ...\\n\\nAssistant: ..." dialogues; the
            prompt is the shared dialogue up to and including the last "\\n\\nAssistant:".
+  kto:     {"prompt", "completion", "label"} (TRL's unpaired format, for KTO): a prompt (string
+           or messages), one completion (string or a list holding one assistant message) and
+           a boolean label (desirable or not); normalized to {prompt, completion, label, line,
+           source, dialogue}. dpojax.data.unpaired turns these into the pipeline's pairs.
 Every record is normalized to {prompt, chosen, rejected, chosen_reward, rejected_reward, line,
 source, dialogue}: prompt is a string or a message list; chosen/rejected are response strings;
 score_chosen/score_rejected (UltraFeedback) are read as chosen_reward/rejected_reward (RPO's)
@@ -35,10 +39,11 @@ from typing import Any
 
 import numpy as np
 
-FORMATS = ("auto", "nemo", "trl", "hh-rlhf")
+FORMATS = ("auto", "nemo", "trl", "hh-rlhf", "kto")
 NEMO_FIELDS = ("prompt", "chosen_response", "rejected_response")
 TRL_FIELDS = ("prompt", "chosen", "rejected")
 HH_FIELDS = ("chosen", "rejected")
+KTO_FIELDS = ("prompt", "completion", "label")
 REWARD_FIELDS = ("chosen_reward", "rejected_reward")
 SCORE_FIELDS = ("score_chosen", "score_rejected")  # Read as REWARD_FIELDS when those are absent.
 ROLES = ("system", "user", "assistant")
@@ -92,6 +97,8 @@ def detect_format(obj: Any) -> str | None:
   """The format whose fields a parsed record has, or None."""
   if not isinstance(obj, dict):
     return None
+  if "completion" in obj and "label" in obj:
+    return "kto"
   if "chosen_response" in obj or "rejected_response" in obj:
     return "nemo"
   if "prompt" in obj and ("chosen" in obj or "rejected" in obj):
@@ -219,6 +226,15 @@ def validate_record(obj: Any, path: str, line: int, fmt: str) -> dict:
   if not isinstance(obj, dict):
     _fail(path, line, None, f"expected a JSON object, got {type(obj).__name__}", "not an object")
   record = {"dialogue": fmt == "hh-rlhf"}
+  if fmt == "kto":  # One completion and its label: no pair.
+    record["prompt"] = _prompt(obj, path, line)
+    record["completion"] = _response(obj, path, line, "completion")
+    if "label" not in obj:
+      _fail(path, line, "label", "missing", "missing field")
+    if not isinstance(obj["label"], bool):
+      _fail(path, line, "label", f"expected true or false, got {obj['label']!r}", "wrong type")
+    record["label"], record["line"], record["source"] = obj["label"], line, path
+    return record
   if fmt == "nemo":
     record["prompt"] = _prompt(obj, path, line)
     record["chosen"] = _response(obj, path, line, "chosen_response")
@@ -327,8 +343,8 @@ class JsonlSource:
         return fmt
     raise DataError(
         f"{self.path}: cannot detect data.format from the first {DETECT_LINES} records: none "
-        f"has the fields of nemo {list(NEMO_FIELDS)}, trl {list(TRL_FIELDS)} or hh-rlhf "
-        f"{list(HH_FIELDS)}; set data.format")
+        f"has the fields of nemo {list(NEMO_FIELDS)}, trl {list(TRL_FIELDS)}, hh-rlhf "
+        f"{list(HH_FIELDS)} or kto {list(KTO_FIELDS)}; set data.format")
 
   def __len__(self) -> int:
     return len(self._starts)

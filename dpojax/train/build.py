@@ -7,7 +7,10 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from absl import logging
+
 from dpojax import config as config_lib
+from dpojax import methods
 from dpojax import model as model_lib
 from dpojax import workdir as workdir_lib
 from dpojax.data import pipeline
@@ -53,10 +56,14 @@ def step_config(config, model_cfg) -> step_lib.StepConfig:
 
 def data_options(config, tok) -> pipeline.DataOptions:
   """data.* with the template resolved (auto: the tokenizer folder's chat template, else
-  plain)."""
+  plain), and for KTO's unpaired losses the run of examples their KL partners rotate in: the
+  micro-batch, TRL's per_device_train_batch_size (dpojax.data.unpaired)."""
   opts = pipeline.DataOptions.from_config(config.data)
   template, _ = resolve_template(opts.template, tok)
-  return dataclasses.replace(opts, template=template)
+  opts = dataclasses.replace(opts, template=template)
+  if config_lib.LossConfig.from_config(config.dpo).method in methods.UNPAIRED_LOSSES:
+    opts = dataclasses.replace(opts, kl_chunk=int(config.train.micro_batch_size))
+  return opts
 
 
 def build(config, pretrained=None):
@@ -67,6 +74,13 @@ def build(config, pretrained=None):
   train_data = pipeline.PreferenceData(config.data.train_path, tok, opts)
   val_data = pipeline.PreferenceData(config.data.val_path, tok, opts)
   train_data.require(config.train.global_batch_size, "train.global_batch_size")
+  if "desirable" in train_data.stats:  # KTO: TRL's advice on unbalanced labels.
+    loss_cfg = config_lib.LossConfig.from_config(config.dpo)
+    warning = methods.weight_warning(
+        train_data.stats["desirable"], len(train_data) - train_data.stats["desirable"],
+        loss_cfg.desirable_weight, loss_cfg.undesirable_weight)
+    if warning:
+      logging.warning("%s", warning)
   val_data.require(1, "validation pairs")
   return tok, train_data, val_data, step_config(config, model_cfg)
 

@@ -43,8 +43,13 @@ def sequence_logps(params, micro: dict, cfg, *, policy: bool = True,
       micro["segment_ids"], micro.get("branch_ids"), dropout_rng=dropout_rng, mesh=cfg.mesh)
   targets, mask, target_seq = logprob_lib.shift_targets(
       micro["tokens"], micro["segment_ids"], micro["loss_mask"], micro["sequence_ids"])
+  wide = mask
+  if policy and loss_cfg.nll_over_prompt:  # ORPO's NLL: every target, the prompt's too.
+    _, wide, _ = logprob_lib.shift_targets(
+        micro["tokens"], micro["segment_ids"], jnp.ones_like(micro["loss_mask"]),
+        micro["sequence_ids"])
   out_weight_VxD = model_lib.output_weight(params, cfg.model)
-  logp_BxT = logprob_lib.logprob(hidden_BxTxD, out_weight_VxD, targets, mask,
+  logp_BxT = logprob_lib.logprob(hidden_BxTxD, out_weight_VxD, targets, wide,
                                  impl=cfg.logprob_impl, token_block=cfg.logprob_token_block,
                                  vocab_block=cfg.logprob_vocab_block,
                                  softcap=cfg.model.final_logit_softcap, **_vocab_parallel(cfg))
@@ -53,6 +58,9 @@ def sequence_logps(params, micro: dict, cfg, *, policy: bool = True,
   pairs = lambda x: x.reshape(num_pairs, 2)
   sums, counts = logprob_lib.sequence_sums(logp_BxT, mask, target_seq, num_seqs)
   out = {"logps": pairs(sums), "counts": pairs(counts)}
+  if wide is not mask:
+    full_sums, full_counts = logprob_lib.sequence_sums(logp_BxT, wide, target_seq, num_seqs)
+    out["full_logps"], out["full_counts"] = pairs(full_sums), pairs(full_counts)
   if loss_cfg.ld_alpha is not None:
     weight_BxT = _ld_token_weights(mask, target_seq, counts, loss_cfg.ld_alpha)
     out["ld_logps"] = pairs(

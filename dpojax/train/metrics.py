@@ -23,7 +23,8 @@ TIMING_METRICS = ("step_time", "pairs_per_s", "tokens_per_s", "model_flops_per_s
 # The console line keeps to these; metrics.jsonl and TensorBoard get everything.
 CONSOLE_METRICS = ("loss", "accuracy", "rewards_margin_mean", "rewards_chosen_mean",
                    "rewards_rejected_mean", "grad_norm", "learning_rate", "pairs_per_s",
-                   "tokens_per_s", "mfu", "nonfinite_steps")
+                   "tokens_per_s", "mfu", "nonfinite_steps",
+                   "nll_loss", "log_odds_ratio", "kl")  # CPO/ORPO/KTO (dpojax.methods).
 
 
 def truncate_after(path: str, step: int):

@@ -117,6 +117,8 @@ def cache_key(data: pipeline.PreferenceData, step_cfg: step_lib.StepConfig,
       "statistic": reference_lib.reference_key(step_cfg),
       "ld_alpha": step_cfg.loss.ld_alpha,
   }
+  if opts.kl_chunk:  # KTO: the KL sequences' partners (older keys unchanged otherwise).
+    desc["unpaired"] = {"kl_chunk": opts.kl_chunk, "unpair": opts.unpair}
   h = hashlib.sha256(json.dumps(desc, sort_keys=True).encode())
   for arr in (data.indices, data.prompt_len, data.chosen_len, data.rejected_len):
     h.update(np.ascontiguousarray(arr, np.int64).tobytes())

@@ -132,7 +132,8 @@ def micro_loss(params, ref_params, micro: dict, cfg: StepConfig, normalizers: di
       policy_logps=policy[key], reference_logps=reference_Px2, counts=policy["counts"],
       pair_mask=micro["pair_mask"],
       gt_rewards=jnp.stack([micro["chosen_reward"], micro["rejected_reward"]], axis=1),
-      policy_plain_logps=policy["logps"], wpo_logps=policy.get("wpo_logps"))
+      policy_plain_logps=policy["logps"], wpo_logps=policy.get("wpo_logps"),
+      nll_logps=policy.get("full_logps"), nll_counts=policy.get("full_counts"))
   loss, metrics = loss_lib.dpo_loss(stats, loss_cfg, num_pairs=normalizers["pairs"],
                                     num_chosen_tokens=normalizers.get("chosen_tokens"))
   metrics["tokens"] = jnp.sum(policy["counts"] * micro["pair_mask"][:, None])
@@ -142,10 +143,12 @@ def micro_loss(params, ref_params, micro: dict, cfg: StepConfig, normalizers: di
 def _global_normalizer(batch, cfg: StepConfig) -> dict:
   """Counts over the whole global batch that turn micro-batch sums into global means."""
   out = {"pairs": jnp.maximum(jnp.sum(batch["pair_mask"]), 1.0)}
-  if cfg.loss.uses_token_sft:  # Chosen response tokens (even sequence ids), all micro-batches.
+  if cfg.loss.uses_token_sft:  # Chosen response tokens (even sequence ids), all micro-batches
+    # (ORPO: prompt and response).
     flat = lambda k: batch[k].reshape(-1, batch[k].shape[-1])
+    targets = jnp.ones_like(flat("loss_mask")) if cfg.loss.nll_over_prompt else flat("loss_mask")
     _, mask, seq = logprob_lib.shift_targets(
-        flat("tokens"), flat("segment_ids"), flat("loss_mask"), flat("sequence_ids"))
+        flat("tokens"), flat("segment_ids"), targets, flat("sequence_ids"))
     chosen = jnp.sum(mask & (seq >= 0) & (seq % 2 == 0))
     out["chosen_tokens"] = jnp.maximum(chosen.astype(jnp.float32), 1.0)
   return out

@@ -1,0 +1,244 @@
+"""Attention over a row whose tokens are split over the mesh's `context` axis.
+
+The layout (`mirrored_order`): a row of T tokens is cut into 2C chunks of S = T / 2C tokens;
+device d of the C on the axis holds chunks d and 2C-1-d, in that order. A causal row's work
+then evens out: chunk d's queries see d + 1 key chunks, chunk 2C-1-d's see 2C - d, so every
+device computes 2C + 1 (query chunk, key chunk) blocks (`block_work` counts them).
+train/sharding.py applies the layout where the batch is placed; positions travel with the
+tokens, so RoPE, segments, windows and branches need nothing else.
+
+The exchange is an all-gather of K/V over the axis (not a ring): inside a `shard_map`, each
+device gathers the T keys and values of its rows and heads ([B, T, G, K] per layer, transient:
+the custom backward gathers them again instead of saving them) and runs a flash-style loop,
+per local query chunk over the 2C key chunks, with an online softmax. A (query chunk, key
+chunk) block whose mask has no True entry (causal order, same segment, shared-prompt
+branch, sliding window) is skipped by a `lax.cond`, so packed rows skip the blocks with no
+shared segment. The backward recomputes each block's probabilities from the saved
+log-sum-exp, accumulates dK/dV for all T keys and reduce-scatters them to their owners.
+Saved per layer: q, k, v, out (the device's own T / C tokens) and the [B, N, T / C] lse.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+AXIS = "context"
+
+
+def context_size(mesh) -> int:
+  """The size of `mesh`'s context axis (1 without a mesh or without the axis)."""
+  return 1 if mesh is None else dict(mesh.shape).get(AXIS, 1)
+
+
+def mirrored_order(t: int, c: int) -> np.ndarray:
+  """[T]: the original token index at each slot of the load-balanced layout (device d's
+  T / C slots hold chunks d and 2C-1-d). T must be a multiple of 2C."""
+  if t % (2 * c):
+    raise ValueError(f"a row of {t} tokens does not split into 2 x {c} context chunks")
+  s = t // (2 * c)
+  chunks = [i for d in range(c) for i in (d, 2 * c - 1 - d)]
+  return np.concatenate([np.arange(i * s, (i + 1) * s) for i in chunks]).astype(np.int32)
+
+
+@flax.struct.dataclass
+class ContextMask:
+  """The mask as the context path takes it: causal (in original token order) AND same
+  segment AND (with branches) prefix-or-own-branch AND (window > 0) within `window`
+  positions, from [B, T] arrays in the layout's order. `mesh` (static): the step's mesh."""
+  ids_BxT: jax.Array
+  positions_BxT: jax.Array
+  branch_ids_BxT: Any = None
+  window: Any = 0  # An int, or an int32 array when the layers pick theirs in the scan.
+  mesh: Any = flax.struct.field(pytree_node=False, default=None)
+
+
+def _block_mask(q_meta, k_meta, window):
+  """[B, Sq, Sk]: the dense `attention_mask`'s entries for one block (see ContextMask)."""
+  (qi, qp, qb, qo), (ki, kp, kb, ko) = q_meta, k_meta
+  mask = (qo[:, None] >= ko[None, :])[None] & (qi[:, :, None] == ki[:, None, :])
+  if qb is not None:
+    mask &= (kb[:, None, :] == 0) | (kb[:, None, :] == qb[:, :, None])
+  return mask & ((window <= 0) | (qp[:, :, None] - kp[:, None, :] < window))
+
+
+def _slice(x, j, s, axis=1):
+  return None if x is None else jax.lax.dynamic_slice_in_dim(x, j * s, s, axis)
+
+
+def _keys(meta_all, j, s):
+  ids, pos, br, order = meta_all
+  return _slice(ids, j, s), _slice(pos, j, s), _slice(br, j, s), _slice(order, j, s, 0)
+
+
+def _queries(meta, h, s):
+  ids, pos, br, order = meta
+  sl = slice(h * s, (h + 1) * s)
+  return ids[:, sl], pos[:, sl], None if br is None else br[:, sl], order[sl]
+
+
+def _logits(q_h, k_j, scale, cap):
+  """[B, G, R, Sq, Sk] scaled (and softcapped) logits in at least fp32."""
+  f32 = jnp.promote_types(q_h.dtype, jnp.float32)
+  z = jnp.einsum("bqgrk,bsgk->bgrqs", q_h, k_j, preferred_element_type=f32) * scale
+  return cap * jnp.tanh(z / cap) if cap else z
+
+
+def _gather(x, axis):
+  return None if x is None else jax.lax.all_gather(x, AXIS, axis=axis, tiled=True)
+
+
+def _gather_meta(meta):
+  ids, pos, br, order = meta
+  return _gather(ids, 1), _gather(pos, 1), _gather(br, 1), _gather(order, 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _local_attention(q, k, v, meta, window, c, scale, cap):
+  """One device's queries [B, 2S, N, K] over the gathered keys of its rows (see module doc)."""
+  return _local_fwd(q, k, v, meta, window, c, scale, cap)[0]
+
+
+def _local_fwd(q, k, v, meta, window, c, scale, cap):
+  b, tc, n, kd = q.shape
+  g, s = k.shape[2], tc // 2
+  f32 = jnp.promote_types(q.dtype, jnp.float32)
+  neg = jnp.asarray(0.7 * jnp.finfo(f32).min, f32)
+  k_all, v_all, meta_all = _gather(k, 1), _gather(v, 1), _gather_meta(meta)
+  outs, lses = [], []
+  for h in range(2):
+    q_h = q[:, h * s:(h + 1) * s].reshape(b, s, g, n // g, kd)
+    q_meta = _queries(meta, h, s)
+
+    def body(j, carry, q_h=q_h, q_meta=q_meta):
+      mask = _block_mask(q_meta, _keys(meta_all, j, s), window)[:, None, None]
+
+      def compute(carry):
+        m, l, acc = carry
+        z = jnp.where(mask, _logits(q_h, _slice(k_all, j, s), scale, cap), neg)
+        m_new = jnp.maximum(m, jnp.max(z, -1))
+        p = jnp.where(mask, jnp.exp(z - m_new[..., None]), 0.0)
+        alpha = jnp.exp(m - m_new)
+        acc = acc * alpha[..., None] + jnp.einsum(
+            "bgrqs,bsgk->bgrqk", p, _slice(v_all, j, s).astype(f32))
+        return m_new, l * alpha + jnp.sum(p, -1), acc
+
+      return jax.lax.cond(jnp.any(mask), compute, lambda carry: carry, carry)
+
+    shape = (b, g, n // g, s)
+    m, l, acc = jax.lax.fori_loop(0, 2 * c, body, (jnp.full(shape, neg), jnp.zeros(shape, f32),
+                                                   jnp.zeros(shape + (kd,), f32)))
+    outs.append(acc / l[..., None])  # Every query sees at least itself: l > 0.
+    lses.append(m + jnp.log(l))
+  o_t = jnp.concatenate(outs, axis=3)  # [B, G, R, 2S, K]
+  out = o_t.transpose(0, 3, 1, 2, 4).reshape(b, tc, n, kd).astype(q.dtype)
+  return out, (q, k, v, meta, window, o_t, jnp.concatenate(lses, axis=3))
+
+
+def _local_bwd(c, scale, cap, res, d_out):
+  q, k, v, meta, window, o_t, lse = res
+  b, tc, n, kd = q.shape
+  g, s, r = k.shape[2], tc // 2, n // k.shape[2]
+  f32 = o_t.dtype
+  k_all, v_all, meta_all = _gather(k, 1), _gather(v, 1), _gather_meta(meta)
+  do_t = d_out.reshape(b, tc, g, r, kd).astype(f32)
+  delta = jnp.einsum("bqgrk,bgrqk->bgrq", do_t, o_t)  # rowsum(dO * O)
+  dk_all, dv_all = jnp.zeros(k_all.shape, f32), jnp.zeros(v_all.shape, f32)
+  dqs = []
+  for h in range(2):
+    sl = slice(h * s, (h + 1) * s)
+    q_h, do_h = q[:, sl].reshape(b, s, g, r, kd), do_t[:, sl]
+    lse_h, delta_h, q_meta = lse[..., sl], delta[..., sl], _queries(meta, h, s)
+
+    def body(j, carry, q_h=q_h, do_h=do_h, lse_h=lse_h, delta_h=delta_h, q_meta=q_meta):
+      mask = _block_mask(q_meta, _keys(meta_all, j, s), window)[:, None, None]
+
+      def compute(carry):
+        dq, dk_all, dv_all = carry
+        k_j, v_j = _slice(k_all, j, s), _slice(v_all, j, s).astype(f32)
+        z = _logits(q_h, k_j, scale, cap)
+        p = jnp.where(mask, jnp.exp(z - lse_h[..., None]), 0.0)
+        ds = p * (jnp.einsum("bqgrk,bsgk->bgrqs", do_h, v_j) - delta_h[..., None])
+        if cap:  # Through the tanh: times 1 - (capped / cap)^2.
+          ds = ds * (1 - jnp.square(z / cap))
+        ds = ds * scale
+        dq = dq + jnp.einsum("bgrqs,bsgk->bqgrk", ds, k_j.astype(f32))
+        add = lambda acc, x: jax.lax.dynamic_update_slice_in_dim(
+            acc, _slice(acc, j, s) + x, j * s, 1)
+        dk_all = add(dk_all, jnp.einsum("bgrqs,bqgrk->bsgk", ds, q_h.astype(f32)))
+        dv_all = add(dv_all, jnp.einsum("bgrqs,bqgrk->bsgk", p, do_h))
+        return dq, dk_all, dv_all
+
+      return jax.lax.cond(jnp.any(mask), compute, lambda carry: carry, carry)
+
+    dq, dk_all, dv_all = jax.lax.fori_loop(
+        0, 2 * c, body, (jnp.zeros(q_h.shape, f32), dk_all, dv_all))
+    dqs.append(dq.reshape(b, s, n, kd))
+  scatter = lambda x: jax.lax.psum_scatter(x, AXIS, scatter_dimension=1, tiled=True)
+  return (jnp.concatenate(dqs, axis=1).astype(q.dtype), scatter(dk_all).astype(k.dtype),
+          scatter(dv_all).astype(v.dtype), None, None)
+
+
+_local_attention.defvjp(_local_fwd, _local_bwd)
+
+
+def attention(q_BxTxNxK, k_BxTxGxK, v_BxTxGxK, mask: ContextMask, scale: float | None = None,
+              softcap: float = 0.0, batch_axes=("data", "fsdp"), head_axis="tensor"):
+  """Softmax attention of a row split over the context axis (layout: `mirrored_order`): [B,
+  T, N, K] in the layout's order. A shard_map, manual over the context axis, the `batch_axes`
+  that divide B and `head_axis` where it divides N and G. `scale`: None = K^-1/2; `softcap`
+  > 0: logits become softcap * tanh(l / softcap)."""
+  mesh = mask.mesh
+  sizes = dict(mesh.shape)
+  c = sizes[AXIS]
+  b, t, n, kd = q_BxTxNxK.shape
+  rows = tuple(a for a in batch_axes if sizes.get(a, 1) > 1)
+  if b % math.prod(sizes[a] for a in rows):
+    rows = ()
+  heads = sizes.get(head_axis, 1)
+  head = head_axis if heads > 1 and not (n % heads or k_BxTxGxK.shape[2] % heads) else None
+  manual = set(rows) | {AXIS} | ({head} if head else set())
+  qkv, row = P(rows or None, AXIS, head, None), P(rows or None, AXIS)
+  order = jnp.asarray(mirrored_order(t, c))
+  branch = mask.branch_ids_BxT
+  meta = (mask.ids_BxT.astype(jnp.int32), mask.positions_BxT.astype(jnp.int32),
+          None if branch is None else branch.astype(jnp.int32), order)
+  meta_specs = (row, row, None if branch is None else row, P(AXIS))
+  window = jnp.asarray(mask.window, jnp.int32).reshape(1)
+  specs = (qkv, qkv, qkv, meta_specs, P())
+  args = (q_BxTxNxK, k_BxTxGxK, v_BxTxGxK, meta, window)
+  if any(x == jax.sharding.AxisType.Explicit for x in mesh.axis_types):
+    # Explicit meshes do not reshard into shard_map implicitly (Auto ones do).
+    args = jax.tree.map(lambda x, spec: jax.reshard(x, NamedSharding(mesh, spec)), args, specs)
+  scale = kd ** -0.5 if scale is None else scale
+  local = lambda q, k, v, meta, win: _local_attention(q, k, v, meta, win[0], c, float(scale),
+                                                      float(softcap or 0.0))
+  return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=qkv, axis_names=manual,
+                       check_vma=False)(*args)
+
+
+def block_work(segment_ids_BxT, positions_BxT, c: int, branch_ids_BxT=None, window: int = 0):
+  """What each device of the axis computes for these rows (already in the layout's order),
+  as the kernel decides it: ([C] computed (query chunk, key chunk) blocks, [C] True mask
+  entries, i.e. query-key products that count). NumPy, for measuring the load balance."""
+  ids, pos = np.asarray(segment_ids_BxT), np.asarray(positions_BxT)
+  br = None if branch_ids_BxT is None else np.asarray(branch_ids_BxT)
+  t = ids.shape[1]
+  s, order = t // (2 * c), mirrored_order(t, c)
+  meta = lambda sl: (ids[:, sl], pos[:, sl], None if br is None else br[:, sl], order[sl])
+  blocks, entries = np.zeros(c, np.int64), np.zeros(c, np.int64)
+  for d in range(c):
+    for h in range(2):
+      qm = meta(slice((2 * d + h) * s, (2 * d + h + 1) * s))
+      for j in range(2 * c):
+        mask = np.asarray(_block_mask(qm, meta(slice(j * s, (j + 1) * s)), window))
+        blocks[d] += bool(mask.any())
+        entries[d] += int(mask.sum())
+  return blocks, entries

@@ -48,6 +48,15 @@ def _per_token_logps(hidden_BxTxD, out_weight_VxD, targets, mask, cfg):
                              targets.reshape(-1), mask.reshape(-1), **kwargs).reshape(b, t)
 
 
+def shift_targets(rows: dict, mesh=None):
+  """`logprob.shift_targets` of a batch's [..., T] row arrays, in original token order: with
+  a context axis the rows arrive in its layout, so the shift by one (and LD-DPO's running
+  count) reads the [..., T] integers put back in order (the callers put results back)."""
+  c = sharding.context_size(mesh)
+  return logprob_lib.shift_targets(*(sharding.from_context_layout(rows[k], c) for k in (
+      "tokens", "segment_ids", "loss_mask", "sequence_ids")))
+
+
 def sequence_logps(params, micro: dict, cfg, *, policy: bool = True,
                    adapters=None, dropout_rng=None) -> dict:
   """Per-sequence statistics of one micro-batch, each [P, 2] (chosen, rejected).
@@ -61,13 +70,9 @@ def sequence_logps(params, micro: dict, cfg, *, policy: bool = True,
   hidden_BxTxD = lora_lib.apply(
       params, adapters, cfg.model, cfg.lora, micro["tokens"], micro["positions"],
       micro["segment_ids"], micro.get("branch_ids"), dropout_rng=dropout_rng, mesh=cfg.mesh)
-  # With a context axis the rows are in its layout: the shift by one (and LD-DPO's running
-  # count) read [B, T] integers in original order, and the results go back to the layout.
   c = sharding.context_size(cfg.mesh)
-  original = lambda x: sharding.from_context_layout(x, c)
   layout = lambda x: sharding.to_context_layout(x, c)
-  targets, mask_orig, seq_orig = logprob_lib.shift_targets(
-      *(original(micro[k]) for k in ("tokens", "segment_ids", "loss_mask", "sequence_ids")))
+  targets, mask_orig, seq_orig = shift_targets(micro, cfg.mesh)
   targets, mask, target_seq = layout(targets), layout(mask_orig), layout(seq_orig)
   out_weight_VxD = model_lib.output_weight(params, cfg.model)
   logp_BxT = _per_token_logps(hidden_BxTxD, out_weight_VxD, targets, mask, cfg)

@@ -310,3 +310,18 @@ def test_cli_with_context_4_trains_as_one_device_and_resumes_exactly(tmp_path):
       if key not in TIMING_METRICS and key != "split":
         assert rb[key] == ra[key], (ra["step"], key)  # Resumed: bit for bit.
         assert ra[key] == pytest.approx(rc[key], abs=1e-5, rel=1e-5), (ra["step"], key)
+
+
+@pytest.mark.slow
+def test_context_memory_benchmark_smoke():
+  """benchmarks/context_memory.py at a tiny size: its table and budget lines print."""
+  proc = subprocess.run(
+      [sys.executable, "benchmarks/context_memory.py", "--tiny", "--lengths=64",
+       "--contexts=1,2", "--budget_gib=0.01", "--max_length=64"],
+      cwd=ROOT, env=dict(ENV, XLA_FLAGS=""), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  lines = proc.stdout.splitlines()
+  row = next(l for l in lines if l.startswith("| 64 |"))
+  c1, c2 = (float(x.split()[0]) for x in row.strip("| ").split("|")[1:])
+  assert c1 > 0 and c2 >= 0
+  assert any(l.startswith("C = 2: T = 64") for l in lines), proc.stdout

@@ -10,7 +10,9 @@ step. `temp` is the step's temporaries (activations, attention scores, gradients
 `args` its inputs (state, reference, batch), both per device. C = 1 is the one-device path
 (dense masked attention); C > 1 the context path (ops/context_attention.py). Then, for each
 C, the longest row (T doubling from the first length, up to --max_length) whose temporaries
-fit --budget_gib per device.
+fit --budget_gib per device. Last, the load balance: per-device attention work of rows of
+the first length (`context_attention.block_work`: the blocks the kernel computes and the
+query-key products that count), for one causal sequence per row and for packed rows.
 Model: benchmarks/common.py's (Llama-style, 4 layers, hidden 256, 8 heads, 4 KV groups,
 vocab 1000, fp32), with the default attention tiles.
 """
@@ -30,6 +32,7 @@ import numpy as np  # noqa: E402
 
 from dpojax import workdir  # noqa: E402
 from dpojax.model import transformer  # noqa: E402
+from dpojax.ops import context_attention  # noqa: E402
 from dpojax.train import compiled, reference, sharding  # noqa: E402
 from dpojax.train import step as step_lib  # noqa: E402
 
@@ -99,6 +102,28 @@ def main():
       best, t = (t, temp), t * 2
     fits = "none" if best is None else f"T = {best[0]} ({best[1] / 2**20:,.0f} MiB)"
     print(f"C = {c}: {fits}", flush=True)
+  print(f"\nper-device attention work, T = {lengths[0]}: blocks computed; products (max/min)")
+  for name, (ids, pos) in rows(lengths[0]).items():
+    for c in contexts:
+      if c == 1:
+        continue
+      order = context_attention.mirrored_order(ids.shape[1], c)
+      blocks, work = context_attention.block_work(ids[:, order], pos[:, order], c)
+      print(f"{name}, C = {c}: blocks {blocks.tolist()}; products {work.tolist()} "
+            f"({work.max() / work.min():.3f})")
+
+
+def rows(t: int) -> dict:
+  """[1, T] segment ids and positions: one causal sequence, and packed sequences of uniform
+  random lengths between T / 16 and T / 4 (a fixed seed) filling the row."""
+  one = (np.ones((1, t), np.int32), np.arange(t, dtype=np.int32)[None])
+  rng, ids, pos, start, seg = np.random.default_rng(0), np.zeros((1, t), np.int32), \
+      np.zeros((1, t), np.int32), 0, 1
+  while start < t:
+    n = min(int(rng.integers(t // 16, t // 4)), t - start)
+    ids[0, start:start + n], pos[0, start:start + n] = seg, np.arange(n)
+    start, seg = start + n, seg + 1
+  return {"one sequence": one, "packed": (ids, pos)}
 
 
 if __name__ == "__main__":

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 
 import tolerance
-from conftest import ROOT
+from conftest import ROOT, tiny_config
 from dpojax.ops import context_attention
+from dpojax.train import loop
+from dpojax.train.metrics import TIMING_METRICS
 
 ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
            JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
@@ -292,9 +294,6 @@ def _records(workdir):
 def test_cli_with_context_4_trains_as_one_device_and_resumes_exactly(tmp_path):
   """`--config.mesh.context=4` on 8 emulated devices (data 2 x context 4): six steps equal the
   one-device run's metrics; three steps, then a resumed run to six, equal the straight run."""
-  from dpojax.train import loop
-  from dpojax.train.metrics import TIMING_METRICS
-  from conftest import tiny_config
   straight, part = str(tmp_path / "straight"), str(tmp_path / "part")
   out = _cli(straight)
   assert "context over 4 devices" in out and "'context': 4" in out, out

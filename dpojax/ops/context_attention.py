@@ -100,13 +100,9 @@ def _gather_meta(meta):
   return _gather(ids, 1), _gather(pos, 1), _gather(br, 1), _gather(order, 0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _local_attention(q, k, v, meta, window, c, scale, cap):
-  """One device's queries [B, 2S, N, K] over the gathered keys of its rows (see module doc)."""
-  return _local_fwd(q, k, v, meta, window, c, scale, cap)[0]
-
-
 def _local_fwd(q, k, v, meta, window, c, scale, cap):
+  """One device's queries [B, 2S, N, K] over the gathered keys of its rows (see module doc):
+  (out [B, 2S, N, K], lse [B, 2S, N] in at least fp32)."""
   b, tc, n, kd = q.shape
   g, s = k.shape[2], tc // 2
   f32 = jnp.promote_types(q.dtype, jnp.float32)
@@ -138,15 +134,17 @@ def _local_fwd(q, k, v, meta, window, c, scale, cap):
     outs.append(acc / l[..., None])  # Every query sees at least itself: l > 0.
     lses.append(m + jnp.log(l))
   o_t = jnp.concatenate(outs, axis=3)  # [B, G, R, 2S, K]
-  out = o_t.transpose(0, 3, 1, 2, 4).reshape(b, tc, n, kd).astype(q.dtype)
-  return out, (q, k, v, meta, window, o_t, jnp.concatenate(lses, axis=3))
+  lse = jnp.concatenate(lses, axis=3).transpose(0, 3, 1, 2).reshape(b, tc, n)
+  return o_t.transpose(0, 3, 1, 2, 4).reshape(b, tc, n, kd).astype(q.dtype), lse
 
 
-def _local_bwd(c, scale, cap, res, d_out):
-  q, k, v, meta, window, o_t, lse = res
+def _local_bwd(q, k, v, meta, window, out, lse, d_out, c, scale, cap):
+  """dq, dk, dv of one device's rows: dK/dV of all T keys, reduce-scattered to their owners."""
   b, tc, n, kd = q.shape
   g, s, r = k.shape[2], tc // 2, n // k.shape[2]
-  f32 = o_t.dtype
+  f32 = lse.dtype
+  o_t = out.reshape(b, tc, g, r, kd).transpose(0, 2, 3, 1, 4).astype(f32)  # [B, G, R, 2S, K]
+  lse = lse.reshape(b, tc, g, r).transpose(0, 2, 3, 1)
   k_all, v_all, meta_all = _gather(k, 1), _gather(v, 1), _gather_meta(meta)
   do_t = d_out.reshape(b, tc, g, r, kd).astype(f32)
   delta = jnp.einsum("bqgrk,bgrqk->bgrq", do_t, o_t)  # rowsum(dO * O)
@@ -183,10 +181,7 @@ def _local_bwd(c, scale, cap, res, d_out):
     dqs.append(dq.reshape(b, s, n, kd))
   scatter = lambda x: jax.lax.psum_scatter(x, AXIS, scatter_dimension=1, tiled=True)
   return (jnp.concatenate(dqs, axis=1).astype(q.dtype), scatter(dk_all).astype(k.dtype),
-          scatter(dv_all).astype(v.dtype), None, None)
-
-
-_local_attention.defvjp(_local_fwd, _local_bwd)
+          scatter(dv_all).astype(v.dtype))
 
 
 def attention(q_BxTxNxK, k_BxTxGxK, v_BxTxGxK, mask: ContextMask, scale: float | None = None,
@@ -217,11 +212,38 @@ def attention(q_BxTxNxK, k_BxTxGxK, v_BxTxGxK, mask: ContextMask, scale: float |
   if any(x == jax.sharding.AxisType.Explicit for x in mesh.axis_types):
     # Explicit meshes do not reshard into shard_map implicitly (Auto ones do).
     args = jax.tree.map(lambda x, spec: jax.reshard(x, NamedSharding(mesh, spec)), args, specs)
-  scale = kd ** -0.5 if scale is None else scale
-  local = lambda q, k, v, meta, win: _local_attention(q, k, v, meta, win[0], c, float(scale),
-                                                      float(softcap or 0.0))
-  return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=qkv, axis_names=manual,
-                       check_vma=False)(*args)
+  scale, cap = float(kd ** -0.5 if scale is None else scale), float(softcap or 0.0)
+  # The custom gradient wraps the two shard_maps, and each body is opaque to partial
+  # evaluation (a checkpoint that saves nothing): under the layer scan's autodiff, JAX hoists
+  # what depends only on loop-invariant operands (the masks of the ids, positions and
+  # window, the same in every layer) out of the scan, and without the checkpoint it stacked
+  # every block's [B, N, S, S] mask and select constants in front of the loop (5x the memory
+  # at T = 8192, C = 8).
+  lse_spec = P(rows or None, AXIS, head)
+  sharded = lambda fn, in_specs, out_specs: jax.shard_map(
+      fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=manual, check_vma=False)
+  opaque = lambda fn: jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
+  fwd_local = sharded(opaque(lambda q, k, v, meta, win: _local_fwd(q, k, v, meta, win[0], c,
+                                                                   scale, cap)),
+                      specs, (qkv, lse_spec))
+  bwd_local = sharded(
+      opaque(lambda q, k, v, meta, win, out, lse, do: _local_bwd(q, k, v, meta, win[0], out, lse,
+                                                                 do, c, scale, cap)),
+      specs + (qkv, lse_spec, qkv), (qkv, qkv, qkv))
+
+  @jax.custom_vjp
+  def run(q, k, v, meta, win):
+    return fwd_local(q, k, v, meta, win)[0]
+
+  def run_fwd(q, k, v, meta, win):
+    out, lse = fwd_local(q, k, v, meta, win)
+    return out, (q, k, v, meta, win, out, lse)
+
+  def run_bwd(res, d_out):
+    return bwd_local(*res, d_out) + (None, None)
+
+  run.defvjp(run_fwd, run_bwd)
+  return run(*args)
 
 
 def block_work(segment_ids_BxT, positions_BxT, c: int, branch_ids_BxT=None, window: int = 0):

@@ -91,8 +91,10 @@ OP_SCRIPT = textwrap.dedent("""
     pos[0, :31] = list(range(10)) + list(range(10, 22)) + list(range(10, 19))
     seg[0, 31:] = 0
     out = {}
-    for data, fsdp, c, tensor, window, cap in [(-1, 1, 2, 1, 5, 0.0), (-1, 1, 4, 1, 0, 3.0),
-                                               (1, 1, 8, 1, 7, 2.0), (-1, 2, 2, 2, 5, 3.0)]:
+    for data, fsdp, c, tensor, window, cap, block in [
+        (-1, 1, 2, 1, 5, 0.0, 512), (-1, 1, 4, 1, 0, 3.0, 512), (1, 1, 8, 1, 7, 2.0, 512),
+        (-1, 2, 2, 2, 5, 3.0, 512), (-1, 1, 2, 1, 5, 2.0, 4)]:
+      CA.BLOCK = block  # 4: blocks of 4 queries x 4 keys inside the chunks of 16.
       mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(
           data=data, fsdp=fsdp, context=c, tensor=tensor)))
       lay = lambda x: sharding.to_context_layout(x, c, 1)
@@ -107,7 +109,7 @@ OP_SCRIPT = textwrap.dedent("""
           lambda q, k, v: jnp.sum(fn(q, k, v) * w), argnums=(0, 1, 2)))
       (_, want), (_, got) = f(dense)(q, k, v), f(ctx)(q, k, v)
       o1, o2 = jax.jit(dense)(q, k, v), jax.jit(ctx)(q, k, v)
-      out[str((data, fsdp, c, tensor))] = {
+      out[str((data, fsdp, c, tensor, block))] = {
           "out": float(jnp.abs(o1 - o2).max()), "out_scale": float(jnp.abs(o1).max()),
           "grads": [float(jnp.abs(a - b).max()) for a, b in zip(got, want)],
           "grad_scale": [float(jnp.abs(a).max()) for a in want]}
@@ -119,10 +121,10 @@ OP_SCRIPT = textwrap.dedent("""
 def test_context_attention_equals_dense_attention():
   """Outputs and q/k/v gradients of the context path equal the dense masked attention's
   (packed rows, a shared-prompt row, sliding windows, softcaps, GQA; C = 2, 4, 8 and C x
-  FSDP x tensor). Bound: two orders of the softmax's sums over T = 64 keys (and, for the
+  FSDP x tensor; and blocks smaller than the chunks). Bound: two orders of the softmax's sums over T = 64 keys (and, for the
   gradients, over T queries x N = 4 heads), in fp32, of terms up to the result's scale."""
   res = _run(OP_SCRIPT)
-  assert len(res) == 4
+  assert len(res) == 5
   for case, r in res.items():
     assert r["out"] <= tolerance.sum_tolerance(64, r["out_scale"]), (case, r)
     for got, scale in zip(r["grads"], r["grad_scale"]):

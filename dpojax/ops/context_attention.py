@@ -9,11 +9,11 @@ tokens, so RoPE, segments, windows and branches need nothing else.
 
 The exchange is an all-gather of K/V over the axis (not a ring): inside a `shard_map`, each
 device gathers the T keys and values of its rows and heads ([B, T, G, K] per layer, transient:
-the custom backward gathers them again instead of saving them) and runs a flash-style loop,
-per local query chunk over the 2C key chunks, with an online softmax. A (query chunk, key
-chunk) block whose mask has no True entry (causal order, same segment, shared-prompt
-branch, sliding window) is skipped by a `lax.cond`, so packed rows skip the blocks with no
-shared segment. The backward recomputes each block's probabilities from the saved
+the custom backward gathers them again instead of saving them) and runs a flash-style loop
+over blocks of at most BLOCK queries by as many keys (blocks never straddle two chunks), with
+an online softmax. A block whose mask has no True entry (causal order, same segment,
+shared-prompt branch, sliding window) is skipped by a `lax.cond`, so packed rows skip the
+blocks with no shared segment. The backward recomputes each block's probabilities from the saved
 log-sum-exp, accumulates dK/dV for all T keys and reduce-scatters them to their owners.
 Saved per layer: q, k, v, out (the device's own T / C tokens) and the [B, N, T / C] lse.
 """
@@ -78,10 +78,13 @@ def _keys(meta_all, j, s):
   return _slice(ids, j, s), _slice(pos, j, s), _slice(br, j, s), _slice(order, j, s, 0)
 
 
-def _queries(meta, h, s):
-  ids, pos, br, order = meta
-  sl = slice(h * s, (h + 1) * s)
-  return ids[:, sl], pos[:, sl], None if br is None else br[:, sl], order[sl]
+BLOCK = 512  # Largest (query block, key block) side: scores are [B, N, BLOCK, BLOCK] at most.
+
+
+def block_size(s: int) -> int:
+  """The block side for chunks of S tokens: the largest divisor of S up to BLOCK, so that
+  blocks never straddle two chunks (the mirror's balance holds block by block)."""
+  return max(d for d in range(1, min(s, BLOCK) + 1) if s % d == 0)
 
 
 def _logits(q_h, k_j, scale, cap):
@@ -100,87 +103,98 @@ def _gather_meta(meta):
   return _gather(ids, 1), _gather(pos, 1), _gather(br, 1), _gather(order, 0)
 
 
+def _sizes(q, k, c):
+  """(B, 2S, N, K, G, R, block, query blocks, key blocks) of one device's operands."""
+  b, tc, n, kd = q.shape
+  g = k.shape[2]
+  bs = block_size(tc // 2)
+  return b, tc, n, kd, g, n // g, bs, tc // bs, c * tc // bs
+
+
 def _local_fwd(q, k, v, meta, window, c, scale, cap):
   """One device's queries [B, 2S, N, K] over the gathered keys of its rows (see module doc):
-  (out [B, 2S, N, K], lse [B, 2S, N] in at least fp32)."""
-  b, tc, n, kd = q.shape
-  g, s = k.shape[2], tc // 2
+  (out [B, 2S, N, K], lse [B, 2S, N] in at least fp32). Blocks of `block_size` queries by
+  as many keys, the empty ones skipped."""
+  b, tc, n, kd, g, r, bs, nq, nk = _sizes(q, k, c)
   f32 = jnp.promote_types(q.dtype, jnp.float32)
   neg = jnp.asarray(0.7 * jnp.finfo(f32).min, f32)
   k_all, v_all, meta_all = _gather(k, 1), _gather(v, 1), _gather_meta(meta)
-  outs, lses = [], []
-  for h in range(2):
-    q_h = q[:, h * s:(h + 1) * s].reshape(b, s, g, n // g, kd)
-    q_meta = _queries(meta, h, s)
+  q5 = q.reshape(b, tc, g, r, kd)
 
-    def body(j, carry, q_h=q_h, q_meta=q_meta):
-      mask = _block_mask(q_meta, _keys(meta_all, j, s), window)[:, None, None]
+  def query_block(i, carry):
+    out, lse = carry
+    q_i, q_meta = _slice(q5, i, bs), _keys(meta, i, bs)
+
+    def key_block(j, carry):
+      mask = _block_mask(q_meta, _keys(meta_all, j, bs), window)[:, None, None]
 
       def compute(carry):
         m, l, acc = carry
-        z = jnp.where(mask, _logits(q_h, _slice(k_all, j, s), scale, cap), neg)
+        z = jnp.where(mask, _logits(q_i, _slice(k_all, j, bs), scale, cap), neg)
         m_new = jnp.maximum(m, jnp.max(z, -1))
         p = jnp.where(mask, jnp.exp(z - m_new[..., None]), 0.0)
         alpha = jnp.exp(m - m_new)
         acc = acc * alpha[..., None] + jnp.einsum(
-            "bgrqs,bsgk->bgrqk", p, _slice(v_all, j, s).astype(f32))
+            "bgrqs,bsgk->bgrqk", p, _slice(v_all, j, bs).astype(f32))
         return m_new, l * alpha + jnp.sum(p, -1), acc
 
       return jax.lax.cond(jnp.any(mask), compute, lambda carry: carry, carry)
 
-    shape = (b, g, n // g, s)
-    m, l, acc = jax.lax.fori_loop(0, 2 * c, body, (jnp.full(shape, neg), jnp.zeros(shape, f32),
-                                                   jnp.zeros(shape + (kd,), f32)))
-    outs.append(acc / l[..., None])  # Every query sees at least itself: l > 0.
-    lses.append(m + jnp.log(l))
-  o_t = jnp.concatenate(outs, axis=3)  # [B, G, R, 2S, K]
-  lse = jnp.concatenate(lses, axis=3).transpose(0, 3, 1, 2).reshape(b, tc, n)
-  return o_t.transpose(0, 3, 1, 2, 4).reshape(b, tc, n, kd).astype(q.dtype), lse
+    shape = (b, g, r, bs)
+    m, l, acc = jax.lax.fori_loop(0, nk, key_block, (
+        jnp.full(shape, neg), jnp.zeros(shape, f32), jnp.zeros(shape + (kd,), f32)))
+    o_i = (acc / l[..., None]).transpose(0, 3, 1, 2, 4)  # Every query sees itself: l > 0.
+    put = lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y, i * bs, 1)
+    return put(out, o_i), put(lse, (m + jnp.log(l)).transpose(0, 3, 1, 2))
+
+  out, lse = jax.lax.fori_loop(0, nq, query_block, (jnp.zeros(q5.shape, f32),
+                                                    jnp.zeros((b, tc, g, r), f32)))
+  return out.reshape(b, tc, n, kd).astype(q.dtype), lse.reshape(b, tc, n)
 
 
 def _local_bwd(q, k, v, meta, window, out, lse, d_out, c, scale, cap):
   """dq, dk, dv of one device's rows: dK/dV of all T keys, reduce-scattered to their owners."""
-  b, tc, n, kd = q.shape
-  g, s, r = k.shape[2], tc // 2, n // k.shape[2]
+  b, tc, n, kd, g, r, bs, nq, nk = _sizes(q, k, c)
   f32 = lse.dtype
-  o_t = out.reshape(b, tc, g, r, kd).transpose(0, 2, 3, 1, 4).astype(f32)  # [B, G, R, 2S, K]
-  lse = lse.reshape(b, tc, g, r).transpose(0, 2, 3, 1)
   k_all, v_all, meta_all = _gather(k, 1), _gather(v, 1), _gather_meta(meta)
-  do_t = d_out.reshape(b, tc, g, r, kd).astype(f32)
-  delta = jnp.einsum("bqgrk,bgrqk->bgrq", do_t, o_t)  # rowsum(dO * O)
-  dk_all, dv_all = jnp.zeros(k_all.shape, f32), jnp.zeros(v_all.shape, f32)
-  dqs = []
-  for h in range(2):
-    sl = slice(h * s, (h + 1) * s)
-    q_h, do_h = q[:, sl].reshape(b, s, g, r, kd), do_t[:, sl]
-    lse_h, delta_h, q_meta = lse[..., sl], delta[..., sl], _queries(meta, h, s)
+  q5, do5 = q.reshape(b, tc, g, r, kd), d_out.reshape(b, tc, g, r, kd).astype(f32)
+  delta = jnp.sum(do5 * out.reshape(do5.shape).astype(f32), -1)  # rowsum(dO * O), [B, 2S, G, R]
+  lse4 = lse.reshape(b, tc, g, r)
 
-    def body(j, carry, q_h=q_h, do_h=do_h, lse_h=lse_h, delta_h=delta_h, q_meta=q_meta):
-      mask = _block_mask(q_meta, _keys(meta_all, j, s), window)[:, None, None]
+  def query_block(i, carry):
+    dq, dk_all, dv_all = carry
+    q_i, do_i, q_meta = _slice(q5, i, bs), _slice(do5, i, bs), _keys(meta, i, bs)
+    lse_i, delta_i = (_slice(x, i, bs).transpose(0, 2, 3, 1) for x in (lse4, delta))
+
+    def key_block(j, carry):
+      mask = _block_mask(q_meta, _keys(meta_all, j, bs), window)[:, None, None]
 
       def compute(carry):
-        dq, dk_all, dv_all = carry
-        k_j, v_j = _slice(k_all, j, s), _slice(v_all, j, s).astype(f32)
-        z = _logits(q_h, k_j, scale, cap)
-        p = jnp.where(mask, jnp.exp(z - lse_h[..., None]), 0.0)
-        ds = p * (jnp.einsum("bqgrk,bsgk->bgrqs", do_h, v_j) - delta_h[..., None])
+        dq_i, dk_all, dv_all = carry
+        k_j, v_j = _slice(k_all, j, bs), _slice(v_all, j, bs).astype(f32)
+        z = _logits(q_i, k_j, scale, cap)
+        p = jnp.where(mask, jnp.exp(z - lse_i[..., None]), 0.0)
+        ds = p * (jnp.einsum("bqgrk,bsgk->bgrqs", do_i, v_j) - delta_i[..., None])
         if cap:  # Through the tanh: times 1 - (capped / cap)^2.
           ds = ds * (1 - jnp.square(z / cap))
         ds = ds * scale
-        dq = dq + jnp.einsum("bgrqs,bsgk->bqgrk", ds, k_j.astype(f32))
+        dq_i = dq_i + jnp.einsum("bgrqs,bsgk->bqgrk", ds, k_j.astype(f32))
         add = lambda acc, x: jax.lax.dynamic_update_slice_in_dim(
-            acc, _slice(acc, j, s) + x, j * s, 1)
-        dk_all = add(dk_all, jnp.einsum("bgrqs,bqgrk->bsgk", ds, q_h.astype(f32)))
-        dv_all = add(dv_all, jnp.einsum("bgrqs,bqgrk->bsgk", p, do_h))
-        return dq, dk_all, dv_all
+            acc, _slice(acc, j, bs) + x, j * bs, 1)
+        dk_all = add(dk_all, jnp.einsum("bgrqs,bqgrk->bsgk", ds, q_i.astype(f32)))
+        dv_all = add(dv_all, jnp.einsum("bgrqs,bqgrk->bsgk", p, do_i))
+        return dq_i, dk_all, dv_all
 
       return jax.lax.cond(jnp.any(mask), compute, lambda carry: carry, carry)
 
-    dq, dk_all, dv_all = jax.lax.fori_loop(
-        0, 2 * c, body, (jnp.zeros(q_h.shape, f32), dk_all, dv_all))
-    dqs.append(dq.reshape(b, s, n, kd))
+    dq_i, dk_all, dv_all = jax.lax.fori_loop(0, nk, key_block,
+                                             (jnp.zeros(q_i.shape, f32), dk_all, dv_all))
+    return jax.lax.dynamic_update_slice_in_dim(dq, dq_i, i * bs, 1), dk_all, dv_all
+
+  dq, dk_all, dv_all = jax.lax.fori_loop(0, nq, query_block, (
+      jnp.zeros(q5.shape, f32), jnp.zeros(k_all.shape, f32), jnp.zeros(v_all.shape, f32)))
   scatter = lambda x: jax.lax.psum_scatter(x, AXIS, scatter_dimension=1, tiled=True)
-  return (jnp.concatenate(dqs, axis=1).astype(q.dtype), scatter(dk_all).astype(k.dtype),
+  return (dq.reshape(b, tc, n, kd).astype(q.dtype), scatter(dk_all).astype(k.dtype),
           scatter(dv_all).astype(v.dtype))
 
 
@@ -248,19 +262,21 @@ def attention(q_BxTxNxK, k_BxTxGxK, v_BxTxGxK, mask: ContextMask, scale: float |
 
 def block_work(segment_ids_BxT, positions_BxT, c: int, branch_ids_BxT=None, window: int = 0):
   """What each device of the axis computes for these rows (already in the layout's order),
-  as the kernel decides it: ([C] computed (query chunk, key chunk) blocks, [C] True mask
+  as the kernel decides it: ([C] computed (query block, key block) pairs, [C] True mask
   entries, i.e. query-key products that count). NumPy, for measuring the load balance."""
   ids, pos = np.asarray(segment_ids_BxT), np.asarray(positions_BxT)
   br = None if branch_ids_BxT is None else np.asarray(branch_ids_BxT)
   t = ids.shape[1]
-  s, order = t // (2 * c), mirrored_order(t, c)
-  meta = lambda sl: (ids[:, sl], pos[:, sl], None if br is None else br[:, sl], order[sl])
+  bs, order = block_size(t // (2 * c)), mirrored_order(t, c)
+  meta = lambda i: (ids[:, i * bs:(i + 1) * bs], pos[:, i * bs:(i + 1) * bs],
+                    None if br is None else br[:, i * bs:(i + 1) * bs],
+                    order[i * bs:(i + 1) * bs])
+  per_device = t // c // bs
   blocks, entries = np.zeros(c, np.int64), np.zeros(c, np.int64)
   for d in range(c):
-    for h in range(2):
-      qm = meta(slice((2 * d + h) * s, (2 * d + h + 1) * s))
-      for j in range(2 * c):
-        mask = np.asarray(_block_mask(qm, meta(slice(j * s, (j + 1) * s)), window))
+    for i in range(d * per_device, (d + 1) * per_device):
+      for j in range(t // bs):
+        mask = np.asarray(_block_mask(meta(i), meta(j), window))
         blocks[d] += bool(mask.any())
         entries[d] += int(mask.sum())
   return blocks, entries

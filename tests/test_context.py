@@ -249,7 +249,8 @@ TRAIN_SCRIPT = textwrap.dedent("""
     print("RESULT" + json.dumps(out))
 """)
 
-TRAIN_MESHES = {"window": [(1, 1, 2, 1), (2, 1, 4, 1), (1, 1, 8, 1), (1, 2, 4, 1), (1, 2, 2, 2)],
+# Data x context runs in the CLI test below (8 devices, context 4: data 2).
+TRAIN_MESHES = {"window": [(1, 1, 2, 1), (1, 1, 8, 1), (1, 2, 4, 1), (1, 2, 2, 2)],
                 "shared": [(1, 1, 2, 1), (1, 1, 8, 1), (1, 2, 2, 2)]}
 
 

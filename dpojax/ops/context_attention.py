@@ -3,7 +3,7 @@
 The layout (`mirrored_order`): a row of T tokens is cut into 2C chunks of S = T / 2C tokens;
 device d of the C on the axis holds chunks d and 2C-1-d, in that order. A causal row's work
 then evens out: chunk d's queries see d + 1 key chunks, chunk 2C-1-d's see 2C - d, so every
-device computes 2C + 1 (query chunk, key chunk) blocks (`block_work` counts them).
+device computes the work of 2C + 1 (query chunk, key chunk) pairs (`block_work` counts it).
 train/sharding.py applies the layout where the batch is placed; positions travel with the
 tokens, so RoPE, segments, windows and branches need nothing else.
 

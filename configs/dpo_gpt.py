@@ -171,6 +171,9 @@ def get_config() -> ml_collections.ConfigDict:
   mesh.data = -1  # Data-parallel replicas; -1 = the devices the other axes leave.
   mesh.fsdp = 1  # Parameter/optimizer-state sharding (ZeRO-3 style) over this many devices.
   mesh.tensor = 1  # Tensor parallelism: heads, MLP hidden and vocab split this many ways.
+  # Context parallelism: each row's tokens split this many ways (long rows; rows padded to a
+  # multiple of 2 x context, two mirrored chunks per device; see ops/context_attention.py).
+  mesh.context = 1
 
   c.distributed = dist = ml_collections.ConfigDict()
   dist.coordinator_address = ""  # host:port of process 0; "" = DPOJAX_COORDINATOR or SLURM.

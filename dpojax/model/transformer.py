@@ -29,7 +29,7 @@ from dpojax.model import rope as rope_lib
 from dpojax.model.config import ModelConfig
 from dpojax.ops import attention as attention_ops
 from dpojax.ops import dense as dense_ops
-from dpojax.ops import flash_attention, sparse_attention
+from dpojax.ops import context_attention, flash_attention, sparse_attention
 
 
 def _dtype(name: str):
@@ -95,6 +95,8 @@ def attention_path(cfg: ModelConfig, mesh=None) -> str:
     lacks.append("multi-device meshes")
   path = f"{impl} -> xla (sparse has no {', '.join(lacks)})" if impl == "sparse" and lacks \
       else impl
+  if context_attention.context_size(mesh) > 1:
+    path = f"context over {context_attention.context_size(mesh)} devices (all-gathered K/V)"
   return path + (f" ({', '.join(has)})" if has else "")
 
 
@@ -111,6 +113,12 @@ def layer_mask(cfg: ModelConfig, segment_ids_BxT, branch_ids_BxT=None, mesh=None
   """
   impl = _impl(cfg)
   sliding = cfg.sliding_layers
+  if context_attention.context_size(mesh) > 1:  # Rows split over `context`: its own path.
+    ctx = lambda w: context_attention.ContextMask(segment_ids_BxT, positions_BxT,
+                                                  branch_ids_BxT, w, mesh)
+    if any(sliding) and not all(sliding):
+      return {"full": ctx(jnp.int32(0)), "sliding": ctx(jnp.int32(cfg.sliding_window))}
+    return ctx(cfg.sliding_window if all(sliding) else 0)
   plain = cfg.attention_scale is None and not cfg.attention_softcap
   mixed = any(sliding) and not all(sliding)
   window = cfg.sliding_window if all(sliding) else 0

@@ -15,7 +15,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from dpojax.ops import flash_attention, sparse_attention
+from dpojax.ops import context_attention, flash_attention, sparse_attention
 
 
 def attention_mask(segment_ids_BxT, branch_ids_BxT=None, positions_BxT=None, window: int = 0):
@@ -183,6 +183,9 @@ def attend(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS, block: int = 0,
     return flash_attention.attention(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS.ids_BxT,
                                      bounds=mask_Bx1xTxS.bounds, mesh=mask_Bx1xTxS.mesh,
                                      scale=scale, window=mask_Bx1xTxS.window, softcap=softcap)
+  if isinstance(mask_Bx1xTxS, context_attention.ContextMask):  # A row split over `context`.
+    return context_attention.attention(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS, scale,
+                                       softcap)
   if isinstance(mask_Bx1xTxS, TilePairs):
     return sparse_attention.attention(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS.mask_BxTxT,
                                       mask_Bx1xTxS.pairs, mask_Bx1xTxS.block)

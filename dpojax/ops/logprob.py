@@ -72,7 +72,8 @@ def logprob(hidden_BxTxD, out_weight_VxD, targets_BxT, mask_BxT, impl: str = "au
   `softcap` c (Gemma 2's final_logit_softcapping; None or 0: none) caps every logit to
   c * tanh(z / c) before the softmax, inside each fused path's tiles.
   With `mesh`, chunked runs vocab-parallel: out_weight's rows split over `vocab_axis`, the
-  token axis over `token_axes` (see logprob_chunked.logprob_vocab_parallel).
+  token axis over `token_axes` (see logprob_chunked.logprob_vocab_parallel); with
+  `token_axes`, it runs so even when `vocab_axis` has one device (each device's own tokens).
   """
   impl = resolve_impl(impl)
   lead = targets_BxT.shape
@@ -83,7 +84,8 @@ def logprob(hidden_BxTxD, out_weight_VxD, targets_BxT, mask_BxT, impl: str = "au
     raise ValueError(f"logprob: out_weight {out_weight_VxD.shape} and hidden "
                      f"{hidden_BxTxD.shape} disagree on D")
   blocks = {k: v for k, v in (("token_block", token_block), ("vocab_block", vocab_block)) if v}
-  if mesh is not None and mesh.shape.get(vocab_axis, 1) > 1 and impl != "xla":
+  # With `token_axes` (a row split over a context axis), the shard_map even on one vocab shard.
+  if mesh is not None and (mesh.shape.get(vocab_axis, 1) > 1 or token_axes) and impl != "xla":
     # xla needs nothing: GSPMD partitions its full-logits einsum by itself.
     if impl != "chunked":
       raise ValueError(f"logprob.impl={impl!r}: only 'chunked' and 'xla' support a vocab "

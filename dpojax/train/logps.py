@@ -20,12 +20,41 @@ from dpojax.train import sharding
 
 def _vocab_parallel(cfg) -> dict:
   """logprob's mesh arguments when the output layer's vocab rows are split over `tensor` (as
-  sharding's rules split them when the axis divides the vocab) and the impl streams."""
+  sharding's rules split them when the axis divides the vocab) and the impl streams; with a
+  context axis, always (the chunked loop then runs on each device's own tokens, and its
+  vocab split over `tensor` where that axis divides the vocab)."""
   mesh, vocab = cfg.mesh, cfg.model.vocab_size
   tensor = 1 if mesh is None else mesh.shape.get("tensor", 1)
-  if tensor == 1 or vocab % tensor or logprob_lib.resolve_impl(cfg.logprob_impl) != "chunked":
+  if logprob_lib.resolve_impl(cfg.logprob_impl) != "chunked":
+    return {}
+  if sharding.context_size(mesh) > 1 and not vocab % tensor:
+    return {"mesh": mesh, "vocab_axis": "tensor", "token_axes": sharding.BATCH + (
+        sharding.CONTEXT,)}
+  if tensor == 1 or vocab % tensor:
     return {}
   return {"mesh": mesh, "vocab_axis": "tensor", "token_axes": sharding.BATCH}
+
+
+def _per_token_logps(hidden_BxTxD, out_weight_VxD, targets, mask, cfg):
+  """logprob of every position; with a context axis over [B * T] tokens (rows and tokens
+  both split, so the shard_map's token axis is data x fsdp x context)."""
+  kwargs = dict(impl=cfg.logprob_impl, token_block=cfg.logprob_token_block,
+                vocab_block=cfg.logprob_vocab_block, softcap=cfg.model.final_logit_softcap,
+                **_vocab_parallel(cfg))
+  if sharding.context_size(cfg.mesh) == 1:
+    return logprob_lib.logprob(hidden_BxTxD, out_weight_VxD, targets, mask, **kwargs)
+  b, t, d = hidden_BxTxD.shape
+  return logprob_lib.logprob(hidden_BxTxD.reshape(b * t, d), out_weight_VxD,
+                             targets.reshape(-1), mask.reshape(-1), **kwargs).reshape(b, t)
+
+
+def shift_targets(rows: dict, mesh=None):
+  """`logprob.shift_targets` of a batch's [..., T] row arrays, in original token order: with
+  a context axis the rows arrive in its layout, so the shift by one (and LD-DPO's running
+  count) reads the [..., T] integers put back in order (the callers put results back)."""
+  c = sharding.context_size(mesh)
+  return logprob_lib.shift_targets(*(sharding.from_context_layout(rows[k], c) for k in (
+      "tokens", "segment_ids", "loss_mask", "sequence_ids")))
 
 
 def sequence_logps(params, micro: dict, cfg, *, policy: bool = True,
@@ -41,18 +70,17 @@ def sequence_logps(params, micro: dict, cfg, *, policy: bool = True,
   hidden_BxTxD = lora_lib.apply(
       params, adapters, cfg.model, cfg.lora, micro["tokens"], micro["positions"],
       micro["segment_ids"], micro.get("branch_ids"), dropout_rng=dropout_rng, mesh=cfg.mesh)
-  targets, mask, target_seq = logprob_lib.shift_targets(
-      micro["tokens"], micro["segment_ids"], micro["loss_mask"], micro["sequence_ids"])
+  c = sharding.context_size(cfg.mesh)
+  layout = lambda x: sharding.to_context_layout(x, c)
+  targets, mask_orig, seq_orig = shift_targets(micro, cfg.mesh)
+  targets, mask, target_seq = layout(targets), layout(mask_orig), layout(seq_orig)
   wide = mask
   if policy and loss_cfg.nll_over_prompt:  # ORPO's NLL: every target, the prompt's too.
-    _, wide, _ = logprob_lib.shift_targets(
-        micro["tokens"], micro["segment_ids"], jnp.ones_like(micro["loss_mask"]),
-        micro["sequence_ids"])
+    _, wide_orig, _ = shift_targets(dict(micro, loss_mask=jnp.ones_like(micro["loss_mask"])),
+                                    cfg.mesh)
+    wide = layout(wide_orig)
   out_weight_VxD = model_lib.output_weight(params, cfg.model)
-  logp_BxT = logprob_lib.logprob(hidden_BxTxD, out_weight_VxD, targets, wide,
-                                 impl=cfg.logprob_impl, token_block=cfg.logprob_token_block,
-                                 vocab_block=cfg.logprob_vocab_block,
-                                 softcap=cfg.model.final_logit_softcap, **_vocab_parallel(cfg))
+  logp_BxT = _per_token_logps(hidden_BxTxD, out_weight_VxD, targets, wide, cfg)
   num_pairs = micro["pair_mask"].shape[0]
   num_seqs = 2 * num_pairs
   pairs = lambda x: x.reshape(num_pairs, 2)
@@ -62,7 +90,7 @@ def sequence_logps(params, micro: dict, cfg, *, policy: bool = True,
     full_sums, full_counts = logprob_lib.sequence_sums(logp_BxT, wide, target_seq, num_seqs)
     out["full_logps"], out["full_counts"] = pairs(full_sums), pairs(full_counts)
   if loss_cfg.ld_alpha is not None:
-    weight_BxT = _ld_token_weights(mask, target_seq, counts, loss_cfg.ld_alpha)
+    weight_BxT = layout(_ld_token_weights(mask_orig, seq_orig, counts, loss_cfg.ld_alpha))
     out["ld_logps"] = pairs(
         logprob_lib.sequence_sums(logp_BxT * weight_BxT, mask, target_seq, num_seqs)[0])
   if policy and loss_cfg.use_weighting:

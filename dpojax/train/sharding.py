@@ -1,6 +1,8 @@
 """Device meshes and sharding rules: one code path from one CPU to many GPU hosts.
 
-The mesh has axes (data, fsdp, tensor). Batches split their row axis over data and fsdp;
+The mesh has axes (data, fsdp, context, tensor). Batches split their row axis over data and
+fsdp, and (context > 1) each row's tokens over context, in the load-balanced layout of
+`ops.context_attention.mirrored_order` that `global_batch` applies;
 parameters (and so optimizer state, which mirrors them) split their model dimension D over
 fsdp and heads / MLP hidden / vocab over tensor. A dimension that a mesh axis does not divide
 stays replicated, so every model runs on every mesh. XLA's SPMD partitioner inserts the
@@ -18,8 +20,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-AXES = ("data", "fsdp", "tensor")
+from dpojax.ops import context_attention
+
+AXES = ("data", "fsdp", "tensor")  # The config's axes that `resolve_shape` sizes.
+MESH_AXES = ("data", "fsdp", "context", "tensor")  # The mesh's (context: mesh.context).
 BATCH = ("data", "fsdp")  # Rows of a batch split over both data-parallel axes.
+CONTEXT = context_attention.AXIS  # Each row's tokens, when mesh.context > 1.
 
 # Logical axes of each parameter, by leaf name (layer-stacked leaves have a leading None).
 _RULES = {
@@ -58,9 +64,38 @@ def resolve_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
+  """The (data, fsdp, context, tensor) mesh; `mesh_cfg.context` (default 1) must divide the
+  devices, and data/fsdp/tensor share what it leaves."""
   devices = jax.devices() if devices is None else devices
-  shape = resolve_shape(mesh_cfg, len(devices))
-  return Mesh(np.asarray(devices).reshape(shape), AXES)
+  context = int(mesh_cfg.get("context", 1) or 1)
+  if context < 1 or len(devices) % context:
+    raise ValueError(f"mesh.context={context} does not divide {len(devices)} devices")
+  data, fsdp, tensor = resolve_shape(mesh_cfg, len(devices) // context)
+  return Mesh(np.asarray(devices).reshape(data, fsdp, context, tensor), MESH_AXES)
+
+
+def context_size(mesh) -> int:
+  return context_attention.context_size(mesh)
+
+
+def context_padded_length(t: int, c: int) -> int:
+  """The row length the layout needs: T rounded up to a multiple of 2C."""
+  return -(-t // (2 * c)) * (2 * c)
+
+
+def to_context_layout(x, c: int, axis: int = -1):
+  """Tokens in original order -> the layout's order (the length must divide by 2C)."""
+  return x if c == 1 else _take(x, context_attention.mirrored_order(x.shape[axis], c), axis)
+
+
+def from_context_layout(x, c: int, axis: int = -1):
+  """The layout's order -> original token order."""
+  return x if c == 1 else _take(
+      x, np.argsort(context_attention.mirrored_order(x.shape[axis], c)).astype(np.int32), axis)
+
+
+def _take(x, index, axis):
+  return np.take(x, index, axis) if isinstance(x, np.ndarray) else x.take(index, axis)
 
 
 def param_spec(path: tuple, shape: tuple, mesh: Mesh) -> P:
@@ -93,9 +128,11 @@ def state_shardings(state: Any, mesh: Mesh) -> Any:
 
 
 def batch_shardings(batch: dict, mesh: Mesh) -> dict:
-  """[A, rows, T] arrays split rows over data x fsdp; small per-pair [A, P] arrays are
-  replicated, so a micro-batch needs only its rows (not its pairs) to divide the devices."""
-  row = NamedSharding(mesh, P(None, BATCH))
+  """[A, rows, T] arrays split rows over data x fsdp (and T over context); small per-pair [A,
+  P] arrays are replicated, so a micro-batch needs only its rows (not its pairs) to divide
+  the devices."""
+  row = NamedSharding(mesh, P(None, BATCH, CONTEXT) if context_size(mesh) > 1
+                      else P(None, BATCH))
   replicated = NamedSharding(mesh, P())
   return {k: row if np.ndim(v) == 3 else replicated for k, v in batch.items()}
 
@@ -106,11 +143,18 @@ def global_batch(local_batch: dict, mesh: Mesh) -> dict:
   The data pipeline gives each process its block of rows (axis 1) of every micro-batch, in
   process order; row arrays are assembled from the blocks. The small per-pair arrays are
   gathered from all processes and replicated.
+  With mesh.context = C > 1, rows are first padded (segment 0, no loss) to a multiple of 2C
+  tokens and put in the context layout (`to_context_layout`).
   """
   shardings = batch_shardings(local_batch, mesh)
+  c = context_size(mesh)
   out = {}
   for k, v in local_batch.items():
     v = np.asarray(v)
+    if np.ndim(v) == 3 and c > 1:
+      t = v.shape[-1]
+      v = to_context_layout(np.pad(v, [(0, 0), (0, 0), (0, context_padded_length(t, c) - t)]),
+                            c)
     if np.ndim(v) == 3:
       out[k] = jax.make_array_from_process_local_data(shardings[k], v)
     else:

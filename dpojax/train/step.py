@@ -25,7 +25,6 @@ from dpojax import config as config_lib
 from dpojax import loss as loss_lib
 from dpojax import model as model_lib
 from dpojax.model import lora as lora_lib
-from dpojax.ops import logprob as logprob_lib
 from dpojax.train import logps as logps_lib
 from dpojax.train import reference as reference_lib
 
@@ -145,10 +144,11 @@ def _global_normalizer(batch, cfg: StepConfig) -> dict:
   out = {"pairs": jnp.maximum(jnp.sum(batch["pair_mask"]), 1.0)}
   if cfg.loss.uses_token_sft:  # Chosen response tokens (even sequence ids), all micro-batches
     # (ORPO: prompt and response).
-    flat = lambda k: batch[k].reshape(-1, batch[k].shape[-1])
-    targets = jnp.ones_like(flat("loss_mask")) if cfg.loss.nll_over_prompt else flat("loss_mask")
-    _, mask, seq = logprob_lib.shift_targets(
-        flat("tokens"), flat("segment_ids"), targets, flat("sequence_ids"))
+    flat = {k: batch[k].reshape(-1, batch[k].shape[-1])
+            for k in ("tokens", "segment_ids", "loss_mask", "sequence_ids")}
+    if cfg.loss.nll_over_prompt:
+      flat["loss_mask"] = jnp.ones_like(flat["loss_mask"])
+    _, mask, seq = logps_lib.shift_targets(flat, cfg.mesh)
     chosen = jnp.sum(mask & (seq >= 0) & (seq % 2 == 0))
     out["chosen_tokens"] = jnp.maximum(chosen.astype(jnp.float32), 1.0)
   return out

@@ -110,7 +110,7 @@ def _init(model_cfg, lora_cfg, rng):
 
 def apply(base: Any, adapters: Any, model_cfg: transformer.ModelConfig, lora_cfg: LoraConfig,
           tokens_BxT, positions_BxT, segment_ids_BxT, branch_ids_BxT=None, *,
-          dropout_rng=None, mesh=None):
+          dropout_rng=None, mesh=None, return_moe=False):
   """Hidden states [B, T, D] of the adapted model (`model.apply` when adapters is None).
 
   `dropout_rng`: training only; None (evaluation, reference) applies no dropout. `mesh`: as
@@ -118,10 +118,11 @@ def apply(base: Any, adapters: Any, model_cfg: transformer.ModelConfig, lora_cfg
   """
   if adapters is None:
     return transformer.apply(base, model_cfg, tokens_BxT, positions_BxT, segment_ids_BxT,
-                             branch_ids_BxT, mesh)
+                             branch_ids_BxT, mesh, return_moe)
   return transformer.Transformer(model_cfg, mesh, lora_cfg).apply(
       {"params": base}, tokens_BxT, positions_BxT, segment_ids_BxT,
-      branch_ids_BxT=branch_ids_BxT, adapters=adapters, dropout_rng=dropout_rng)
+      branch_ids_BxT=branch_ids_BxT, adapters=adapters, dropout_rng=dropout_rng,
+      return_moe=return_moe)
 
 
 def deltas(adapters: Any, model_cfg: transformer.ModelConfig, lora_cfg: LoraConfig) -> dict:

@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dpojax.model import moe as moe_lib
 from dpojax.model import rope as rope_lib
 from dpojax.model.config import ModelConfig
 from dpojax.ops import attention as attention_ops
@@ -179,7 +180,10 @@ class Attention(nn.Module):
       qkv = low_rank(x_BxTxD, adapters["qkv"], self.lora, dt, rngs[0])
       q_BxTxNxK = q_BxTxNxK + qkv[:, :, :n]
       k_BxTxGxK, v_BxTxGxK = k_BxTxGxK + qkv[:, :, n:n + g], v_BxTxGxK + qkv[:, :, n + g:]
-    if cfg.qk_norm:  # Per head, over head_dim, before RoPE (Qwen3, Gemma 3).
+    if cfg.qk_norm and cfg.qk_norm_all_heads:  # Over each token's whole q and k (OLMoE).
+      whole = lambda y, name: Norm(cfg, name=name)(y.reshape(*y.shape[:2], -1)).reshape(y.shape)
+      q_BxTxNxK, k_BxTxGxK = whole(q_BxTxNxK, "query_norm"), whole(k_BxTxGxK, "key_norm")
+    elif cfg.qk_norm:  # Per head, over head_dim, before RoPE (Qwen3, Gemma 3).
       q_BxTxNxK = Norm(cfg, name="query_norm")(q_BxTxNxK)
       k_BxTxGxK = Norm(cfg, name="key_norm")(k_BxTxGxK)
     if rope is not None:
@@ -251,10 +255,11 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxD, rope, mask_Bx1xTxS, kv=None, index=None, adapters=None,
-               layer=None, dropout_rng=None):
+               layer=None, dropout_rng=None, valid_BxT=None):
     """`adapters`: this layer's LoRA adapters ({"attention": .., "mlp": ..}); `dropout_rng`
     (training) is folded with the `layer` index into one key per adapted projection.
-    A {"full", "sliding"} `rope` or mask: this `layer` picks its kind's."""
+    A {"full", "sliding"} `rope` or mask: this `layer` picks its kind's. MoE models
+    (`valid_BxT`: the real tokens their router statistics count) return (kv, statistics)."""
     cfg = self.cfg
     adapters = adapters or {}
     rngs = [None] * 4
@@ -271,8 +276,17 @@ class Block(nn.Module):
     if cfg.post_norms:
       y_BxTxD = Norm(cfg, name="post_attention_norm")(y_BxTxD)
     x_BxTxD = x_BxTxD + y_BxTxD
-    y_BxTxD = Mlp(cfg, self.lora, name="mlp")(
-        Norm(cfg, name="pre_mlp_norm")(x_BxTxD), adapters.get("mlp"), rngs[2:])
+    h_BxTxD = Norm(cfg, name="pre_mlp_norm")(x_BxTxD)
+    if cfg.moe.enabled:
+      y_BxTxD, stats = moe_lib.Moe(cfg, self.lora, name="moe")(h_BxTxD, valid_BxT)
+      if cfg.moe.dense_layers:  # Both kinds' parameters in every layer; each picks its own.
+        is_moe = jnp.asarray(cfg.moe_layers)[layer]
+        dense_BxTxD = Mlp(cfg, self.lora, name="mlp")(h_BxTxD, adapters.get("mlp"), rngs[2:])
+        y_BxTxD = jnp.where(is_moe, y_BxTxD, dense_BxTxD)
+        stats = jax.tree.map(lambda s: jnp.where(is_moe, s, 0), stats)
+      kv = (kv, stats)
+    else:
+      y_BxTxD = Mlp(cfg, self.lora, name="mlp")(h_BxTxD, adapters.get("mlp"), rngs[2:])
     if cfg.post_norms:
       y_BxTxD = Norm(cfg, name="post_mlp_norm")(y_BxTxD)
     x_BxTxD = x_BxTxD + y_BxTxD
@@ -292,8 +306,12 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT, cache=None, *,
-               branch_ids_BxT=None, adapters=None, dropout_rng=None):
+               branch_ids_BxT=None, adapters=None, dropout_rng=None, return_moe=False):
+    """`return_moe` (no cache): (hidden states, the MoE layers' router statistics stacked
+    [L, ...] with the real-token count, or None for a dense model)."""
     cfg = self.cfg
+    moe = cfg.moe.enabled
+    valid_BxT = segment_ids_BxT > 0
     dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
     init = nn.initializers.normal(cfg.init_method_std)
     embedding_VxD = self.param("embedding", init, (cfg.vocab_size, cfg.hidden_size), pdt)
@@ -332,16 +350,23 @@ class Transformer(nn.Module):
     layer_ids = jnp.arange(cfg.num_layers)
     if cache is None:
       mask = layer_mask(cfg, segment_ids_BxT, branch_ids_BxT, self.mesh, positions_BxT)
-      if adapters is None and not (isinstance(rope, dict) or isinstance(mask, dict)):
+      out = None
+      if adapters is None and not moe and not (isinstance(rope, dict) or isinstance(mask, dict)):
         x_BxTxD, _ = scan((nn.broadcast, nn.broadcast), unroll)(x_BxTxD, rope, mask)
       else:  # Each layer's adapters and index are scanned with its params.
         ad = None if adapters is None else adapters["layers"]
-        x_BxTxD, _ = scan((nn.broadcast,) * 4 + (nn.broadcast if ad is None else 0, 0,
-                                                  nn.broadcast), unroll)(
-            x_BxTxD, rope, mask, None, None, ad, layer_ids, dropout_rng)
-      return Norm(cfg, name="final_norm")(x_BxTxD)
+        x_BxTxD, out = scan((nn.broadcast,) * 4 + (nn.broadcast if ad is None else 0, 0,
+                                                    nn.broadcast, nn.broadcast), unroll)(
+            x_BxTxD, rope, mask, None, None, ad, layer_ids, dropout_rng,
+            valid_BxT if moe else None)
+      h_BxTxD = Norm(cfg, name="final_norm")(x_BxTxD)
+      if not return_moe:
+        return h_BxTxD
+      stats = None if not moe else {**out[1], "tokens": jnp.sum(valid_BxT, dtype=jnp.float32)}
+      return h_BxTxD, stats
     # Same module names, so the same parameters; the layer caches are scanned over axis 0.
-    layers = scan((nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast, 0))
+    layers = scan((nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast, 0, nn.broadcast,
+                   nn.broadcast))
     index = cache["index"]
     segment_ids_BxS = jax.lax.dynamic_update_slice_in_dim(
         cache["segment_ids"], segment_ids_BxT.astype(jnp.int32), index, axis=1)
@@ -353,7 +378,8 @@ class Transformer(nn.Module):
     else:
       mask = cached(cfg.sliding_window if any(sliding) else 0)
     x_BxTxD, kv = layers(x_BxTxD, rope, mask, {"key": cache["key"], "value": cache["value"]},
-                         index, None, layer_ids)
+                         index, None, layer_ids, None, valid_BxT if moe else None)
+    kv = kv[0] if moe else kv
     new_cache = {"key": kv["key"], "value": kv["value"], "segment_ids": segment_ids_BxS,
                  "index": index + tokens_BxT.shape[1]}
     return Norm(cfg, name="final_norm")(x_BxTxD), new_cache
@@ -376,12 +402,14 @@ def _init(cfg: ModelConfig, rng: jax.Array):
 
 
 def apply(params: Any, cfg: ModelConfig, tokens_BxT, positions_BxT, segment_ids_BxT,
-          branch_ids_BxT=None, mesh=None):
+          branch_ids_BxT=None, mesh=None, return_moe=False):
   """Pure forward: hidden states [B, T, D]. Positions lie in [0, T), as in every row the data
   pipeline builds (see `rope_table`). `branch_ids`: see `ops.attention.attention_mask`;
-  `mesh`: the device mesh the batch is sharded on (the flash kernel then runs per shard)."""
+  `mesh`: the device mesh the batch is sharded on (the flash kernel then runs per shard).
+  `return_moe`: (hidden states, router statistics or None), see `Transformer`."""
   return Transformer(cfg, mesh).apply({"params": params}, tokens_BxT, positions_BxT,
-                                      segment_ids_BxT, branch_ids_BxT=branch_ids_BxT)
+                                      segment_ids_BxT, branch_ids_BxT=branch_ids_BxT,
+                                      return_moe=return_moe)
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_length: int) -> dict:

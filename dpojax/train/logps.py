@@ -36,11 +36,16 @@ def sequence_logps(params, micro: dict, cfg, *, policy: bool = True,
   `ld_alpha` is set): the sum with tokens past the pair's shared length weighted by ld_alpha;
   wpo_logps (WPO, policy only): mean over tokens of (log p - log sum_v p_v^2), no gradient.
   With `adapters` (LoRA), `params` is the base and the model is the adapted one.
+  moe (an MoE policy): its layers' router statistics (model/moe.py).
   """
   loss_cfg = cfg.loss
+  moe = policy and cfg.model.moe.enabled  # The policy's router statistics (its aux loss).
   hidden_BxTxD = lora_lib.apply(
       params, adapters, cfg.model, cfg.lora, micro["tokens"], micro["positions"],
-      micro["segment_ids"], micro.get("branch_ids"), dropout_rng=dropout_rng, mesh=cfg.mesh)
+      micro["segment_ids"], micro.get("branch_ids"), dropout_rng=dropout_rng, mesh=cfg.mesh,
+      return_moe=moe)
+  if moe:
+    hidden_BxTxD, moe_stats = hidden_BxTxD
   targets, mask, target_seq = logprob_lib.shift_targets(
       micro["tokens"], micro["segment_ids"], micro["loss_mask"], micro["sequence_ids"])
   out_weight_VxD = model_lib.output_weight(params, cfg.model)
@@ -53,6 +58,8 @@ def sequence_logps(params, micro: dict, cfg, *, policy: bool = True,
   pairs = lambda x: x.reshape(num_pairs, 2)
   sums, counts = logprob_lib.sequence_sums(logp_BxT, mask, target_seq, num_seqs)
   out = {"logps": pairs(sums), "counts": pairs(counts)}
+  if moe:
+    out["moe"] = moe_stats
   if loss_cfg.ld_alpha is not None:
     weight_BxT = _ld_token_weights(mask, target_seq, counts, loss_cfg.ld_alpha)
     out["ld_logps"] = pairs(

@@ -1,0 +1,168 @@
+"""Mixture-of-experts MLPs: routers as each family computes them, dropless experts, and the
+router statistics that the load-balancing loss is made of.
+
+An MoE layer is an MLP kind inside `transformer.Block` (not a second model). Routing is in
+float32 whatever the compute dtype: the router logits are x W (+ b) in the compute dtype, as
+transformers computes them, then softmax over the experts and the top k (`softmax_topk`:
+Mixtral, Qwen2/3-MoE, OLMoE; Mixtral renormalises the k probabilities, the others only with
+norm_topk_prob) or the top k logits and softmax over those (`topk_softmax`: gpt-oss). The
+experts run over the token copies sorted by expert (ops/grouped.py): no token is dropped.
+
+Each MoE layer also returns, over the real tokens (segment id > 0; padding excluded) of its
+input, per expert: how many of the top-k choices picked it (`expert_tokens`) and the sum of its
+softmax probability over all experts (`router_probs`), plus the sum of logsumexp(logits)^2
+(`z`). `aux_loss` turns the layers' sums into transformers' `load_balancing_loss_func`:
+E * sum_e (tokens_e / R) (probs_e / R), R = real tokens x MoE layers, the counts and
+probabilities summed over the layers first, as transformers concatenates them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dpojax.model.config import ModelConfig
+from dpojax.ops import dense as dense_ops
+from dpojax.ops import grouped
+
+
+def _dt(name):
+  return jnp.dtype(name)
+
+
+def route(cfg: ModelConfig, logits_NxE):
+  """(weights [N, k] float32, expert ids [N, k], probabilities [N, E] float32)."""
+  m = cfg.moe
+  logits = logits_NxE.astype(jnp.promote_types(logits_NxE.dtype, jnp.float32))
+  probs = jax.nn.softmax(logits, axis=-1)
+  if m.router == "topk_softmax":
+    top_logits, ids = jax.lax.top_k(logits, m.top_k)
+    weights = jax.nn.softmax(top_logits, axis=-1)
+  else:
+    weights, ids = jax.lax.top_k(probs, m.top_k)
+    if m.norm_topk_prob:
+      weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+  return weights, ids, probs
+
+
+def activate(cfg: ModelConfig, h_Mx2xF):
+  m = cfg.moe
+  gate, up = h_Mx2xF[:, 0], h_Mx2xF[:, 1]
+  if m.activation == "swiglu_clamped":  # gpt-oss.
+    gate = jnp.minimum(gate, m.swiglu_limit)
+    up = jnp.clip(up, -m.swiglu_limit, m.swiglu_limit)
+    return (up + 1) * (gate * jax.nn.sigmoid(gate * m.swiglu_alpha))
+  return jax.nn.silu(gate) * up
+
+
+class Moe(nn.Module):
+  """Router + experts (+ Qwen2-MoE's sigmoid-gated shared expert). Parameters: router [D, E]
+  (+ router_bias [E]), experts_fc1 [E, D, 2, F] ([gate; up]), experts_fc2 [E, F, D] (+ biases
+  [E, 2, F] and [E, D]), shared_fc1 [D, 2, Fs], shared_fc2 [Fs, D], shared_gate [D]."""
+
+  cfg: ModelConfig
+  lora: Any = None
+
+  @nn.compact
+  def __call__(self, x_BxTxD, valid_BxT):
+    cfg, m = self.cfg, self.cfg.moe
+    d, e, k = cfg.hidden_size, m.num_experts, m.top_k
+    f = m.ffn_hidden_size or cfg.ffn_hidden_size
+    dt, pdt = _dt(cfg.dtype), _dt(cfg.param_dtype)
+    init = nn.initializers.normal(cfg.init_method_std)
+    out_init = nn.initializers.normal(cfg.init_method_std / (2.0 * cfg.num_layers) ** 0.5)
+    x_NxD = x_BxTxD.reshape(-1, d)
+    frozen = jax.lax.stop_gradient if m.freeze_router else (lambda w: w)
+    router = frozen(self.param("router", init, (d, e), pdt)).astype(dt)
+    logits_NxE = dense_ops.dense(x_NxD, router)
+    if m.router_bias:
+      logits_NxE = logits_NxE + frozen(self.param("router_bias", nn.initializers.zeros, (e,),
+                                                  pdt)).astype(dt)
+    weights_NxK, ids_NxK, probs_NxE = route(cfg, logits_NxE)
+
+    w1 = self.param("experts_fc1", init, (e, d, 2, f), pdt).astype(dt)
+    w2 = self.param("experts_fc2", out_init, (e, f, d), pdt).astype(dt)
+    order, sizes = grouped.sort_by_expert(ids_NxK, e)
+    xs_MxD = grouped.gather_sorted(x_NxD, order, k)
+    mm = lambda x, w: grouped.grouped_matmul(x, w, sizes, m.grouped_impl, m.tile)
+    h_Mx2xF = mm(xs_MxD, w1.reshape(e, d, 2 * f)).reshape(-1, 2, f)
+    if m.expert_bias:
+      b1 = self.param("experts_fc1_bias", nn.initializers.zeros, (e, 2, f), pdt).astype(dt)
+      h_Mx2xF = h_Mx2xF + grouped.expert_rows(b1.reshape(e, 2 * f), order,
+                                              ids_NxK).reshape(-1, 2, f)
+    y_MxD = mm(activate(cfg, h_Mx2xF), w2)
+    if m.expert_bias:
+      b2 = self.param("experts_fc2_bias", nn.initializers.zeros, (e, d), pdt).astype(dt)
+      y_MxD = y_MxD + grouped.expert_rows(b2, order, ids_NxK)
+    y_NxD = grouped.combine(y_MxD, order, weights_NxK.astype(dt)).astype(dt)
+
+    if m.shared_expert_size:
+      fs = m.shared_expert_size
+      s1 = self.param("shared_fc1", init, (d, 2, fs), pdt).astype(dt)
+      s2 = self.param("shared_fc2", out_init, (fs, d), pdt).astype(dt)
+      gate = self.param("shared_gate", init, (d, 1), pdt).astype(dt)
+      shared_NxD = dense_ops.dense(dense_ops.swiglu(dense_ops.dense(x_NxD, s1)), s2)
+      y_NxD = y_NxD + jax.nn.sigmoid(dense_ops.dense(x_NxD, gate)) * shared_NxD
+
+    valid_N = valid_BxT.reshape(-1).astype(probs_NxE.dtype)
+    stats = {
+        "expert_tokens": jnp.zeros((e,), probs_NxE.dtype).at[ids_NxK.reshape(-1)].add(
+            jnp.repeat(valid_N, k)),
+        "router_probs": jnp.sum(probs_NxE * valid_N[:, None], axis=0),
+        "z": jnp.sum(valid_N * jnp.square(jax.nn.logsumexp(
+            logits_NxE.astype(probs_NxE.dtype), axis=-1))),
+    }
+    return y_NxD.reshape(x_BxTxD.shape), stats
+
+
+def empty_stats(cfg: ModelConfig):
+  e = cfg.moe.num_experts
+  return {"expert_tokens": jnp.zeros((e,), jnp.float32),
+          "router_probs": jnp.zeros((e,), jnp.float32), "z": jnp.zeros((), jnp.float32)}
+
+
+def aux_loss(stats: dict, cfg: ModelConfig):
+  """transformers' load_balancing_loss_func from the layers' sums (`stats` leaves stacked
+  [L, ...], dense layers' rows zero; `tokens`: real tokens): a scalar."""
+  layers = max(sum(cfg.moe_layers), 1)
+  rows = jnp.maximum(stats["tokens"], 1.0) * layers
+  per_expert = jnp.sum(stats["expert_tokens"], axis=0) / rows
+  prob = jnp.sum(stats["router_probs"], axis=0) / rows
+  return cfg.moe.num_experts * jnp.sum(per_expert * prob)
+
+
+def z_loss(stats: dict, cfg: ModelConfig):
+  """Mean over real tokens and MoE layers of logsumexp(router logits)^2."""
+  layers = max(sum(cfg.moe_layers), 1)
+  return jnp.sum(stats["z"]) / (jnp.maximum(stats["tokens"], 1.0) * layers)
+
+
+def router_loss(stats: dict, cfg: ModelConfig):
+  """What the step adds to the loss: aux_coef x aux + z_loss_coef x z (a float32 scalar)."""
+  out = jnp.zeros((), jnp.float32)
+  if cfg.moe.aux_coef:
+    out = out + cfg.moe.aux_coef * aux_loss(stats, cfg)
+  if cfg.moe.z_loss_coef:
+    out = out + cfg.moe.z_loss_coef * z_loss(stats, cfg)
+  return out
+
+
+def metric_sums(stats: dict, cfg: ModelConfig) -> dict:
+  """Metric sums of one forward (one micro-batch): its aux loss (and z loss), a count to mean
+  them by, and each MoE layer's tokens per expert (`_moe_expert_tokens` [L, E]), from which
+  `finalize` gives each layer's load imbalance (max over mean tokens per expert)."""
+  out = {"moe_aux_loss": aux_loss(stats, cfg), "_moe_forwards": jnp.ones((), jnp.float32),
+         "_moe_expert_tokens": stats["expert_tokens"]}
+  if cfg.moe.z_loss_coef:
+    out["moe_z_loss"] = z_loss(stats, cfg)
+  return out
+
+
+def freeze_router(tree):
+  """`tree` (parameters, gradients or updates) with every router leaf zeroed."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: jnp.zeros_like(x) if any(
+          str(getattr(p, "key", "")) in ("router", "router_bias") for p in path) else x, tree)

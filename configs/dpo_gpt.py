@@ -60,6 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.rope_yarn_beta_slow = 1.0  # yarn: rotations that bound the interpolated low ones.
   m.rope_yarn_truncate = True  # yarn: ramp ends rounded to whole dimensions.
   m.qk_norm_all_heads = False  # qk_norm over each token's whole q and k (OLMoE).
+  m.attention_sinks = False  # A learned per-head logit in each softmax denominator (gpt-oss).
   # Mixture of experts (model/moe.py; set by init.path's checkpoint; num_experts 0 = dense).
   m.moe = e = ml_collections.ConfigDict()
   e.num_experts = 0  # Experts per MoE layer; 0 = a dense MLP everywhere.

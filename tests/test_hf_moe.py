@@ -11,21 +11,23 @@ helpers); the router aux loss is checked against transformers' load_balancing_lo
 import dataclasses
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors.numpy import load_file, save_file
 
 from dpojax import config as config_lib
 from dpojax import generate as generate_lib
-from dpojax.formats import hf, hf_config, nemo
+from dpojax.formats import convert_common, hf, hf_config, hf_moe, nemo
 from dpojax.model import moe as moe_lib
 from dpojax.model import transformer
 from dpojax.train import step as step_lib
 
 import stories260k as S
-from test_hf_families import COMMON, SEGMENTS, STD, T, _hf_logits, _logits, _rows
+from test_hf_families import COMMON, SEGMENTS, STD, T, WINDOW, _hf_logits, _logits, _rows
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
@@ -40,18 +42,29 @@ FAMILIES = {
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
         MOE, moe_intermediate_size=16, shared_expert_intermediate_size=24,
         mlp_only_layers=[1], norm_topk_prob=True)),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(
+        num_local_experts=8, num_experts_per_tok=4, intermediate_size=32, head_dim=8,
+        sliding_window=WINDOW, swiglu_limit=0.3,  # Low enough to clamp many activations.
+        rope_parameters={
+            "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+            "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False, "rope_theta": 1000.0})),
 }
 EXPECTED = {
     "qwen3_moe": dict(qk_norm=True, kv_channels=12),
     "mixtral": dict(rotary_base=1e6),
     "olmoe": dict(qk_norm=True, qk_norm_all_heads=True),
     "qwen2_moe": dict(qkv_bias=True),
+    "gpt_oss": dict(attention_sinks=True, bias=True, rope_scaling="yarn", sliding_window=WINDOW,
+                    rope_yarn_truncate=False, rotary_base=1000.0,
+                    layer_types=("sliding_attention", "full_attention")),
 }
 EXPECTED_MOE = {
     "qwen3_moe": dict(norm_topk_prob=False, router_aux_loss_coef=0.02, ffn_hidden_size=16),
     "mixtral": dict(norm_topk_prob=True),
     "olmoe": dict(norm_topk_prob=False, router_aux_loss_coef=0.01),
     "qwen2_moe": dict(norm_topk_prob=True, shared_expert_size=24, dense_layers=(1,)),
+    "gpt_oss": dict(router="topk_softmax", router_bias=True, expert_bias=True, top_k=4,
+                    activation="swiglu_clamped", swiglu_limit=0.3),
 }
 
 
@@ -91,7 +104,7 @@ def test_logits_packed_rows_and_greedy_equal_transformers(name, folders):
   1e-5, each packed sequence as if alone, 32 greedy tokens through the KV cache."""
   loaded = hf.load_hf(folders[name])
   cfg, params = loaded.config, loaded.params
-  assert cfg.moe.num_experts == 8 and cfg.moe.top_k == 2
+  assert cfg.moe.num_experts == 8 and cfg.moe.top_k == (4 if name == "gpt_oss" else 2)
   for key, value in EXPECTED[name].items():
     assert getattr(cfg, key) == value, (name, key, getattr(cfg, key))
   for key, value in EXPECTED_MOE[name].items():
@@ -148,6 +161,15 @@ def test_export_loads_in_transformers_and_round_trips_bitwise(name, folders, tmp
   assert hf_config.config_to_json(run, {}) == hf_config.config_to_json(loaded.config, {})
 
 
+def test_attention_sinks_fall_back_to_xla_by_name(folders):
+  cfg = hf.load_hf(folders["gpt_oss"]).config
+  for impl in ("flash", "sparse"):
+    path = transformer.attention_path(dataclasses.replace(cfg, attention_impl=impl))
+    assert path == f"{impl} -> xla ({impl} has no attention sinks)"
+  assert transformer.attention_path(dataclasses.replace(cfg, attention_impl="xla")).startswith(
+      "xla (attention sinks, window 6 on 1/2 layers")
+
+
 def test_nemo_export_refuses_moe(folders, tmp_path):
   loaded = hf.load_hf(folders["mixtral"])
   with pytest.raises(hf.CheckpointError, match=r"cannot hold a mixture-of-experts model "
@@ -165,14 +187,14 @@ def _padded_rows(rng):
   return tokens, positions, mask
 
 
-@pytest.mark.parametrize("name", ["qwen3_moe", "qwen2_moe"])
+@pytest.mark.parametrize("name", ["qwen3_moe", "qwen2_moe", "gpt_oss"])
 def test_aux_loss_equals_load_balancing_loss_func(name, folders):
   """Over the real tokens only: transformers' function on its own router logits with the
   attention mask equals ours from our statistics (the dense layer of Qwen2-MoE excluded)."""
   loaded = hf.load_hf(folders[name])
   cfg, params = loaded.config, loaded.params
   tokens, positions, mask = _padded_rows(np.random.default_rng(2))
-  _, stats = jax.jit(functools_partial_apply(cfg))(params, tokens, positions, mask)
+  _, stats = jax.jit(_apply_moe(cfg))(params, tokens, positions, mask)
   ours = float(moe_lib.aux_loss(stats, cfg))
   model = _torch_model(folders[name], "float32")
   module = __import__(type(model).__module__, fromlist=["load_balancing_loss_func"])
@@ -180,18 +202,18 @@ def test_aux_loss_equals_load_balancing_loss_func(name, folders):
     out = model(torch.as_tensor(tokens).long(), attention_mask=torch.as_tensor(mask),
                 output_router_logits=True)
   assert len(out.router_logits) == sum(cfg.moe_layers)
-  want = float(module.load_balancing_loss_func(out.router_logits, 8, 2,
+  want = float(module.load_balancing_loss_func(out.router_logits, 8, cfg.moe.top_k,
                                                torch.as_tensor(mask)))
   assert abs(ours - want) <= 1e-6, (ours, want)
   assert abs(float(out.aux_loss) - want) <= 1e-7
   # Padding counts nowhere: the same loss with the padded row's pad tokens changed.
   tokens2 = tokens.copy()
   tokens2[1, 15:] = 7
-  _, stats2 = jax.jit(functools_partial_apply(cfg))(params, tokens2, positions, mask)
+  _, stats2 = jax.jit(_apply_moe(cfg))(params, tokens2, positions, mask)
   assert float(moe_lib.aux_loss(stats2, cfg)) == ours
 
 
-def functools_partial_apply(cfg):
+def _apply_moe(cfg):
   return lambda p, t, pos, seg: transformer.apply(p, cfg, t, pos, seg, return_moe=True)
 
 
@@ -288,3 +310,43 @@ def test_finalize_metrics_reports_aux_loss_and_load_imbalance():
   assert out["moe_load_imbalance_layer0"] == 3.0  # max 3 over mean 1.
   assert "moe_load_imbalance_layer1" not in out  # A dense layer.
   assert config_lib is not None
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_mxfp4_dequantization_equals_transformers_bitwise(dtype):
+  """Random blocks and scales over the whole uint8 range (overflowing exponents included)."""
+  mxfp4 = pytest.importorskip("transformers.integrations.mxfp4")
+  rng = np.random.default_rng(4)
+  blocks = rng.integers(0, 256, (3, 10, 4, 16), dtype=np.uint8)
+  scales = rng.integers(0, 256, (3, 10, 4), dtype=np.uint8)
+  ours = hf_moe.dequantize_mxfp4(blocks, scales, convert_common.numpy_dtype(dtype))
+  want = convert_common.torch_to_numpy(mxfp4.convert_moe_packed_tensors(
+      torch.from_numpy(blocks), torch.from_numpy(scales), dtype=getattr(torch, dtype)))
+  assert ours.shape == want.shape == (3, 4 * 32, 10) and ours.dtype == want.dtype
+  bits = np.uint16 if dtype == "bfloat16" else np.uint32
+  np.testing.assert_array_equal(ours.view(bits), want.view(bits))
+
+
+def test_gpt_oss_mxfp4_folder_loads_dequantized(folders, tmp_path):
+  """A gpt-oss folder with MXFP4 experts (as on the hub) loads as the plain folder of
+  transformers' dequantized tensors does."""
+  mxfp4 = pytest.importorskip("transformers.integrations.mxfp4")
+  src = folders["gpt_oss"]
+  tensors = load_file(os.path.join(src, hf.SINGLE))
+  plain, packed = dict(tensors), dict(tensors)
+  rng = np.random.default_rng(5)
+  for key in [k for k in tensors if k.endswith(("gate_up_proj", "down_proj"))]:
+    e, c, r = tensors[key].shape  # Blocks: [E, R, C / 32, 16].
+    blocks = rng.integers(0, 256, (e, r, c // 32, 16), np.uint8)
+    scales = rng.integers(120, 130, blocks.shape[:-1], np.uint8)
+    plain[key] = convert_common.torch_to_numpy(mxfp4.convert_moe_packed_tensors(
+        torch.from_numpy(blocks), torch.from_numpy(scales), dtype=torch.float32))
+    del packed[key]
+    packed[key + "_blocks"], packed[key + "_scales"] = blocks, scales
+  for name, t in (("plain", plain), ("packed", packed)):
+    (tmp_path / name).mkdir()
+    shutil.copy(os.path.join(src, hf.CONFIG), tmp_path / name / hf.CONFIG)
+    save_file(t, str(tmp_path / name / hf.SINGLE), metadata={"format": "pt"})
+  got, want = hf.load_hf(str(tmp_path / "packed")), hf.load_hf(str(tmp_path / "plain"))
+  assert got.config == want.config
+  S.assert_bitwise(got.params, want.params)

@@ -67,6 +67,8 @@ def _layer_names(i: int, cfg: ModelConfig) -> dict[str, str]:
   biased = [k for k in names if "norm" not in k] if cfg.bias else (
       ["attention/query", "attention/key", "attention/value"] if cfg.qkv_bias else [])
   names.update({k + "_bias": names[k].replace(".weight", ".bias") for k in biased})
+  if cfg.attention_sinks:
+    names["attention/sinks"] = p + "self_attn.sinks"
   return names
 
 
@@ -80,6 +82,7 @@ def _one_layer_shapes(cfg: ModelConfig) -> dict[str, tuple]:
          "attention/value_bias": (g * k,), "attention/out_bias": (d,),
          "mlp/gate_bias": (f,), "mlp/up_bias": (f,), "mlp/fc2_bias": (d,),
          "attention/query_norm/scale": (k,), "attention/key_norm/scale": (k,)}
+  one["attention/sinks"] = (n,)
   if cfg.qk_norm_all_heads:
     one.update({"attention/query_norm/scale": (n * k,), "attention/key_norm/scale": (g * k,)})
   return {leaf: one.get(leaf, (d,)) for leaf in _layer_names(0, cfg)}
@@ -245,6 +248,8 @@ def load_hf(path: str) -> Loaded:
   if emb is None or emb.ndim != 2:
     raise CheckpointError(f"{source}: missing tensors: model.embed_tokens.weight")
   cfg = hf_config.config_from_json(f, emb.shape[0], dtype_name(emb.dtype))
+  if any(k.endswith("_blocks") for k in tensors):  # gpt-oss's MXFP4 experts.
+    tensors = hf_moe.dequantize_tensors(tensors, emb.dtype)
   if cfg.share_embeddings_and_output_weights and "lm_head.weight" in tensors:
     if not np.array_equal(tensors["lm_head.weight"], emb):
       raise CheckpointError(f"{source}: lm_head.weight differs from model.embed_tokens.weight "

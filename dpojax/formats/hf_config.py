@@ -28,7 +28,7 @@ QWEN = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 # transformers' class defaults where a file leaves a key out.
 _TIED = {"llama": False, "mistral": False, "qwen2": False, "qwen3": False, "gemma2": True,
          "gemma3_text": True, **{k: False for k in hf_moe.ARCHITECTURES}}
-_THETA = {"gemma3_text": 1_000_000.0, "mixtral": 1_000_000.0}  # Else 10000.
+_THETA = {"gemma3_text": 1_000_000.0, "mixtral": 1_000_000.0, "gpt_oss": 150_000.0}  # Else 1e4.
 _ROPE_KINDS = {"default": "none", "linear": "linear", "dynamic": "dynamic",
                "llama3": "llama3", "yarn": "yarn"}
 _TORCH_DTYPE = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -113,7 +113,7 @@ def _sliding(f: Fields, kind: str, num_layers: int) -> dict:
   """sliding_window and layer_types from the family's keys (or its rule)."""
   # transformers' class default where the key is absent; null is no window.
   window = f.optional("sliding_window", int, None) if "sliding_window" in f.data else (
-      None if kind in hf_moe.ARCHITECTURES else 4096)
+      128 if kind == "gpt_oss" else None if kind in hf_moe.ARCHITECTURES else 4096)
   if kind in QWEN and not f.optional("use_sliding_window", bool, False):
     window = None  # As Qwen2Config: the flag turns the window off whatever layer_types say.
   types = f.optional("layer_types", list, None)
@@ -124,7 +124,7 @@ def _sliding(f: Fields, kind: str, num_layers: int) -> dict:
       first = f.optional("max_window_layers", int, 28)
       types = ["sliding_attention" if i >= first else "full_attention"
                for i in range(num_layers)]
-    elif kind == "gemma2":
+    elif kind in ("gemma2", "gpt_oss"):
       types = ["sliding_attention" if (i + 1) % 2 else "full_attention"
                for i in range(num_layers)]
     elif kind == "gemma3_text":
@@ -154,6 +154,8 @@ def _biases(f: Fields, kind: str) -> dict:
     return {"bias": False, "qkv_bias": f.optional("qkv_bias", bool, True)}
   if kind in ("mistral", "mixtral"):
     return {"bias": False, "qkv_bias": False}
+  if kind in hf_moe.ARCHITECTURES:  # No dense MLP: `bias` is the attention's only.
+    return {"bias": f.optional("attention_bias", bool, kind == "gpt_oss"), "qkv_bias": False}
   attention = f.optional("attention_bias", bool, False)
   mlp = f.optional("mlp_bias", bool, False) if kind == "llama" else False
   if attention != mlp:
@@ -188,7 +190,7 @@ def config_from_json(f: Fields, vocab_size: int, param_dtype: str) -> ModelConfi
         num_attention_heads=n, num_query_groups=None if kv == n else kv,
         kv_channels=None if head_dim * n == d else head_dim,
         ffn_hidden_size=f.require("intermediate_size", int), moe=moe,
-        qk_norm_all_heads=kind == "olmoe",
+        qk_norm_all_heads=kind == "olmoe", attention_sinks=kind == "gpt_oss",
         activation="geglu" if gemma else "swiglu",
         normalization="rmsnorm1p" if gemma else "rmsnorm",
         layernorm_epsilon=float(f.optional("rms_norm_eps", float, 1e-6)),
@@ -299,7 +301,7 @@ def config_to_json(cfg: ModelConfig, special_ids: dict[str, int]) -> dict:
   }
   if kind == "llama":
     out.update(attention_bias=cfg.bias, mlp_bias=cfg.bias)
-  if kind in ("qwen3", "qwen3_moe", "olmoe") + GEMMA:
+  if kind in ("qwen3", "qwen3_moe", "olmoe", "gpt_oss") + GEMMA:
     out["attention_bias"] = cfg.bias
   if kind == "qwen2_moe":
     out["qkv_bias"] = cfg.qkv_bias
@@ -311,6 +313,8 @@ def config_to_json(cfg: ModelConfig, special_ids: dict[str, int]) -> dict:
   if kind in QWEN:
     first = next((i for i, s in enumerate(sliding) if s), cfg.num_layers)
     out.update(use_sliding_window=any(sliding), max_window_layers=first, layer_types=types)
+  if kind == "gpt_oss":
+    out["layer_types"] = types
   if gemma:
     out.update(hidden_activation="gelu_pytorch_tanh", layer_types=types,
                query_pre_attn_scalar=_number(cfg.query_pre_attn_scalar or cfg.head_dim),

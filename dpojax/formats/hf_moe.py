@@ -1,5 +1,5 @@
 """The mixture-of-experts families' config.json keys and expert tensors (formats/hf.py and
-hf_config.py call these for qwen3_moe, qwen2_moe, mixtral and olmoe).
+hf_config.py call these for qwen3_moe, qwen2_moe, mixtral, olmoe and gpt_oss).
 
 config.json: num_experts (or num_local_experts, as transformers 5 writes it), the routed k
 (num_experts_per_tok), the experts' F (moe_intermediate_size for Qwen; intermediate_size for
@@ -14,6 +14,13 @@ writes them back per expert): `mlp.experts.{j}.{gate,up,down}_proj.weight` (Qwen
 [E, D]. dpojax holds them layer-stacked: moe/router [L, D, E], moe/experts_fc1
 [L, E, D, 2, F] ([gate; up]), moe/experts_fc2 [L, E, F, D]; a model with dense layers holds
 both kinds in every layer (the other kind zero), and a folder only the layer's own kind.
+
+gpt-oss stores its experts fused: `mlp.experts.gate_up_proj` [E, D, 2F] with gate and up
+interleaved (gate = [..., ::2]), `down_proj` [E, F, D], their biases, the router
+`mlp.router.weight` and `.bias`; its hub checkpoints hold the two projections as MXFP4
+(`*_blocks` [E, R, C/32, 16] uint8, two 4-bit values a byte, low nibble first, and `*_scales`
+[E, R, C/32] uint8 exponents biased by 127): `dequantize_mxfp4` expands them on import as
+transformers' convert_moe_packed_tensors does (bitwise); exports write the plain tensors.
 """
 
 from __future__ import annotations
@@ -27,11 +34,14 @@ from dpojax.model import ModelConfig
 from dpojax.model.config import MOE_RUN_FIELDS, MoeConfig
 
 ARCHITECTURES = {"qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                 "mixtral": "MixtralForCausalLM", "olmoe": "OlmoeForCausalLM"}
+                 "mixtral": "MixtralForCausalLM", "olmoe": "OlmoeForCausalLM",
+                 "gpt_oss": "GptOssForCausalLM"}
 QWEN_MOE = ("qwen3_moe", "qwen2_moe")
 # transformers' class defaults.
-_TOP_K = {"qwen3_moe": 8, "qwen2_moe": 4, "mixtral": 2, "olmoe": 8}
-_EXPERTS = {"qwen3_moe": 128, "qwen2_moe": 60, "mixtral": 8, "olmoe": 64}
+_TOP_K = {"qwen3_moe": 8, "qwen2_moe": 4, "mixtral": 2, "olmoe": 8, "gpt_oss": 4}
+_EXPERTS = {"qwen3_moe": 128, "qwen2_moe": 60, "mixtral": 8, "olmoe": 64, "gpt_oss": 128}
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0,
+              -6.0)
 _AUX = {"olmoe": 0.01}  # Else 0.001.
 _MOE_F = {"qwen3_moe": 768, "qwen2_moe": 1408}
 _SHARED_F = 5632  # Qwen2-MoE.
@@ -59,8 +69,15 @@ def moe_from_json(f: Fields, kind: str, num_layers: int) -> MoeConfig:
     dense = tuple(i for i in range(num_layers) if i in only or (i + 1) % step)
   ffn = (f.optional("moe_intermediate_size", int, _MOE_F[kind]) if kind in QWEN_MOE
          else f.require("intermediate_size", int))
+  oss = kind == "gpt_oss"
+  if oss:
+    gpt = dict(router="topk_softmax", router_bias=True, expert_bias=True,
+               activation="swiglu_clamped",
+               swiglu_alpha=float(f.optional("swiglu_alpha", float, 1.702)),
+               swiglu_limit=float(f.optional("swiglu_limit", float, 7.0)))
   try:
     return MoeConfig(
+        **(gpt if oss else {}),
         num_experts=experts, top_k=f.optional("num_experts_per_tok", int, _TOP_K[kind]),
         ffn_hidden_size=ffn,
         norm_topk_prob=True if kind == "mixtral" else f.optional("norm_topk_prob", bool, False),
@@ -75,6 +92,8 @@ def moe_from_json(f: Fields, kind: str, num_layers: int) -> MoeConfig:
 
 def family(cfg: ModelConfig) -> str:
   m = cfg.moe
+  if m.router == "topk_softmax":
+    return "gpt_oss"
   if cfg.qk_norm_all_heads:
     return "olmoe"
   if m.shared_expert_size or cfg.qkv_bias:
@@ -103,6 +122,10 @@ def moe_to_json(cfg: ModelConfig, kind: str) -> dict:
     out["router_jitter_noise"] = 0.0
   if kind == "qwen2_moe":
     out["shared_expert_intermediate_size"] = m.shared_expert_size
+  if kind == "gpt_oss":
+    out.update(swiglu_alpha=m.swiglu_alpha, swiglu_limit=m.swiglu_limit,
+               num_local_experts=m.num_experts, attention_bias=cfg.bias)
+    del out["num_experts"]
   return out
 
 
@@ -135,8 +158,18 @@ def _names(cfg: ModelConfig, i: int, j: int) -> dict[str, str]:
 
 
 def _router(cfg: ModelConfig, i: int) -> str:
-  part = "block_sparse_moe" if family(cfg) == "mixtral" else "mlp"
+  kind = family(cfg)
+  if kind == "gpt_oss":
+    return f"model.layers.{i}.mlp.router.weight"
+  part = "block_sparse_moe" if kind == "mixtral" else "mlp"
   return f"model.layers.{i}.{part}.gate.weight"
+
+
+def _fused(i: int) -> dict[str, str]:
+  p = f"model.layers.{i}.mlp."
+  return {"router_bias": p + "router.bias", "gate_up": p + "experts.gate_up_proj",
+          "gate_up_bias": p + "experts.gate_up_proj_bias", "down": p + "experts.down_proj",
+          "down_bias": p + "experts.down_proj_bias"}
 
 
 def _dense_names(i: int) -> dict[str, str]:
@@ -163,6 +196,11 @@ def shapes(cfg: ModelConfig) -> dict[str, tuple]:
       out.update({n["gate"]: (f_dense, d), n["up"]: (f_dense, d), n["down"]: (d, f_dense)})
       continue
     out[_router(cfg, i)] = (m.num_experts, d)
+    if family(cfg) == "gpt_oss":
+      n, e = _fused(i), m.num_experts
+      out.update({n["router_bias"]: (e,), n["gate_up"]: (e, d, 2 * f),
+                  n["gate_up_bias"]: (e, 2 * f), n["down"]: (e, f, d), n["down_bias"]: (e, d)})
+      continue
     for j in range(m.num_experts):
       n = _names(cfg, i, j)
       out.update({n["gate"]: (f, d), n["up"]: (f, d), n["down"]: (d, f)})
@@ -188,6 +226,8 @@ def to_params(t: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarra
   if fs:
     layers.update(shared_fc1=[], shared_fc2=[], shared_gate=[])
   dense = {"fc1": [], "fc2": []}
+  if family(cfg) == "gpt_oss":
+    return _fused_to_params(t, cfg)
   for i, is_moe in enumerate(cfg.moe_layers):
     if not is_moe:
       fc1, fc2 = _gated(t, _dense_names(i))
@@ -226,6 +266,8 @@ def from_params(layers: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
   m = cfg.moe
   c = np.ascontiguousarray
   moe, out = layers["moe"], {}
+  if family(cfg) == "gpt_oss":
+    return _fused_from_params(moe, cfg)
 
   def put(n, fc1, fc2):
     out.update({n["gate"]: c(fc1[:, 0].T), n["up"]: c(fc1[:, 1].T), n["down"]: c(fc2.T)})
@@ -243,4 +285,64 @@ def from_params(layers: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
       n = _shared_names(i)
       put(n, np.asarray(moe["shared_fc1"][i]), np.asarray(moe["shared_fc2"][i]))
       out[n["shared_gate"]] = c(np.asarray(moe["shared_gate"][i]).T)
+  return out
+
+
+def _fused_to_params(t, cfg: ModelConfig) -> dict[str, np.ndarray]:
+  """gpt-oss: [E, D, 2F] interleaved [gate, up] -> [E, D, 2, F]."""
+  e, d = cfg.moe.num_experts, cfg.hidden_size
+  layers = {k: [] for k in ("router", "router_bias", "experts_fc1", "experts_fc1_bias",
+                            "experts_fc2", "experts_fc2_bias")}
+  for i in range(cfg.num_layers):
+    n = _fused(i)
+    layers["router"].append(t[_router(cfg, i)].T)
+    layers["router_bias"].append(t[n["router_bias"]])
+    layers["experts_fc1"].append(t[n["gate_up"]].reshape(e, d, -1, 2).transpose(0, 1, 3, 2))
+    layers["experts_fc1_bias"].append(t[n["gate_up_bias"]].reshape(e, -1, 2).transpose(0, 2, 1))
+    layers["experts_fc2"].append(t[n["down"]])
+    layers["experts_fc2_bias"].append(t[n["down_bias"]])
+  return {f"layers/moe/{k}": np.ascontiguousarray(np.stack(v)) for k, v in layers.items()}
+
+
+def _fused_from_params(moe: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
+  e, d = cfg.moe.num_experts, cfg.hidden_size
+  c = np.ascontiguousarray
+  out = {}
+  for i in range(cfg.num_layers):
+    n = _fused(i)
+    leaf = lambda k: np.asarray(moe[k][i])
+    out[_router(cfg, i)] = c(leaf("router").T)
+    out[n["router_bias"]] = c(leaf("router_bias"))
+    out[n["gate_up"]] = c(leaf("experts_fc1").transpose(0, 1, 3, 2).reshape(e, d, -1))
+    out[n["gate_up_bias"]] = c(leaf("experts_fc1_bias").transpose(0, 2, 1).reshape(e, -1))
+    out[n["down"]] = c(leaf("experts_fc2"))
+    out[n["down_bias"]] = c(leaf("experts_fc2_bias"))
+  return out
+
+
+def dequantize_mxfp4(blocks, scales, dtype) -> np.ndarray:
+  """MXFP4 `*_blocks` [E, R, G, B] and `*_scales` [E, R, G] -> [E, G * 2B, R] in `dtype`, as
+  transformers' convert_moe_packed_tensors: each value ldexp(lut[nibble], scale - 127) in
+  float32 (exact), then rounded to `dtype`."""
+  blocks, scales = np.asarray(blocks, np.uint8), np.asarray(scales, np.uint8)
+  if blocks.shape[:-1] != scales.shape:
+    raise CheckpointError(f"MXFP4 blocks {blocks.shape} do not match scales {scales.shape}")
+  lut = np.asarray(FP4_VALUES, np.float32)
+  values = np.empty(blocks.shape[:-1] + (2 * blocks.shape[-1],), np.float32)
+  values[..., 0::2] = lut[blocks & 0x0F]
+  values[..., 1::2] = lut[blocks >> 4]
+  with np.errstate(over="ignore"):  # ldexp, as torch's: 0.5 x 2^128 is 2^127, not inf.
+    values = np.ldexp(values, (scales.astype(np.int32) - 127)[..., None]).astype(np.float32)
+  e, r = blocks.shape[:2]
+  return np.ascontiguousarray(values.reshape(e, r, -1).transpose(0, 2, 1)).astype(dtype)
+
+
+def dequantize_tensors(tensors: dict, dtype) -> dict:
+  """`tensors` with every `X_blocks` + `X_scales` pair replaced by the dequantized X."""
+  out = dict(tensors)
+  for key in [k for k in tensors if k.endswith("_blocks")]:
+    name = key[:-len("_blocks")]
+    if name + "_scales" not in tensors:
+      raise CheckpointError(f"{key} has no {name}_scales beside it")
+    out[name] = dequantize_mxfp4(out.pop(key), out.pop(name + "_scales"), dtype)
   return out

@@ -171,6 +171,7 @@ class ModelConfig:
   rope_yarn_beta_slow: float = 1.0
   rope_yarn_truncate: bool = True  # Round yarn's ramp ends to whole dimensions.
   qk_norm_all_heads: bool = False  # qk_norm over each token's whole q and k (OLMoE), not per head.
+  attention_sinks: bool = False  # A learned per-head logit in the softmax denominator (gpt-oss).
   moe: MoeConfig = MoeConfig()  # Mixture-of-experts MLPs (see MoeConfig).
 
   def __post_init__(self):

@@ -71,18 +71,23 @@ class Norm(nn.Module):
     return y.astype(_dtype(cfg.dtype))
 
 
-def _impl(cfg: ModelConfig) -> str:
+def _impl(cfg: ModelConfig, requested: bool = False) -> str:
+  """The attention path; `requested`: before the fallback of models with sinks to xla."""
   if cfg.attention_impl != "auto":
-    return cfg.attention_impl
-  gpu = jax.default_backend() == "gpu"
-  return "flash" if gpu and jnp.finfo(_dtype(cfg.dtype)).bits <= 32 else "xla"
+    impl = cfg.attention_impl
+  else:
+    gpu = jax.default_backend() == "gpu"
+    impl = "flash" if gpu and jnp.finfo(_dtype(cfg.dtype)).bits <= 32 else "xla"
+  return impl if requested or not cfg.attention_sinks else "xla"
 
 
 def attention_path(cfg: ModelConfig, mesh=None) -> str:
   """The attention path training rows take, for the run's start-up line: the kernel, the
   options it applies, and why a requested path falls back to the dense one."""
-  impl, sliding = _impl(cfg), cfg.sliding_layers
-  has = []
+  impl, sliding = _impl(cfg, requested=True), cfg.sliding_layers
+  if cfg.attention_sinks and impl != "xla":  # Only the dense path has them.
+    return f"{impl} -> xla ({impl} has no attention sinks)"
+  has = ["attention sinks"] if cfg.attention_sinks else []
   if any(sliding):
     has.append(f"window {cfg.sliding_window} on {sum(sliding)}/{cfg.num_layers} layers")
   if cfg.attention_softcap:
@@ -194,8 +199,9 @@ class Attention(nn.Module):
       kv = {"key": write(kv["key"], k_BxTxGxK), "value": write(kv["value"], v_BxTxGxK)}
       k_BxTxGxK, v_BxTxGxK = kv["key"].astype(dt), kv["value"].astype(dt)  # Now [B, S, G, K].
     block = cfg.attention_block if kv is None else 0  # The cache path is already causal-short.
+    sinks = self.param("sinks", init, (n,), pdt) if cfg.attention_sinks else None
     o_BxTxNxK = attention_ops.attend(q_BxTxNxK, k_BxTxGxK, v_BxTxGxK, mask_Bx1xTxS, block,
-                                     cfg.attention_scale, cfg.attention_softcap)
+                                     cfg.attention_scale, cfg.attention_softcap, sinks)
     w_o = self.param("out", out_init, (n, k, d), pdt).astype(dt)
     y = dense_ops.dense(o_BxTxNxK, w_o, contract=2)
     if cfg.bias:

@@ -187,6 +187,7 @@ def get_config() -> ml_collections.ConfigDict:
   mesh.data = -1  # Data-parallel replicas; -1 = the devices the other axes leave.
   mesh.fsdp = 1  # Parameter/optimizer-state sharding (ZeRO-3 style) over this many devices.
   mesh.tensor = 1  # Tensor parallelism: heads, MLP hidden and vocab split this many ways.
+  mesh.expert = 1  # Expert parallelism (MoE models): experts split this many ways, all-to-all.
 
   c.distributed = dist = ml_collections.ConfigDict()
   dist.coordinator_address = ""  # host:port of process 0; "" = DPOJAX_COORDINATOR or SLURM.

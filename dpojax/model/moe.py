@@ -65,6 +65,7 @@ class Moe(nn.Module):
 
   cfg: ModelConfig
   lora: Any = None
+  mesh: Any = None  # With an `expert` axis > 1: expert parallelism (grouped.expert_parallel).
 
   @nn.compact
   def __call__(self, x_BxTxD, valid_BxT):
@@ -83,21 +84,23 @@ class Moe(nn.Module):
                                                   pdt)).astype(dt)
     weights_NxK, ids_NxK, probs_NxE = route(cfg, logits_NxE)
 
-    w1 = self.param("experts_fc1", init, (e, d, 2, f), pdt).astype(dt)
-    w2 = self.param("experts_fc2", out_init, (e, f, d), pdt).astype(dt)
-    order, sizes = grouped.sort_by_expert(ids_NxK, e)
-    xs_MxD = grouped.gather_sorted(x_NxD, order, k)
-    mm = lambda x, w: grouped.grouped_matmul(x, w, sizes, m.grouped_impl, m.tile)
-    h_Mx2xF = mm(xs_MxD, w1.reshape(e, d, 2 * f)).reshape(-1, 2, f)
+    params = [self.param("experts_fc1", init, (e, d, 2, f), pdt).astype(dt),
+              self.param("experts_fc2", out_init, (e, f, d), pdt).astype(dt)]
     if m.expert_bias:
-      b1 = self.param("experts_fc1_bias", nn.initializers.zeros, (e, 2, f), pdt).astype(dt)
-      h_Mx2xF = h_Mx2xF + grouped.expert_rows(b1.reshape(e, 2 * f), order,
-                                              ids_NxK).reshape(-1, 2, f)
-    y_MxD = mm(activate(cfg, h_Mx2xF), w2)
-    if m.expert_bias:
-      b2 = self.param("experts_fc2_bias", nn.initializers.zeros, (e, d), pdt).astype(dt)
-      y_MxD = y_MxD + grouped.expert_rows(b2, order, ids_NxK)
-    y_NxD = grouped.combine(y_MxD, order, weights_NxK.astype(dt)).astype(dt)
+      params += [self.param("experts_fc1_bias", nn.initializers.zeros, (e, 2, f), pdt).astype(dt),
+                 self.param("experts_fc2_bias", nn.initializers.zeros, (e, d), pdt).astype(dt)]
+    ffn = lambda xs, ids, sizes, *p: experts(cfg, xs, ids, sizes, *p)
+    mesh = self.mesh
+    if mesh is not None and mesh.shape.get("expert", 1) > 1:
+      shape = x_BxTxD.shape[:2] + (k,)
+      y_NxD = grouped.expert_parallel(
+          x_BxTxD, ids_NxK.reshape(shape), weights_NxK.astype(dt).reshape(shape), tuple(params),
+          ffn, mesh, e).reshape(-1, d)
+    else:
+      order, sizes = grouped.sort_by_expert(ids_NxK, e)
+      y_MxD = ffn(grouped.gather_sorted(x_NxD, order, k), ids_NxK.reshape(-1)[order], sizes,
+                  *params)
+      y_NxD = grouped.combine(y_MxD, order, weights_NxK.astype(dt)).astype(dt)
 
     if m.shared_expert_size:
       fs = m.shared_expert_size
@@ -118,10 +121,17 @@ class Moe(nn.Module):
     return y_NxD.reshape(x_BxTxD.shape), stats
 
 
-def empty_stats(cfg: ModelConfig):
-  e = cfg.moe.num_experts
-  return {"expert_tokens": jnp.zeros((e,), jnp.float32),
-          "router_probs": jnp.zeros((e,), jnp.float32), "z": jnp.zeros((), jnp.float32)}
+def experts(cfg: ModelConfig, xs_MxD, ids_M, sizes_E, w1, w2, b1=None, b2=None):
+  """The experts over token copies sorted by expert (`ids_M` each row's expert, `sizes_E`
+  the group sizes): [M, D]."""
+  m = cfg.moe
+  e, d, _, f = w1.shape
+  mm = lambda x, w: grouped.grouped_matmul(x, w, sizes_E, m.grouped_impl, m.tile)
+  h_Mx2xF = mm(xs_MxD, w1.reshape(e, d, 2 * f)).reshape(-1, 2, f)
+  if b1 is not None:
+    h_Mx2xF = h_Mx2xF + b1[ids_M]
+  y_MxD = mm(activate(cfg, h_Mx2xF), w2)
+  return y_MxD if b2 is None else y_MxD + b2[ids_M]
 
 
 def aux_loss(stats: dict, cfg: ModelConfig):

@@ -258,6 +258,7 @@ class Mlp(nn.Module):
 class Block(nn.Module):
   cfg: ModelConfig
   lora: Any = None  # LoraConfig of `adapters`.
+  mesh: Any = None  # MoE layers' expert parallelism (a mesh `expert` axis > 1).
 
   @nn.compact
   def __call__(self, x_BxTxD, rope, mask_Bx1xTxS, kv=None, index=None, adapters=None,
@@ -284,7 +285,7 @@ class Block(nn.Module):
     x_BxTxD = x_BxTxD + y_BxTxD
     h_BxTxD = Norm(cfg, name="pre_mlp_norm")(x_BxTxD)
     if cfg.moe.enabled:
-      y_BxTxD, stats = moe_lib.Moe(cfg, self.lora, name="moe")(h_BxTxD, valid_BxT)
+      y_BxTxD, stats = moe_lib.Moe(cfg, self.lora, self.mesh, name="moe")(h_BxTxD, valid_BxT)
       if cfg.moe.dense_layers:  # Both kinds' parameters in every layer; each picks its own.
         is_moe = jnp.asarray(cfg.moe_layers)[layer]
         dense_BxTxD = Mlp(cfg, self.lora, name="mlp")(h_BxTxD, adapters.get("mlp"), rngs[2:])
@@ -351,7 +352,8 @@ class Transformer(nn.Module):
       block = nn.remat(Block, policy=policy, prevent_cse=False)
     scan = lambda in_axes, unroll=1: nn.scan(
         block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=in_axes,
-        length=cfg.num_layers, unroll=unroll)(cfg, self.lora, name="layers")
+        length=cfg.num_layers, unroll=unroll)(cfg, self.lora, self.mesh if cfg.moe.enabled
+                                              else None, name="layers")
     unroll = min(cfg.scan_unroll, cfg.num_layers)
     layer_ids = jnp.arange(cfg.num_layers)
     if cache is None:

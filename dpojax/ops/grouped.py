@@ -13,12 +13,22 @@ weight only:
 
 Neither builds a [tokens, experts, ffn] product. `combine` un-sorts the outputs and adds each
 token's k weighted copies in fp32 (in routing order, k = 0 first).
+
+`expert_parallel`: the experts split over the mesh's `expert` axis (and the tokens over the
+batch axes, `expert` included). Inside a shard_map each device sorts its token copies by
+destination device, sends them with one all-to-all, runs its own experts over what it
+received (sorted again by local expert), and sends the outputs back with a second
+all-to-all. The send buffers hold every local copy for every destination ([ep, N k, D]): no
+routing can overflow them (dropless), at ep times the bytes of an exact-size exchange.
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 IMPLS = ("ragged", "tiles")
 
@@ -47,6 +57,7 @@ def _tile_layout(sizes_E, rows: int, tile: int):
   num_tiles = -(-(rows + num_experts * (tile - 1)) // tile)
   expert_of_row = jnp.repeat(jnp.arange(num_experts), sizes_E, total_repeat_length=rows)
   dest = padded_starts[expert_of_row] + jnp.arange(rows) - starts[expert_of_row]
+  dest = jnp.where(jnp.arange(rows) < jnp.sum(sizes_E), dest, num_tiles * tile)  # Past: none.
   tile_expert = jnp.searchsorted(padded_ends, jnp.arange(num_tiles) * tile, side="right")
   return dest, jnp.minimum(tile_expert, num_experts - 1), num_tiles
 
@@ -63,12 +74,7 @@ def grouped_matmul(x_MxI, w_ExIxO, sizes_E, impl: str = "tiles", tile: int = 32)
       x_MxI, unique_indices=True, mode="drop")
   y_TxRxO = jnp.einsum("tri,tio->tro", padded.reshape(num_tiles, tile, -1),
                        w_ExIxO[tile_expert])
-  return y_TxRxO.reshape(num_tiles * tile, -1)[dest]
-
-
-def expert_rows(w_ExO, order, expert_ids_NxK):
-  """Per sorted row, its expert's row of a per-expert vector (biases): [N k, O]."""
-  return w_ExO[expert_ids_NxK.reshape(-1)[order]]
+  return y_TxRxO.reshape(num_tiles * tile, -1).at[dest].get(mode="fill", fill_value=0)
 
 
 def gather_sorted(x_NxD, order, top_k: int):
@@ -84,3 +90,54 @@ def combine(y_MxD, order, weights_NxK):
   acc = jnp.promote_types(y_MxD.dtype, jnp.float32)
   y_NxKxD = y_MxD[inverse].reshape(n, k, -1).astype(acc)
   return jnp.einsum("nkd,nk->nd", y_NxKxD, weights_NxK.astype(acc))
+
+
+def expert_parallel(x_BxTxD, ids_BxTxK, weights_BxTxK, expert_params, ffn, mesh,
+                    num_experts: int, batch_axes=("data", "fsdp", "expert")):
+  """The routed experts' output [B, T, D] with the experts split over `mesh`'s `expert` axis.
+
+  `expert_params`: a tuple of [E, ...] arrays (each device gets its E / ep experts);
+  `ffn(xs_MxD, local_ids_M, sizes_El, *local_params)`: the experts over rows sorted by local
+  expert (rows past sum(sizes) are padding; their outputs are never read).
+  """
+  ep = mesh.shape["expert"]
+  if num_experts % ep:
+    raise ValueError(f"model.moe.num_experts={num_experts} is not a multiple of "
+                     f"mesh.expert={ep}")
+  sizes = dict(mesh.shape)
+  rows = tuple(a for a in batch_axes if sizes.get(a, 1) > 1)
+  if "expert" not in rows or x_BxTxD.shape[0] % math.prod(sizes[a] for a in rows):
+    raise ValueError(f"expert parallelism: {x_BxTxD.shape[0]} rows do not split over the "
+                     f"mesh's batch axes {rows}")
+  local_experts = num_experts // ep
+  top_k = ids_BxTxK.shape[-1]
+
+  def local(x, ids, weights, *params):
+    d = x.shape[-1]
+    x_NxD, flat = x.reshape(-1, d), ids.reshape(-1)
+    copies = flat.shape[0]
+    order = jnp.argsort(flat, stable=True)
+    sorted_ids = flat[order]
+    device = sorted_ids // local_experts
+    counts = jnp.bincount(device, length=ep)
+    slot = jnp.arange(copies) - (jnp.cumsum(counts) - counts)[device]
+    send = jnp.zeros((ep, copies, d), x.dtype).at[device, slot].set(x_NxD[order // top_k])
+    send_ids = jnp.full((ep, copies), local_experts, jnp.int32).at[device, slot].set(
+        (sorted_ids % local_experts).astype(jnp.int32))
+    recv = jax.lax.all_to_all(send, "expert", 0, 0)  # [source device, slot, D].
+    recv_ids = jax.lax.all_to_all(send_ids, "expert", 0, 0).reshape(-1)
+    order2 = jnp.argsort(recv_ids, stable=True)  # Padding (id local_experts) last.
+    sizes2 = jnp.bincount(recv_ids, length=local_experts).astype(jnp.int32)
+    y_sorted = ffn(recv.reshape(-1, d)[order2],
+                   jnp.minimum(recv_ids[order2], local_experts - 1), sizes2, *params)
+    y = y_sorted[jnp.argsort(order2)].reshape(ep, copies, d)
+    back = jax.lax.all_to_all(y, "expert", 0, 0)  # [destination device, slot, D].
+    out_sorted = back[device, slot]
+    return combine(out_sorted, order, weights.reshape(-1, top_k)).astype(x.dtype).reshape(
+        x.shape)
+
+  row_spec = P(rows, None, None)
+  param_specs = tuple(P("expert", *([None] * (p.ndim - 1))) for p in expert_params)
+  return jax.shard_map(local, mesh=mesh, in_specs=(row_spec, row_spec, row_spec) + param_specs,
+                       out_specs=row_spec, check_vma=False)(
+      x_BxTxD, ids_BxTxK, weights_BxTxK, *expert_params)

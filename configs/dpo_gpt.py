@@ -81,7 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
   e.z_loss_coef = 0.0  # Router z-loss weight (mean logsumexp(router logits)^2).
   e.freeze_router = False  # Routers get no update (common when fine-tuning MoE models).
   e.grouped_impl = "auto"  # Expert matmul: auto | ragged (lax.ragged_dot) | tiles (CPU).
-  e.tile = 32  # tiles: rows per tile (each expert's rows padded to a multiple).
+  e.tile = 128  # tiles: rows per tile (each expert's rows padded to a multiple of it).
 
   c.init = ml_collections.ConfigDict()
   c.init.path = ""  # .nemo file, Hugging Face folder or dpojax workdir; "" = random init.

@@ -12,6 +12,8 @@ import dataclasses
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +29,9 @@ from dpojax.model import transformer
 from dpojax.train import step as step_lib
 
 import stories260k as S
-from test_hf_families import COMMON, SEGMENTS, STD, T, WINDOW, _hf_logits, _logits, _rows
+from conftest import ROOT
+from test_hf_families import (COMMON, SEGMENTS, STD, T, WINDOW, _dpo_metrics, _hf_logits, _logits,
+                              _rows)
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
@@ -350,3 +354,26 @@ def test_gpt_oss_mxfp4_folder_loads_dequantized(folders, tmp_path):
   got, want = hf.load_hf(str(tmp_path / "packed")), hf.load_hf(str(tmp_path / "plain"))
   assert got.config == want.config
   S.assert_bitwise(got.params, want.params)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_dpo_steps_from_each_family(name, folders, tmp_path):
+  """init.path = the family's folder, through the command line: step 0 is ln 2, the loss
+  falls, and the aux loss and per-layer load imbalance are in metrics.jsonl."""
+  workdir = str(tmp_path / "run")
+  args = [sys.executable, "-m", "dpojax.main", f"--config={ROOT}/tests/configs/tiny.py",
+          f"--config.init.path={folders[name]}", "--config.train.max_steps=4",
+          "--config.eval.interval=4", "--config.checkpoint.interval=4", f"--workdir={workdir}"]
+  subprocess.run(args, check=True, cwd=ROOT, capture_output=True)
+  val, train = _dpo_metrics(workdir, "val"), _dpo_metrics(workdir, "train")
+  assert [r["step"] for r in val] == [0, 4] and [r["step"] for r in train] == [1, 2, 3, 4]
+  assert abs(val[0]["loss"] - np.log(2)) < 1e-6 and val[0]["accuracy"] == 0.0, val[0]
+  assert train[-1]["loss"] < train[0]["loss"] - 0.05, [r["loss"] for r in train]
+  assert val[-1]["loss"] < val[0]["loss"], val
+  layers = [0] if name == "qwen2_moe" else [0, 1]  # Its layer 1 is dense.
+  for r in train:
+    assert r["moe_aux_loss"] > 0
+    assert sorted(k for k in r if k.startswith("moe_load_imbalance")) == [
+        f"moe_load_imbalance_layer{i}" for i in layers]
+    assert all(r[f"moe_load_imbalance_layer{i}"] >= 1.0 for i in layers)

@@ -56,7 +56,7 @@ class MoeConfig:
   # of one expert each, padded per expert), auto: ragged on GPU/TPU, tiles on CPU (where
   # ragged_dot falls back to a masked product E times the work).
   grouped_impl: str = "auto"
-  tile: int = 32
+  tile: int = 128
 
   def __post_init__(self):
     object.__setattr__(self, "dense_layers", tuple(int(i) for i in self.dense_layers))

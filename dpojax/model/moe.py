@@ -68,7 +68,8 @@ class Moe(nn.Module):
   mesh: Any = None  # With an `expert` axis > 1: expert parallelism (grouped.expert_parallel).
 
   @nn.compact
-  def __call__(self, x_BxTxD, valid_BxT):
+  def __call__(self, x_BxTxD, valid_BxT, adapters=None):
+    """`adapters`: LoRA's {"fc1", "fc2"} per-expert adapters (either may be absent)."""
     cfg, m = self.cfg, self.cfg.moe
     d, e, k = cfg.hidden_size, m.num_experts, m.top_k
     f = m.ffn_hidden_size or cfg.ffn_hidden_size
@@ -89,7 +90,18 @@ class Moe(nn.Module):
     if m.expert_bias:
       params += [self.param("experts_fc1_bias", nn.initializers.zeros, (e, 2, f), pdt).astype(dt),
                  self.param("experts_fc2_bias", nn.initializers.zeros, (e, d), pdt).astype(dt)]
-    ffn = lambda xs, ids, sizes, *p: experts(cfg, xs, ids, sizes, *p)
+    names = [n for n in ("fc1", "fc2") if n in (adapters or {})]
+    for n in names:  # Each adapter's A and B travel with the experts' weights.
+      params += [adapters[n]["lora_a"].astype(dt), adapters[n]["lora_b"].astype(dt)]
+    scale = None if self.lora is None else self.lora.scale
+    biased = m.expert_bias
+
+    def ffn(xs, ids, sizes, *p):
+      bias = p[2:4] if biased else (None, None)
+      rest = iter(p[4 if biased else 2:])
+      lora = {n: (next(rest), next(rest)) for n in names}
+      return experts(cfg, xs, ids, sizes, p[0], p[1], *bias, lora=lora, lora_scale=scale)
+
     mesh = self.mesh
     if mesh is not None and mesh.shape.get("expert", 1) > 1:
       shape = x_BxTxD.shape[:2] + (k,)
@@ -121,16 +133,29 @@ class Moe(nn.Module):
     return y_NxD.reshape(x_BxTxD.shape), stats
 
 
-def experts(cfg: ModelConfig, xs_MxD, ids_M, sizes_E, w1, w2, b1=None, b2=None):
+def experts(cfg: ModelConfig, xs_MxD, ids_M, sizes_E, w1, w2, b1=None, b2=None, *,
+            lora=None, lora_scale=1.0):
   """The experts over token copies sorted by expert (`ids_M` each row's expert, `sizes_E`
-  the group sizes): [M, D]."""
-  m = cfg.moe
+  the group sizes): [M, D]. `lora`: {"fc1", "fc2"}: (A [E, in, r], B [E, r, *out]), each
+  adding scale * (x A_e) B_e through the same grouped matmuls."""
+  m, lora = cfg.moe, lora or {}
   e, d, _, f = w1.shape
   mm = lambda x, w: grouped.grouped_matmul(x, w, sizes_E, m.grouped_impl, m.tile)
-  h_Mx2xF = mm(xs_MxD, w1.reshape(e, d, 2 * f)).reshape(-1, 2, f)
+
+  def low_rank(x, name):
+    a, b = lora[name]
+    return mm(mm(x, a), b.reshape(e, b.shape[1], -1)) * jnp.asarray(lora_scale, x.dtype)
+
+  h_Mx2xF = mm(xs_MxD, w1.reshape(e, d, 2 * f))
+  if "fc1" in lora:
+    h_Mx2xF = h_Mx2xF + low_rank(xs_MxD, "fc1")
+  h_Mx2xF = h_Mx2xF.reshape(-1, 2, f)
   if b1 is not None:
     h_Mx2xF = h_Mx2xF + b1[ids_M]
-  y_MxD = mm(activate(cfg, h_Mx2xF), w2)
+  a_MxF = activate(cfg, h_Mx2xF)
+  y_MxD = mm(a_MxF, w2)
+  if "fc2" in lora:
+    y_MxD = y_MxD + low_rank(a_MxF, "fc2")
   return y_MxD if b2 is None else y_MxD + b2[ids_M]
 
 

@@ -285,7 +285,8 @@ class Block(nn.Module):
     x_BxTxD = x_BxTxD + y_BxTxD
     h_BxTxD = Norm(cfg, name="pre_mlp_norm")(x_BxTxD)
     if cfg.moe.enabled:
-      y_BxTxD, stats = moe_lib.Moe(cfg, self.lora, self.mesh, name="moe")(h_BxTxD, valid_BxT)
+      y_BxTxD, stats = moe_lib.Moe(cfg, self.lora, self.mesh, name="moe")(
+          h_BxTxD, valid_BxT, adapters.get("moe"))
       if cfg.moe.dense_layers:  # Both kinds' parameters in every layer; each picks its own.
         is_moe = jnp.asarray(cfg.moe_layers)[layer]
         dense_BxTxD = Mlp(cfg, self.lora, name="mlp")(h_BxTxD, adapters.get("mlp"), rngs[2:])

@@ -418,3 +418,29 @@ def test_lora_experts_dpo_steps(folders, tmp_path):
   val, train = _dpo_metrics(workdir, "val"), _dpo_metrics(workdir, "train")
   assert abs(val[0]["loss"] - np.log(2)) < 1e-6, val[0]
   assert train[-1]["loss"] < train[0]["loss"] - 0.05, [r["loss"] for r in train]
+
+
+@pytest.mark.parametrize("name", ["qwen2_moe", "gpt_oss"])
+def test_active_params_count_what_a_token_uses(name, folders):
+  """From the parameter tree itself: every leaf, less the unrouted experts' share of the
+  expert leaves in MoE layers, less each layer's unused kind (Qwen2-MoE's dense layer)."""
+  cfg, params = hf.load_hf(folders[name])[:2]
+  moe_rows = np.asarray(cfg.moe_layers)
+  e, k = cfg.moe.num_experts, cfg.moe.top_k
+  want = 0.0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    keys = [p.key for p in path]
+    if keys[0] != "layers":
+      want += leaf.size
+      continue
+    per_layer = leaf.size / cfg.num_layers
+    if keys[1] == "moe":
+      used = moe_rows.sum() * (k / e if keys[2].startswith("experts") else 1.0)
+    elif keys[1] == "mlp":
+      used = (~moe_rows).sum()
+    else:
+      used = cfg.num_layers
+    want += per_layer * used
+  n = sum(x.size for x in jax.tree.leaves(params))
+  assert moe_lib.active_params(cfg, n) == int(want)
+  assert moe_lib.active_params(cfg, n) < n

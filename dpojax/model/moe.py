@@ -201,3 +201,22 @@ def freeze_router(tree):
   return jax.tree_util.tree_map_with_path(
       lambda path, x: jnp.zeros_like(x) if any(
           str(getattr(p, "key", "")) in ("router", "router_bias") for p in path) else x, tree)
+
+
+def active_params(cfg: ModelConfig, n_params: int) -> int:
+  """The parameters one token uses (for MFU's 6N): `n_params` less, in each MoE layer, the
+  E - k experts it is not routed to, and in a model with dense layers the other kind's
+  parameters that every layer carries unused (a dense layer's experts, router and shared
+  expert; an MoE layer's dense MLP). Routers and shared experts count as active."""
+  m = cfg.moe
+  if not m.enabled:
+    return n_params
+  d, f, fd = cfg.hidden_size, m.ffn_hidden_size or cfg.ffn_hidden_size, cfg.ffn_hidden_size
+  expert = 3 * d * f + ((2 * f + d) if m.expert_bias else 0)
+  moe_layers = sum(cfg.moe_layers)
+  inactive = moe_layers * (m.num_experts - m.top_k) * expert
+  if m.dense_layers:
+    layer_moe = (m.num_experts * expert + d * m.num_experts + (m.num_experts if m.router_bias else 0)
+                 + (3 * d * m.shared_expert_size + d if m.shared_expert_size else 0))
+    inactive += len(m.dense_layers) * layer_moe + moe_layers * 3 * d * fd
+  return n_params - inactive

@@ -53,6 +53,7 @@ def test_sort_and_combine_give_each_token_its_weighted_experts():
   np.testing.assert_allclose(grouped.combine(y, order, weights), want, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_moe_layer_benchmark_runs_tiny():
   out = subprocess.run(
       [sys.executable, "benchmarks/moe_layer.py", "--tokens=64", "--hidden=16", "--ffn=8",

@@ -27,6 +27,7 @@ from dpojax.formats import convert_common, hf, hf_config, hf_moe, nemo
 from dpojax.model import lora as lora_lib
 from dpojax.model import moe as moe_lib
 from dpojax.model import transformer
+from dpojax.model.config import ModelConfig, MoeConfig
 from dpojax.train import loop
 from dpojax.train import step as step_lib
 
@@ -104,6 +105,7 @@ def folders(tmp_path_factory):
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_logits_packed_rows_and_greedy_equal_transformers(name, folders):
   """As test_hf_families': fp32 within 2e-6 x max|logit| of HF fp64 and fp32, fp64 within
@@ -212,6 +214,11 @@ def test_aux_loss_equals_load_balancing_loss_func(name, folders):
                                                torch.as_tensor(mask)))
   assert abs(ours - want) <= 1e-6, (ours, want)
   assert abs(float(out.aux_loss) - want) <= 1e-7
+  # The router z-loss: mean over real tokens and MoE layers of logsumexp(logits)^2.
+  real = mask.reshape(-1) > 0
+  lse = [torch.logsumexp(l.double(), -1).numpy()[real] for l in out.router_logits]
+  want_z = np.mean(np.square(np.concatenate(lse)))
+  assert abs(float(moe_lib.z_loss(stats, cfg)) - want_z) <= 1e-6 * max(want_z, 1.0)
   # Padding counts nowhere: the same loss with the padded row's pad tokens changed.
   tokens2 = tokens.copy()
   tokens2[1, 15:] = 7
@@ -240,6 +247,7 @@ def _dpo_batch(rng, micro=2):
           "rejected_reward": np.zeros((micro, rows // 2), np.float32)}
 
 
+@pytest.mark.slow
 def test_step_gradient_includes_the_aux_loss_and_freeze_router(folders):
   """With coef > 0 the step's update is AdamW of grad(DPO loss + coef x aux) (autodiff of
   the sum, each micro-batch's aux averaged); with freeze_router the routers stay bitwise."""
@@ -381,6 +389,7 @@ def test_dpo_steps_from_each_family(name, folders, tmp_path):
     assert all(r[f"moe_load_imbalance_layer{i}"] >= 1.0 for i in layers)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["qwen3_moe", "gpt_oss"])
 def test_lora_experts_adapters_equal_their_merge(name, folders):
   """Per-expert adapters through the grouped matmuls equal the merged weights' model; zero B
@@ -444,3 +453,40 @@ def test_active_params_count_what_a_token_uses(name, folders):
   n = sum(x.size for x in jax.tree.leaves(params))
   assert moe_lib.active_params(cfg, n) == int(want)
   assert moe_lib.active_params(cfg, n) < n
+
+
+def test_run_overrides_keep_the_checkpoints_architecture(folders, tmp_path):
+  """init.path's MoE architecture with the run's own choices (model.moe.aux_loss_coef=0,
+  freeze_router, grouped_impl), as pretrained.load_pretrained merges them."""
+  from dpojax import pretrained  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  config.init.path = folders["qwen3_moe"]
+  config.model.moe.aux_loss_coef = 0.0
+  config.model.moe.freeze_router = True
+  config.model.moe.grouped_impl = "ragged"
+  cfg = pretrained.load_pretrained(config, str(tmp_path)).config
+  assert (cfg.moe.num_experts, cfg.moe.router_aux_loss_coef) == (8, 0.02)
+  assert cfg.moe.aux_coef == 0.0 and cfg.moe.freeze_router and cfg.moe.grouped_impl == "ragged"
+  config.model.moe.aux_loss_coef = None
+  assert pretrained.load_pretrained(config, str(tmp_path)).config.moe.aux_coef == 0.02
+
+
+@pytest.mark.slow
+def test_remat_gives_the_same_moe_gradients():
+  cfg = ModelConfig(moe=MoeConfig(num_experts=4, top_k=2, ffn_hidden_size=8,
+                                                      tile=4), num_layers=2)
+  params = transformer.init_params(cfg, jax.random.key(0))
+  tokens, positions, segments = _rows(np.random.default_rng(8))
+
+  def grads(remat):
+    c = dataclasses.replace(cfg, remat=remat)
+    def loss(p):
+      h, stats = transformer.apply(p, c, tokens, positions, segments, return_moe=True)
+      return jnp.sum(jnp.square(h)) + moe_lib.aux_loss(stats, c)
+    return jax.jit(jax.grad(loss))(params)
+
+  want = grads("none")
+  for remat in ("full", "dots"):
+    # fp32: recomputation may fuse and round differently; a routing flip would be far larger.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(
+        a, b, rtol=0, atol=1e-5 * float(np.abs(b).max())), grads(remat), want)

@@ -59,6 +59,29 @@ def get_config() -> ml_collections.ConfigDict:
   m.rope_yarn_beta_fast = 32.0  # yarn: rotations that bound the kept high frequencies.
   m.rope_yarn_beta_slow = 1.0  # yarn: rotations that bound the interpolated low ones.
   m.rope_yarn_truncate = True  # yarn: ramp ends rounded to whole dimensions.
+  m.qk_norm_all_heads = False  # qk_norm over each token's whole q and k (OLMoE).
+  m.attention_sinks = False  # A learned per-head logit in each softmax denominator (gpt-oss).
+  # Mixture of experts (model/moe.py; set by init.path's checkpoint; num_experts 0 = dense).
+  m.moe = e = ml_collections.ConfigDict()
+  e.num_experts = 0  # Experts per MoE layer; 0 = a dense MLP everywhere.
+  e.top_k = 2  # Experts each token is routed to.
+  e.ffn_hidden_size = 0  # Each expert's F; 0 = ffn_hidden_size.
+  e.router = "softmax_topk"  # softmax_topk (Mixtral, Qwen, OLMoE) | topk_softmax (gpt-oss).
+  e.norm_topk_prob = False  # Renormalise the k routing weights to sum to 1.
+  e.router_bias = False  # Bias on the router logits (gpt-oss).
+  e.expert_bias = False  # Biases on the experts' projections (gpt-oss).
+  e.activation = "swiglu"  # swiglu | swiglu_clamped (gpt-oss).
+  e.swiglu_alpha = 1.702  # swiglu_clamped: gate * sigmoid(alpha * gate).
+  e.swiglu_limit = 7.0  # swiglu_clamped: the clamp.
+  e.shared_expert_size = 0  # F of a sigmoid-gated shared expert (Qwen2-MoE); 0 = none.
+  e.dense_layers = ()  # Layers with a dense MLP instead (Qwen2-MoE's mlp_only_layers).
+  e.router_aux_loss_coef = 0.0  # The checkpoint's load-balancing loss weight (config.json).
+  # The load-balancing loss's weight in this run's loss; None = router_aux_loss_coef; 0 = none.
+  e.aux_loss_coef = ml_collections.config_dict.placeholder(float)
+  e.z_loss_coef = 0.0  # Router z-loss weight (mean logsumexp(router logits)^2).
+  e.freeze_router = False  # Routers get no update (common when fine-tuning MoE models).
+  e.grouped_impl = "auto"  # Expert matmul: auto | ragged (lax.ragged_dot) | tiles (CPU).
+  e.tile = 128  # tiles: rows per tile (each expert's rows padded to a multiple of it).
 
   c.init = ml_collections.ConfigDict()
   c.init.path = ""  # .nemo file, Hugging Face folder or dpojax workdir; "" = random init.
@@ -174,6 +197,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Context parallelism: each row's tokens split this many ways (long rows; rows padded to a
   # multiple of 2 x context, two mirrored chunks per device; see ops/context_attention.py).
   mesh.context = 1
+  mesh.expert = 1  # Expert parallelism (MoE models): experts split this many ways, all-to-all.
 
   c.distributed = dist = ml_collections.ConfigDict()
   dist.coordinator_address = ""  # host:port of process 0; "" = DPOJAX_COORDINATOR or SLURM.

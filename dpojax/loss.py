@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dpojax import loss_kto
 from dpojax import loss_ref_free
@@ -281,6 +282,8 @@ def finalize_metrics(sums: dict) -> dict:
   pairs, as NeMo-Aligner's torch.std(cat(chosen, rejected)). Keys starting with '_' are
   internal sums; the others that are not pair means pass through as Python floats.
   """
+  sums = dict(sums)
+  expert_tokens = sums.pop("_moe_expert_tokens", None)
   sums = {k: float(v) for k, v in sums.items()}
   n = sums.get("num_pairs", 0.0)
   out = {}
@@ -296,6 +299,13 @@ def finalize_metrics(sums: dict) -> dict:
     out.update(loss_kto.finalize(sums))
   if "_nll_sum" in sums:  # CPO/ORPO's NLL term, as TRL logs it.
     out["nll_loss"] = sums["_nll_sum"] / max(sums["_num_chosen_tokens"], 1.0)
+  if "_moe_forwards" in sums:  # Mixture of experts: per-forward means, per-layer imbalance.
+    for k in ("moe_aux_loss", "moe_z_loss"):
+      if k in out:
+        out[k] /= max(sums["_moe_forwards"], 1.0)
+    for i, row in enumerate(np.asarray(expert_tokens, np.float64)):
+      if row.sum() > 0:  # Dense layers have none.
+        out[f"moe_load_imbalance_layer{i}"] = float(row.max() / row.mean())
   if "_rewards_all_sq" in sums:
     m = 2 * n
     total = sums["rewards_chosen_mean"] + sums["rewards_rejected_mean"]

@@ -65,7 +65,7 @@ def load_pretrained(config, workdir: str):
     except (tarfile.TarError, EOFError) as e:  # A member cut short (the header scan passed).
       raise ConfigError(f"init.path={path}: truncated or corrupt archive ({e})") from None
     arch = {k: getattr(loaded.config, k) for k in checkpoints.ARCHITECTURE_FIELDS}
-    model_cfg = dataclasses.replace(model_lib.ModelConfig.from_dict(config.model), **arch)
+    model_cfg = _with_arch(model_lib.ModelConfig.from_dict(config.model), arch)
     return checkpoints.Loaded(model_cfg, loaded.params, loaded.tokenizer_path)
   model_cfg = model_lib.ModelConfig.from_dict(config.model)
   if workdir_lib.find_config(path):
@@ -73,13 +73,20 @@ def load_pretrained(config, workdir: str):
     # LoRA run's policy is its adapters merged into its base.
     policy = load_policy(path, extract_dir=_extract_dir(workdir))
     arch = {k: getattr(policy.config, k) for k in checkpoints.ARCHITECTURE_FIELDS}
-    return checkpoints.Loaded(dataclasses.replace(model_cfg, **arch), policy.params,
+    return checkpoints.Loaded(_with_arch(model_cfg, arch), policy.params,
                           policy.tokenizer_path)
   try:
     params = orbax_ckpt.load_params(path, functools.partial(model_lib.init_params, model_cfg))
   except FileNotFoundError as e:
     raise ConfigError(str(e)) from None
   return checkpoints.Loaded(model_cfg, params, None)
+
+
+def _with_arch(model_cfg, arch: dict):
+  """The run's model config with a checkpoint's architecture; the run keeps its MoE choices
+  (model.moe.aux_loss_coef, z_loss_coef, freeze_router, grouped_impl, tile)."""
+  moe = arch["moe"].with_run_fields(model_cfg.moe)
+  return dataclasses.replace(model_cfg, **{**arch, "moe": moe})
 
 
 def export(config, model_cfg, params, tokenizer_path, init_from):

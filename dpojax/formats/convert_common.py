@@ -39,12 +39,13 @@ FAMILY_FIELDS = (
     "attention_softcap", "final_logit_softcap", "sliding_window", "layer_types",
     "rotary_base_local", "rope_scaling", "rope_scaling_factor", "rope_low_freq_factor",
     "rope_high_freq_factor", "rope_original_max_positions", "rope_attention_factor",
-    "rope_yarn_beta_fast", "rope_yarn_beta_slow", "rope_yarn_truncate")
+    "rope_yarn_beta_fast", "rope_yarn_beta_slow", "rope_yarn_truncate", "qk_norm_all_heads",
+    "attention_sinks")
 ARCHITECTURE_FIELDS = (
     "vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_query_groups",
     "kv_channels", "ffn_hidden_size", "activation", "normalization", "layernorm_epsilon",
     "position_embedding_type", "rotary_percentage", "rotary_base", "max_position_embeddings",
-    "bias", "share_embeddings_and_output_weights") + FAMILY_FIELDS
+    "bias", "share_embeddings_and_output_weights", "moe") + FAMILY_FIELDS
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 

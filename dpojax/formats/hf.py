@@ -20,7 +20,7 @@ import numpy as np
 import sentencepiece as spm
 
 from dpojax.data import tokenize
-from dpojax.formats import hf_config
+from dpojax.formats import hf_config, hf_moe
 from dpojax.formats.convert_common import (
     CheckpointError, Loaded, check_params, check_tensors, dtype_name, load_json, unflatten)
 from dpojax.model import ModelConfig
@@ -62,9 +62,13 @@ def _layer_names(i: int, cfg: ModelConfig) -> dict[str, str]:
   if cfg.qk_norm:
     names.update({"attention/query_norm/scale": p + "self_attn.q_norm.weight",
                   "attention/key_norm/scale": p + "self_attn.k_norm.weight"})
+  if cfg.moe.enabled:  # formats/hf_moe.py names the MLP tensors.
+    names = {k: v for k, v in names.items() if not k.startswith("mlp/")}
   biased = [k for k in names if "norm" not in k] if cfg.bias else (
       ["attention/query", "attention/key", "attention/value"] if cfg.qkv_bias else [])
   names.update({k + "_bias": names[k].replace(".weight", ".bias") for k in biased})
+  if cfg.attention_sinks:
+    names["attention/sinks"] = p + "self_attn.sinks"
   return names
 
 
@@ -78,6 +82,9 @@ def _one_layer_shapes(cfg: ModelConfig) -> dict[str, tuple]:
          "attention/value_bias": (g * k,), "attention/out_bias": (d,),
          "mlp/gate_bias": (f,), "mlp/up_bias": (f,), "mlp/fc2_bias": (d,),
          "attention/query_norm/scale": (k,), "attention/key_norm/scale": (k,)}
+  one["attention/sinks"] = (n,)
+  if cfg.qk_norm_all_heads:
+    one.update({"attention/query_norm/scale": (n * k,), "attention/key_norm/scale": (g * k,)})
   return {leaf: one.get(leaf, (d,)) for leaf in _layer_names(0, cfg)}
 
 
@@ -86,6 +93,8 @@ def hf_shapes(cfg: ModelConfig) -> dict[str, tuple]:
        "model.norm.weight": (cfg.hidden_size,)}
   if not cfg.share_embeddings_and_output_weights:
     s["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
+  if cfg.moe.enabled:
+    s.update(hf_moe.shapes(cfg))
   one = _one_layer_shapes(cfg)
   for i in range(cfg.num_layers):
     names = _layer_names(i, cfg)
@@ -122,9 +131,12 @@ def hf_to_params(t: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
     if leaf.startswith("mlp/gate") or leaf.startswith("mlp/up"):
       continue
     flat["layers/" + leaf] = c(_to_ours(leaf, stack(leaf), cfg))
-  flat["layers/mlp/fc1"] = c(np.stack([stack("mlp/gate"), stack("mlp/up")], 1)
-                             .transpose(0, 3, 1, 2))
-  if cfg.bias:
+  if cfg.moe.enabled:
+    flat.update(hf_moe.to_params(t, cfg))
+  else:
+    flat["layers/mlp/fc1"] = c(np.stack([stack("mlp/gate"), stack("mlp/up")], 1)
+                               .transpose(0, 3, 1, 2))
+  if cfg.bias and not cfg.moe.enabled:
     flat["layers/mlp/fc1_bias"] = np.stack([stack("mlp/gate_bias"), stack("mlp/up_bias")], 1)
   flat["embedding"] = t["model.embed_tokens.weight"]
   flat["final_norm/scale"] = t["model.norm.weight"]
@@ -161,6 +173,8 @@ def params_to_hf(p: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
   for i in range(l):
     names = _layer_names(i, cfg)
     t.update({names[leaf]: c(v[i]) for leaf, v in stacked.items()})
+  if cfg.moe.enabled:
+    t.update(hf_moe.from_params(layers, cfg))
   if not cfg.share_embeddings_and_output_weights:
     t["lm_head.weight"] = c(p["output"])
   return t
@@ -234,6 +248,8 @@ def load_hf(path: str) -> Loaded:
   if emb is None or emb.ndim != 2:
     raise CheckpointError(f"{source}: missing tensors: model.embed_tokens.weight")
   cfg = hf_config.config_from_json(f, emb.shape[0], dtype_name(emb.dtype))
+  if any(k.endswith("_blocks") for k in tensors):  # gpt-oss's MXFP4 experts.
+    tensors = hf_moe.dequantize_tensors(tensors, emb.dtype)
   if cfg.share_embeddings_and_output_weights and "lm_head.weight" in tensors:
     if not np.array_equal(tensors["lm_head.weight"], emb):
       raise CheckpointError(f"{source}: lm_head.weight differs from model.embed_tokens.weight "

@@ -1,7 +1,8 @@
 """config.json of the Hugging Face decoder families <-> ModelConfig.
 
-Families (model_type: architecture): llama, mistral, qwen2, qwen3, gemma2, gemma3_text, and the
-text model of a multimodal gemma3 folder (its `text_config`). Keys absent from a file take
+Families (model_type: architecture): llama, mistral, qwen2, qwen3, gemma2, gemma3_text, the
+text model of a multimodal gemma3 folder (its `text_config`), and the mixtures of experts
+qwen3_moe, qwen2_moe, mixtral and olmoe (formats/hf_moe.py: their MoE keys). Keys absent from a file take
 the defaults of transformers' own config class for that family. RoPE is read from both
 spellings: the older `rope_theta` + `rope_scaling` (+ Gemma 3's `rope_local_base_freq`) and
 transformers 5's `rope_parameters` (flat, or per layer type). Anything a family's options
@@ -13,19 +14,21 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from dpojax.formats import hf_moe
 from dpojax.formats.convert_common import CheckpointError, Fields
 from dpojax.model import ModelConfig
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                 "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+                 "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                 **hf_moe.ARCHITECTURES}
 MULTIMODAL = {"gemma3": "Gemma3ForConditionalGeneration"}  # Text model under text_config.
 GEMMA = ("gemma2", "gemma3_text")
-QWEN = ("qwen2", "qwen3")
+QWEN = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 # transformers' class defaults where a file leaves a key out.
 _TIED = {"llama": False, "mistral": False, "qwen2": False, "qwen3": False, "gemma2": True,
-         "gemma3_text": True}
-_THETA = {"gemma3_text": 1_000_000.0}  # Else 10000.
+         "gemma3_text": True, **{k: False for k in hf_moe.ARCHITECTURES}}
+_THETA = {"gemma3_text": 1_000_000.0, "mixtral": 1_000_000.0, "gpt_oss": 150_000.0}  # Else 1e4.
 _ROPE_KINDS = {"default": "none", "linear": "linear", "dynamic": "dynamic",
                "llama3": "llama3", "yarn": "yarn"}
 _TORCH_DTYPE = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -109,18 +112,19 @@ def _rope(f: Fields, kind: str) -> dict:
 def _sliding(f: Fields, kind: str, num_layers: int) -> dict:
   """sliding_window and layer_types from the family's keys (or its rule)."""
   # transformers' class default where the key is absent; null is no window.
-  window = f.optional("sliding_window", int, None) if "sliding_window" in f.data else 4096
+  window = f.optional("sliding_window", int, None) if "sliding_window" in f.data else (
+      128 if kind == "gpt_oss" else None if kind in hf_moe.ARCHITECTURES else 4096)
   if kind in QWEN and not f.optional("use_sliding_window", bool, False):
     window = None  # As Qwen2Config: the flag turns the window off whatever layer_types say.
   types = f.optional("layer_types", list, None)
   if types is None:
-    if kind == "mistral":
+    if kind in ("mistral", "mixtral"):
       types = ["sliding_attention"] * num_layers
     elif kind in QWEN:
       first = f.optional("max_window_layers", int, 28)
       types = ["sliding_attention" if i >= first else "full_attention"
                for i in range(num_layers)]
-    elif kind == "gemma2":
+    elif kind in ("gemma2", "gpt_oss"):
       types = ["sliding_attention" if (i + 1) % 2 else "full_attention"
                for i in range(num_layers)]
     elif kind == "gemma3_text":
@@ -146,8 +150,12 @@ def _sliding(f: Fields, kind: str, num_layers: int) -> dict:
 def _biases(f: Fields, kind: str) -> dict:
   if kind == "qwen2":  # Always on q, k and v (the architecture, not a key, says so).
     return {"bias": False, "qkv_bias": True}
-  if kind == "mistral":
+  if kind == "qwen2_moe":
+    return {"bias": False, "qkv_bias": f.optional("qkv_bias", bool, True)}
+  if kind in ("mistral", "mixtral"):
     return {"bias": False, "qkv_bias": False}
+  if kind in hf_moe.ARCHITECTURES:  # No dense MLP: `bias` is the attention's only.
+    return {"bias": f.optional("attention_bias", bool, kind == "gpt_oss"), "qkv_bias": False}
   attention = f.optional("attention_bias", bool, False)
   mlp = f.optional("mlp_bias", bool, False) if kind == "llama" else False
   if attention != mlp:
@@ -174,13 +182,15 @@ def config_from_json(f: Fields, vocab_size: int, param_dtype: str) -> ModelConfi
   if config_vocab != vocab_size:
     raise f.error("vocab_size", f"{config_vocab} but the embedding has {vocab_size} rows")
   softcap = lambda key: float(f.optional(key, float, 0.0)) if gemma else 0.0
+  moe = hf_moe.moe_from_json(f, kind, num_layers)
   scalar = f.optional("query_pre_attn_scalar", float, 256) if gemma else None
   try:
     return ModelConfig(
         vocab_size=vocab_size, hidden_size=d, num_layers=num_layers,
         num_attention_heads=n, num_query_groups=None if kv == n else kv,
         kv_channels=None if head_dim * n == d else head_dim,
-        ffn_hidden_size=f.require("intermediate_size", int),
+        ffn_hidden_size=f.require("intermediate_size", int), moe=moe,
+        qk_norm_all_heads=kind == "olmoe", attention_sinks=kind == "gpt_oss",
         activation="geglu" if gemma else "swiglu",
         normalization="rmsnorm1p" if gemma else "rmsnorm",
         layernorm_epsilon=float(f.optional("rms_norm_eps", float, 1e-6)),
@@ -190,7 +200,7 @@ def config_from_json(f: Fields, vocab_size: int, param_dtype: str) -> ModelConfi
                                                        _TIED[kind]),
         init_method_std=float(f.optional("initializer_range", float, 0.02)),
         param_dtype=param_dtype,
-        qk_norm=kind in ("qwen3", "gemma3_text"), post_norms=gemma, scale_embeddings=gemma,
+        qk_norm=kind in ("qwen3", "gemma3_text", "qwen3_moe", "olmoe"), post_norms=gemma, scale_embeddings=gemma,
         query_pre_attn_scalar=None if scalar is None else float(scalar),
         attention_softcap=softcap("attn_logit_softcapping"),
         final_logit_softcap=softcap("final_logit_softcapping"),
@@ -201,6 +211,8 @@ def config_from_json(f: Fields, vocab_size: int, param_dtype: str) -> ModelConfi
 
 def family(cfg: ModelConfig) -> str:
   """The model_type an export writes: the one family whose options these are."""
+  if cfg.moe.enabled:
+    return hf_moe.family(cfg)
   if cfg.normalization == "rmsnorm1p":
     return "gemma3_text" if cfg.qk_norm else "gemma2"
   if cfg.qk_norm:
@@ -230,6 +242,7 @@ def _canonical(cfg: ModelConfig) -> ModelConfig:
   """cfg with the fields that change nothing reset (unused RoPE factors, run settings)."""
   defaults = ModelConfig()
   reset = {k: getattr(defaults, k) for k in _RUN_FIELDS}
+  reset.update(hf_moe.canonical(cfg))
   if cfg.rope_scaling == "none":
     reset.update({k.name: getattr(defaults, k.name) for k in dataclasses.fields(cfg)
                   if k.name.startswith("rope_")})
@@ -288,15 +301,20 @@ def config_to_json(cfg: ModelConfig, special_ids: dict[str, int]) -> dict:
   }
   if kind == "llama":
     out.update(attention_bias=cfg.bias, mlp_bias=cfg.bias)
-  if kind in ("qwen3",) + GEMMA:
+  if kind in ("qwen3", "qwen3_moe", "olmoe", "gpt_oss") + GEMMA:
     out["attention_bias"] = cfg.bias
+  if kind == "qwen2_moe":
+    out["qkv_bias"] = cfg.qkv_bias
+  out.update(hf_moe.moe_to_json(cfg, kind))
   sliding = cfg.sliding_layers
   types = ["sliding_attention" if s else "full_attention" for s in sliding]
-  if kind != "llama":
+  if kind not in ("llama", "olmoe"):
     out["sliding_window"] = cfg.sliding_window if any(sliding) else None
   if kind in QWEN:
     first = next((i for i, s in enumerate(sliding) if s), cfg.num_layers)
     out.update(use_sliding_window=any(sliding), max_window_layers=first, layer_types=types)
+  if kind == "gpt_oss":
+    out["layer_types"] = types
   if gemma:
     out.update(hidden_activation="gelu_pytorch_tanh", layer_types=types,
                query_pre_attn_scalar=_number(cfg.query_pre_attn_scalar or cfg.head_dim),

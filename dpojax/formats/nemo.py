@@ -36,7 +36,7 @@ import sentencepiece as spm
 from dpojax.formats.convert_common import (
     CheckpointError, Fields, Loaded, check_params, check_tensors, dtype_name, unflatten)
 from dpojax.formats.nemo_archive import Archive, CONFIG_NAME, WEIGHTS_DIR, _clean_tarinfo
-from dpojax.formats.nemo_config import config_from_yaml, config_to_yaml, read_config
+from dpojax.formats.nemo_config import config_from_yaml, config_to_yaml, read_config, refuse_moe
 from dpojax.formats.nemo_mcore import (
     EXTRA_STATE_MODULES, MEGATRON_CORE, mcore_shapes, mcore_to_params, params_to_mcore)
 from dpojax.formats.nemo_weights import _ignored, _write_torch_dist, read_weights
@@ -134,6 +134,7 @@ def save_nemo(path: str, cfg: ModelConfig, params, tokenizer_path: str | None = 
     raise CheckpointError(f"save_nemo({path}): megatron_core={megatron_core!r} is not one of "
                           f"{sorted(EXTRA_STATE_MODULES)}")
 
+  refuse_moe(cfg)  # Before any work: megatron-core's MoE layout is not written.
   flat = check_params(cfg, params, f"save_nemo({path})")
   cfg = dataclasses.replace(cfg, param_dtype=dtype_name(flat["embedding"].dtype))
   tensors = params_to_mcore(unflatten(flat), cfg)

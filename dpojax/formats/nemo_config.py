@@ -103,10 +103,19 @@ _ACTIVATION_OUT = {"swiglu": "fast-swiglu", "gelu": "gelu", "gelu_tanh": "gelu",
 _PRECISION = {"float32": 32, "bfloat16": "bf16", "float16": 16}
 
 
+def refuse_moe(cfg: ModelConfig):
+  if cfg.moe.enabled:
+    raise CheckpointError(
+        f"a .nemo (megatron-core GPT as dpojax writes it) cannot hold a mixture-of-experts "
+        f"model (model.moe.num_experts={cfg.moe.num_experts}); export to a Hugging Face "
+        "folder instead")
+
+
 def config_to_yaml(cfg: ModelConfig, tokenizer_member: str | None, vocab_divisor: int,
                    base: dict | None = None) -> dict:
   """model_config.yaml for megatron-core GPT: `base` (e.g. the imported file) + architecture."""
   default = ModelConfig()
+  refuse_moe(cfg)
   held = [f"model.{k}={getattr(cfg, k)!r}" for k in FAMILY_FIELDS
           if getattr(cfg, k) != getattr(default, k)
           and not (k.startswith("rope_") and k != "rope_scaling" and cfg.rope_scaling == "none")]

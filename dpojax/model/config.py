@@ -14,6 +14,90 @@ REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION_IMPLS = ("auto", "xla", "flash", "sparse")
 ROPE_SCALINGS = ("none", "linear", "dynamic", "llama3", "yarn")
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: x64 reference runs.
+def _check_choice(name, value, choices):
+  if value not in choices:
+    raise ConfigError(f"model.{name}={value!r} is not one of {choices}")
+
+
+MOE_ROUTERS = ("softmax_topk", "topk_softmax")
+MOE_ACTIVATIONS = ("swiglu", "swiglu_clamped")
+MOE_GROUPED_IMPLS = ("auto", "ragged", "tiles")
+# MoeConfig fields that are the run's choice (a checkpoint's config.json does not fix them).
+MOE_RUN_FIELDS = ("aux_loss_coef", "z_loss_coef", "freeze_router", "grouped_impl", "tile")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeConfig:
+  """Mixture-of-experts MLPs (model/moe.py); `num_experts` 0 = a dense MLP in every layer."""
+
+  num_experts: int = 0
+  top_k: int = 2
+  ffn_hidden_size: int = 0  # Each expert's F; 0: the model's ffn_hidden_size.
+  # softmax_topk: softmax over all experts, then the top k (Mixtral, Qwen, OLMoE);
+  # topk_softmax: the top k logits, then softmax over those (gpt-oss).
+  router: str = "softmax_topk"
+  norm_topk_prob: bool = False  # Renormalise the k selected probabilities to sum to 1.
+  router_bias: bool = False  # A bias on the router logits (gpt-oss).
+  expert_bias: bool = False  # Biases on the experts' projections (gpt-oss).
+  # swiglu: silu(gate) * up; swiglu_clamped (gpt-oss): gate clamped above at swiglu_limit,
+  # up to [-limit, limit], then (up + 1) * gate * sigmoid(swiglu_alpha * gate).
+  activation: str = "swiglu"
+  swiglu_alpha: float = 1.702
+  swiglu_limit: float = 7.0
+  shared_expert_size: int = 0  # F of a shared expert with a sigmoid gate (Qwen2-MoE); 0: none.
+  dense_layers: tuple[int, ...] = ()  # Layers with the dense MLP (Qwen2-MoE's mlp_only_layers).
+  router_aux_loss_coef: float = 0.0  # The checkpoint's (config.json router_aux_loss_coef).
+  # The run's choices. aux_loss_coef: the load-balancing loss's weight in the training loss;
+  # None: router_aux_loss_coef; 0: none (NeMo-RL's DPO recipes).
+  aux_loss_coef: float | None = None
+  z_loss_coef: float = 0.0  # Router z-loss: mean over real tokens of logsumexp(logits)^2.
+  freeze_router: bool = False  # No update to the routers (weights and bias).
+  # Grouped matmul: ragged (jax.lax.ragged_dot), tiles (tokens sorted into `tile`-row tiles
+  # of one expert each, padded per expert), auto: ragged on GPU/TPU, tiles on CPU (where
+  # ragged_dot falls back to a masked product E times the work).
+  grouped_impl: str = "auto"
+  tile: int = 128
+
+  def __post_init__(self):
+    object.__setattr__(self, "dense_layers", tuple(int(i) for i in self.dense_layers))
+    _check_choice("moe.router", self.router, MOE_ROUTERS)
+    _check_choice("moe.activation", self.activation, MOE_ACTIVATIONS)
+    _check_choice("moe.grouped_impl", self.grouped_impl, MOE_GROUPED_IMPLS)
+    if self.num_experts < 0:
+      raise ConfigError(f"model.moe.num_experts={self.num_experts} must be >= 0 (0 = dense)")
+    if self.num_experts and not 1 <= self.top_k <= self.num_experts:
+      raise ConfigError(f"model.moe.top_k={self.top_k} must be in [1, "
+                        f"model.moe.num_experts={self.num_experts}]")
+    for name in ("ffn_hidden_size", "shared_expert_size", "z_loss_coef",
+                 "router_aux_loss_coef"):
+      if getattr(self, name) < 0:
+        raise ConfigError(f"model.moe.{name}={getattr(self, name)} must be >= 0")
+    if self.aux_loss_coef is not None and self.aux_loss_coef < 0:
+      raise ConfigError(f"model.moe.aux_loss_coef={self.aux_loss_coef} must be >= 0")
+    if self.tile < 1:
+      raise ConfigError(f"model.moe.tile={self.tile} must be positive")
+
+  @property
+  def enabled(self) -> bool:
+    return self.num_experts > 0
+
+  @property
+  def aux_coef(self) -> float:
+    return self.router_aux_loss_coef if self.aux_loss_coef is None else self.aux_loss_coef
+
+  def with_run_fields(self, run: MoeConfig) -> MoeConfig:
+    """This (a checkpoint's) architecture with `run`'s choices (MOE_RUN_FIELDS)."""
+    return dataclasses.replace(self, **{k: getattr(run, k) for k in MOE_RUN_FIELDS})
+
+  @classmethod
+  def from_value(cls, value) -> MoeConfig:
+    if isinstance(value, MoeConfig):
+      return value
+    d = dict(value or {})
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ConfigError(f"unknown model config keys: {sorted('model.moe.' + k for k in unknown)}")
+    return cls(**d)
 
 
 
@@ -86,8 +170,15 @@ class ModelConfig:
   rope_yarn_beta_fast: float = 32.0
   rope_yarn_beta_slow: float = 1.0
   rope_yarn_truncate: bool = True  # Round yarn's ramp ends to whole dimensions.
+  qk_norm_all_heads: bool = False  # qk_norm over each token's whole q and k (OLMoE), not per head.
+  attention_sinks: bool = False  # A learned per-head logit in the softmax denominator (gpt-oss).
+  moe: MoeConfig = MoeConfig()  # Mixture-of-experts MLPs (see MoeConfig).
 
   def __post_init__(self):
+    object.__setattr__(self, "moe", MoeConfig.from_value(self.moe))
+    for i in self.moe.dense_layers:
+      if not 0 <= i < self.num_layers:
+        raise ConfigError(f"model.moe.dense_layers has layer {i} of {self.num_layers}")
     _check_choice("activation", self.activation, ACTIVATIONS)
     _check_choice("normalization", self.normalization, NORMALIZATIONS)
     _check_choice("position_embedding_type", self.position_embedding_type, POSITION_EMBEDDINGS)
@@ -163,6 +254,12 @@ class ModelConfig:
     return tuple(kind == "sliding_attention" for kind in self.layer_types)
 
   @property
+  def moe_layers(self) -> tuple[bool, ...]:
+    """Per layer: whether its MLP is the mixture of experts."""
+    return tuple(self.moe.enabled and i not in self.moe.dense_layers
+                 for i in range(self.num_layers))
+
+  @property
   def attention_scale(self) -> float | None:
     """The logits' factor; None: the default head_dim^-1/2."""
     s = self.query_pre_attn_scalar
@@ -176,7 +273,3 @@ class ModelConfig:
       raise ConfigError(f"unknown model config keys: {sorted('model.' + k for k in unknown)}")
     return cls(**d)
 
-
-def _check_choice(name, value, choices):
-  if value not in choices:
-    raise ConfigError(f"model.{name}={value!r} is not one of {choices}")

@@ -33,12 +33,16 @@ import jax.numpy as jnp
 from dpojax.model import transformer
 from dpojax.errors import ConfigError
 
-TARGETS = ("attention_qkv", "attention_dense", "mlp_fc1", "mlp_fc2")
+TARGETS = ("attention_qkv", "attention_dense", "mlp_fc1", "mlp_fc2", "experts_fc1",
+           "experts_fc2")
+# `all`: the dense model's targets; MoE layers' experts are `experts` (per-expert adapters).
 ALIASES = {"attention": ("attention_qkv", "attention_dense"), "mlp": ("mlp_fc1", "mlp_fc2"),
-           "all": TARGETS}
+           "experts": ("experts_fc1", "experts_fc2"), "all": TARGETS[:4]}
+EXPERT_TARGETS = ("experts_fc1", "experts_fc2")
 # Target -> where its adapter lives under adapters["layers"].
 _PATHS = {"attention_qkv": ("attention", "qkv"), "attention_dense": ("attention", "out"),
-          "mlp_fc1": ("mlp", "fc1"), "mlp_fc2": ("mlp", "fc2")}
+          "mlp_fc1": ("mlp", "fc1"), "mlp_fc2": ("mlp", "fc2"),
+          "experts_fc1": ("moe", "fc1"), "experts_fc2": ("moe", "fc2")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +71,9 @@ class LoraConfig:
       raise ConfigError(f"lora.alpha={self.alpha} must be positive (or None for lora.rank)")
     if not 0 <= self.dropout < 1:
       raise ConfigError(f"lora.dropout={self.dropout} must be in [0, 1)")
+    if self.dropout and set(self.targets) & set(EXPERT_TARGETS):
+      raise ConfigError(f"lora.dropout={self.dropout} is not supported with the experts "
+                        "targets (set it to 0)")
 
   @property
   def scale(self) -> float:
@@ -77,10 +84,14 @@ def adapter_shapes(model_cfg: transformer.ModelConfig, lora_cfg: LoraConfig) -> 
   """{target: (A shape, B shape)} without the layer axis."""
   d, f, r = model_cfg.hidden_size, model_cfg.ffn_hidden_size, lora_cfg.rank
   n, g, k = model_cfg.num_attention_heads, model_cfg.groups, model_cfg.head_dim
+  e, fe = model_cfg.moe.num_experts, model_cfg.moe.ffn_hidden_size or f
   shapes = {"attention_qkv": ((d, r), (r, n + 2 * g, k)),
             "attention_dense": ((n, k, r), (r, d)),
             "mlp_fc1": ((d, r), (r, 2, f) if model_cfg.gated else (r, f)),
-            "mlp_fc2": ((f, r), (r, d))}
+            "mlp_fc2": ((f, r), (r, d)),
+            "experts_fc1": ((e, d, r), (e, r, 2, fe)), "experts_fc2": ((e, fe, r), (e, r, d))}
+  if set(lora_cfg.targets) & set(EXPERT_TARGETS) and not model_cfg.moe.enabled:
+    raise ConfigError("lora.targets has experts_fc1/experts_fc2 but the model has no experts")
   return {t: shapes[t] for t in lora_cfg.targets}
 
 
@@ -100,7 +111,8 @@ def _init(model_cfg, lora_cfg, rng):
   offsets = [0] + list(itertools.accumulate(sizes))
   layers = {}
   for i, (target, (a_shape, b_shape)) in enumerate(shapes.items()):
-    std = math.sqrt(2.0 / (math.prod(a_shape[:-1]) + lora_cfg.rank))
+    fan_in = a_shape[1:-1] if target in EXPERT_TARGETS else a_shape[:-1]  # Per expert.
+    std = math.sqrt(2.0 / (math.prod(fan_in) + lora_cfg.rank))
     a = std * normal[offsets[i]:offsets[i + 1]].reshape((num,) + a_shape)
     module, name = _PATHS[target]
     layers.setdefault(module, {})[name] = {"lora_a": a,
@@ -110,7 +122,7 @@ def _init(model_cfg, lora_cfg, rng):
 
 def apply(base: Any, adapters: Any, model_cfg: transformer.ModelConfig, lora_cfg: LoraConfig,
           tokens_BxT, positions_BxT, segment_ids_BxT, branch_ids_BxT=None, *,
-          dropout_rng=None, mesh=None):
+          dropout_rng=None, mesh=None, return_moe=False):
   """Hidden states [B, T, D] of the adapted model (`model.apply` when adapters is None).
 
   `dropout_rng`: training only; None (evaluation, reference) applies no dropout. `mesh`: as
@@ -118,10 +130,11 @@ def apply(base: Any, adapters: Any, model_cfg: transformer.ModelConfig, lora_cfg
   """
   if adapters is None:
     return transformer.apply(base, model_cfg, tokens_BxT, positions_BxT, segment_ids_BxT,
-                             branch_ids_BxT, mesh)
+                             branch_ids_BxT, mesh, return_moe)
   return transformer.Transformer(model_cfg, mesh, lora_cfg).apply(
       {"params": base}, tokens_BxT, positions_BxT, segment_ids_BxT,
-      branch_ids_BxT=branch_ids_BxT, adapters=adapters, dropout_rng=dropout_rng)
+      branch_ids_BxT=branch_ids_BxT, adapters=adapters, dropout_rng=dropout_rng,
+      return_moe=return_moe)
 
 
 def deltas(adapters: Any, model_cfg: transformer.ModelConfig, lora_cfg: LoraConfig) -> dict:
@@ -131,7 +144,10 @@ def deltas(adapters: Any, model_cfg: transformer.ModelConfig, lora_cfg: LoraConf
     module, name = _PATHS[target]
     ab = adapters["layers"][module][name]
     a, b = ab["lora_a"].astype(jnp.float32), ab["lora_b"].astype(jnp.float32)
-    out[target] = lora_cfg.scale * jax.vmap(lambda a, b: jnp.tensordot(a, b, axes=1))(a, b)
+    product = lambda a, b: jnp.tensordot(a, b, axes=1)
+    if target in EXPERT_TARGETS:  # [L, E, in, r] x [L, E, r, *out]: per expert.
+      product = jax.vmap(product)
+    out[target] = lora_cfg.scale * jax.vmap(product)(a, b)
   return out
 
 
@@ -141,7 +157,8 @@ def merge(base: Any, adapters: Any, model_cfg: transformer.ModelConfig,
   dtype): a plain params tree for export (.nemo / Hugging Face) or `model.apply`."""
   n, g = model_cfg.num_attention_heads, model_cfg.groups
   layers = dict(base["layers"])
-  att, mlp = dict(layers["attention"]), dict(layers["mlp"])
+  att, mlp = dict(layers["attention"]), dict(layers.get("mlp", {}))
+  moe = dict(layers.get("moe", {}))
   add = lambda w, dw: (w.astype(jnp.float32) + dw).astype(w.dtype)
   for target, dw in deltas(adapters, model_cfg, lora_cfg).items():
     if target == "attention_qkv":  # [L, D, N + 2G, K] -> query, key, value.
@@ -152,9 +169,13 @@ def merge(base: Any, adapters: Any, model_cfg: transformer.ModelConfig,
       att["out"] = add(att["out"], dw)
     elif target == "mlp_fc1":
       mlp["fc1"] = add(mlp["fc1"], dw)
-    else:
+    elif target == "mlp_fc2":
       mlp["fc2"] = add(mlp["fc2"], dw)
-  layers["attention"], layers["mlp"] = att, mlp
+    else:
+      name = "experts_" + target[-3:]
+      moe[name] = add(moe[name], dw)
+  layers["attention"] = att
+  layers.update({k: v for k, v in (("mlp", mlp), ("moe", moe)) if v})
   return {**base, "layers": layers}
 
 

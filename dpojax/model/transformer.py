@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dpojax.model import moe as moe_lib
 from dpojax.model import rope as rope_lib
 from dpojax.model.config import ModelConfig
 from dpojax.ops import attention as attention_ops
@@ -70,18 +71,23 @@ class Norm(nn.Module):
     return y.astype(_dtype(cfg.dtype))
 
 
-def _impl(cfg: ModelConfig) -> str:
+def _impl(cfg: ModelConfig, requested: bool = False) -> str:
+  """The attention path; `requested`: before the fallback of models with sinks to xla."""
   if cfg.attention_impl != "auto":
-    return cfg.attention_impl
-  gpu = jax.default_backend() == "gpu"
-  return "flash" if gpu and jnp.finfo(_dtype(cfg.dtype)).bits <= 32 else "xla"
+    impl = cfg.attention_impl
+  else:
+    gpu = jax.default_backend() == "gpu"
+    impl = "flash" if gpu and jnp.finfo(_dtype(cfg.dtype)).bits <= 32 else "xla"
+  return impl if requested or not cfg.attention_sinks else "xla"
 
 
 def attention_path(cfg: ModelConfig, mesh=None) -> str:
   """The attention path training rows take, for the run's start-up line: the kernel, the
   options it applies, and why a requested path falls back to the dense one."""
-  impl, sliding = _impl(cfg), cfg.sliding_layers
-  has = []
+  impl, sliding = _impl(cfg, requested=True), cfg.sliding_layers
+  if cfg.attention_sinks and impl != "xla":  # Only the dense path has them.
+    return f"{impl} -> xla ({impl} has no attention sinks)"
+  has = ["attention sinks"] if cfg.attention_sinks else []
   if any(sliding):
     has.append(f"window {cfg.sliding_window} on {sum(sliding)}/{cfg.num_layers} layers")
   if cfg.attention_softcap:
@@ -187,7 +193,10 @@ class Attention(nn.Module):
       qkv = low_rank(x_BxTxD, adapters["qkv"], self.lora, dt, rngs[0])
       q_BxTxNxK = q_BxTxNxK + qkv[:, :, :n]
       k_BxTxGxK, v_BxTxGxK = k_BxTxGxK + qkv[:, :, n:n + g], v_BxTxGxK + qkv[:, :, n + g:]
-    if cfg.qk_norm:  # Per head, over head_dim, before RoPE (Qwen3, Gemma 3).
+    if cfg.qk_norm and cfg.qk_norm_all_heads:  # Over each token's whole q and k (OLMoE).
+      whole = lambda y, name: Norm(cfg, name=name)(y.reshape(*y.shape[:2], -1)).reshape(y.shape)
+      q_BxTxNxK, k_BxTxGxK = whole(q_BxTxNxK, "query_norm"), whole(k_BxTxGxK, "key_norm")
+    elif cfg.qk_norm:  # Per head, over head_dim, before RoPE (Qwen3, Gemma 3).
       q_BxTxNxK = Norm(cfg, name="query_norm")(q_BxTxNxK)
       k_BxTxGxK = Norm(cfg, name="key_norm")(k_BxTxGxK)
     if rope is not None:
@@ -198,8 +207,9 @@ class Attention(nn.Module):
       kv = {"key": write(kv["key"], k_BxTxGxK), "value": write(kv["value"], v_BxTxGxK)}
       k_BxTxGxK, v_BxTxGxK = kv["key"].astype(dt), kv["value"].astype(dt)  # Now [B, S, G, K].
     block = cfg.attention_block if kv is None else 0  # The cache path is already causal-short.
+    sinks = self.param("sinks", init, (n,), pdt) if cfg.attention_sinks else None
     o_BxTxNxK = attention_ops.attend(q_BxTxNxK, k_BxTxGxK, v_BxTxGxK, mask_Bx1xTxS, block,
-                                     cfg.attention_scale, cfg.attention_softcap)
+                                     cfg.attention_scale, cfg.attention_softcap, sinks)
     w_o = self.param("out", out_init, (n, k, d), pdt).astype(dt)
     y = dense_ops.dense(o_BxTxNxK, w_o, contract=2)
     if cfg.bias:
@@ -256,13 +266,15 @@ class Mlp(nn.Module):
 class Block(nn.Module):
   cfg: ModelConfig
   lora: Any = None  # LoraConfig of `adapters`.
+  mesh: Any = None  # MoE layers' expert parallelism (a mesh `expert` axis > 1).
 
   @nn.compact
   def __call__(self, x_BxTxD, rope, mask_Bx1xTxS, kv=None, index=None, adapters=None,
-               layer=None, dropout_rng=None):
+               layer=None, dropout_rng=None, valid_BxT=None):
     """`adapters`: this layer's LoRA adapters ({"attention": .., "mlp": ..}); `dropout_rng`
     (training) is folded with the `layer` index into one key per adapted projection.
-    A {"full", "sliding"} `rope` or mask: this `layer` picks its kind's."""
+    A {"full", "sliding"} `rope` or mask: this `layer` picks its kind's. MoE models
+    (`valid_BxT`: the real tokens their router statistics count) return (kv, statistics)."""
     cfg = self.cfg
     adapters = adapters or {}
     rngs = [None] * 4
@@ -279,8 +291,18 @@ class Block(nn.Module):
     if cfg.post_norms:
       y_BxTxD = Norm(cfg, name="post_attention_norm")(y_BxTxD)
     x_BxTxD = x_BxTxD + y_BxTxD
-    y_BxTxD = Mlp(cfg, self.lora, name="mlp")(
-        Norm(cfg, name="pre_mlp_norm")(x_BxTxD), adapters.get("mlp"), rngs[2:])
+    h_BxTxD = Norm(cfg, name="pre_mlp_norm")(x_BxTxD)
+    if cfg.moe.enabled:
+      y_BxTxD, stats = moe_lib.Moe(cfg, self.lora, self.mesh, name="moe")(
+          h_BxTxD, valid_BxT, adapters.get("moe"))
+      if cfg.moe.dense_layers:  # Both kinds' parameters in every layer; each picks its own.
+        is_moe = jnp.asarray(cfg.moe_layers)[layer]
+        dense_BxTxD = Mlp(cfg, self.lora, name="mlp")(h_BxTxD, adapters.get("mlp"), rngs[2:])
+        y_BxTxD = jnp.where(is_moe, y_BxTxD, dense_BxTxD)
+        stats = jax.tree.map(lambda s: jnp.where(is_moe, s, 0), stats)
+      kv = (kv, stats)
+    else:
+      y_BxTxD = Mlp(cfg, self.lora, name="mlp")(h_BxTxD, adapters.get("mlp"), rngs[2:])
     if cfg.post_norms:
       y_BxTxD = Norm(cfg, name="post_mlp_norm")(y_BxTxD)
     x_BxTxD = x_BxTxD + y_BxTxD
@@ -300,8 +322,12 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT, cache=None, *,
-               branch_ids_BxT=None, adapters=None, dropout_rng=None):
+               branch_ids_BxT=None, adapters=None, dropout_rng=None, return_moe=False):
+    """`return_moe` (no cache): (hidden states, the MoE layers' router statistics stacked
+    [L, ...] with the real-token count, or None for a dense model)."""
     cfg = self.cfg
+    moe = cfg.moe.enabled
+    valid_BxT = segment_ids_BxT > 0
     dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
     init = nn.initializers.normal(cfg.init_method_std)
     embedding_VxD = self.param("embedding", init, (cfg.vocab_size, cfg.hidden_size), pdt)
@@ -335,21 +361,29 @@ class Transformer(nn.Module):
       block = nn.remat(Block, policy=policy, prevent_cse=False)
     scan = lambda in_axes, unroll=1: nn.scan(
         block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=in_axes,
-        length=cfg.num_layers, unroll=unroll)(cfg, self.lora, name="layers")
+        length=cfg.num_layers, unroll=unroll)(cfg, self.lora, self.mesh if cfg.moe.enabled
+                                              else None, name="layers")
     unroll = min(cfg.scan_unroll, cfg.num_layers)
     layer_ids = jnp.arange(cfg.num_layers)
     if cache is None:
       mask = layer_mask(cfg, segment_ids_BxT, branch_ids_BxT, self.mesh, positions_BxT)
-      if adapters is None and not (isinstance(rope, dict) or isinstance(mask, dict)):
+      out = None
+      if adapters is None and not moe and not (isinstance(rope, dict) or isinstance(mask, dict)):
         x_BxTxD, _ = scan((nn.broadcast, nn.broadcast), unroll)(x_BxTxD, rope, mask)
       else:  # Each layer's adapters and index are scanned with its params.
         ad = None if adapters is None else adapters["layers"]
-        x_BxTxD, _ = scan((nn.broadcast,) * 4 + (nn.broadcast if ad is None else 0, 0,
-                                                  nn.broadcast), unroll)(
-            x_BxTxD, rope, mask, None, None, ad, layer_ids, dropout_rng)
-      return Norm(cfg, name="final_norm")(x_BxTxD)
+        x_BxTxD, out = scan((nn.broadcast,) * 4 + (nn.broadcast if ad is None else 0, 0,
+                                                    nn.broadcast, nn.broadcast), unroll)(
+            x_BxTxD, rope, mask, None, None, ad, layer_ids, dropout_rng,
+            valid_BxT if moe else None)
+      h_BxTxD = Norm(cfg, name="final_norm")(x_BxTxD)
+      if not return_moe:
+        return h_BxTxD
+      stats = None if not moe else {**out[1], "tokens": jnp.sum(valid_BxT, dtype=jnp.float32)}
+      return h_BxTxD, stats
     # Same module names, so the same parameters; the layer caches are scanned over axis 0.
-    layers = scan((nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast, 0))
+    layers = scan((nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast, 0, nn.broadcast,
+                   nn.broadcast))
     index = cache["index"]
     segment_ids_BxS = jax.lax.dynamic_update_slice_in_dim(
         cache["segment_ids"], segment_ids_BxT.astype(jnp.int32), index, axis=1)
@@ -361,7 +395,8 @@ class Transformer(nn.Module):
     else:
       mask = cached(cfg.sliding_window if any(sliding) else 0)
     x_BxTxD, kv = layers(x_BxTxD, rope, mask, {"key": cache["key"], "value": cache["value"]},
-                         index, None, layer_ids)
+                         index, None, layer_ids, None, valid_BxT if moe else None)
+    kv = kv[0] if moe else kv
     new_cache = {"key": kv["key"], "value": kv["value"], "segment_ids": segment_ids_BxS,
                  "index": index + tokens_BxT.shape[1]}
     return Norm(cfg, name="final_norm")(x_BxTxD), new_cache
@@ -384,12 +419,14 @@ def _init(cfg: ModelConfig, rng: jax.Array):
 
 
 def apply(params: Any, cfg: ModelConfig, tokens_BxT, positions_BxT, segment_ids_BxT,
-          branch_ids_BxT=None, mesh=None):
+          branch_ids_BxT=None, mesh=None, return_moe=False):
   """Pure forward: hidden states [B, T, D]. Positions lie in [0, T), as in every row the data
   pipeline builds (see `rope_table`). `branch_ids`: see `ops.attention.attention_mask`;
-  `mesh`: the device mesh the batch is sharded on (the flash kernel then runs per shard)."""
+  `mesh`: the device mesh the batch is sharded on (the flash kernel then runs per shard).
+  `return_moe`: (hidden states, router statistics or None), see `Transformer`."""
   return Transformer(cfg, mesh).apply({"params": params}, tokens_BxT, positions_BxT,
-                                      segment_ids_BxT, branch_ids_BxT=branch_ids_BxT)
+                                      segment_ids_BxT, branch_ids_BxT=branch_ids_BxT,
+                                      return_moe=return_moe)
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_length: int) -> dict:

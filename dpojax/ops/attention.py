@@ -165,7 +165,7 @@ def _query_tiles(t: int, s: int, block: int) -> tuple[tuple[int, int, int], ...]
 
 
 def attend(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS, block: int = 0,
-           scale: float | None = None, softcap: float = 0.0):
+           scale: float | None = None, softcap: float = 0.0, sinks_N=None):
   """Softmax attention (GQA when N is a multiple of G; any boolean mask, or `Segments`).
 
   A `Segments` mask goes to the flash kernel (ops/flash_attention.py), `TilePairs` to the
@@ -177,8 +177,11 @@ def attend(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS, block: int = 0,
   handling); fp32 and fp64 through `_softmax_attention`.
   `scale` multiplies the logits (None: K^-1/2); `softcap` > 0 caps them to
   softcap * tanh(l / softcap). The flash kernel takes both; the block-sparse path neither
-  (layer_mask gives it only layers without either).
+  (layer_mask gives it only layers without either). `sinks_N` (gpt-oss): a learned logit per
+  query head in every softmax denominator (a boolean mask only: see `sink_attention`).
   """
+  if sinks_N is not None:
+    return sink_attention(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS, scale, sinks_N)
   if isinstance(mask_Bx1xTxS, Segments):
     return flash_attention.attention(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS.ids_BxT,
                                      bounds=mask_Bx1xTxS.bounds, mesh=mask_Bx1xTxS.mesh,
@@ -204,6 +207,22 @@ def attend(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS, block: int = 0,
   o_BxGxRxTxK = _softmax_attention(q, k, v, mask_Bx1xTxS[:, :, None], tiles, scale,
                                    softcap or None)
   return o_BxGxRxTxK.transpose(0, 3, 1, 2, 4).reshape(b, t, n, kd)
+
+
+def sink_attention(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS, scale, sinks_N):
+  """Softmax over [the masked logits, the head's sink logit], the sink's probability
+  dropped (gpt-oss): logits and softmax in fp32 (at least), autodiff backward, [T, S] dense."""
+  b, t, n, kd = q_BxTxNxK.shape
+  g = k_BxSxGxK.shape[2]
+  acc = jnp.promote_types(q_BxTxNxK.dtype, jnp.float32)
+  q = q_BxTxNxK.reshape(b, t, g, n // g, kd)
+  logits = jnp.einsum("btgrk,bsgk->bgrts", q, k_BxSxGxK, preferred_element_type=acc)
+  logits = logits * (kd ** -0.5 if scale is None else scale)
+  logits = jnp.where(mask_Bx1xTxS[:, :, None], logits, 0.7 * jnp.finfo(acc).min)
+  sinks = jnp.broadcast_to(sinks_N.astype(acc).reshape(1, g, n // g, 1, 1), (b, g, n // g, t, 1))
+  p = jax.nn.softmax(jnp.concatenate([logits, sinks], axis=-1), axis=-1)[..., :-1]
+  o = jnp.einsum("bgrts,bsgk->btgrk", p.astype(q.dtype), v_BxSxGxK)
+  return o.reshape(b, t, n, kd)
 
 
 def _capped_half_attention(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS, scale, cap):

@@ -260,7 +260,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def attention(q_BxTxNxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT, interpret: bool | None = None,
               jax_kernel: bool | None = None, *, bounds=None, mesh=None,
-              batch_axes=("data", "fsdp"), head_axis="tensor", scale: float | None = None,
+              batch_axes=("data", "fsdp", "expert"), head_axis="tensor", scale: float | None = None,
               window: int = 0, softcap: float = 0.0):
   """softmax(q k^T / sqrt(K)) v over keys at or before each query in its segment: [B, T, N, K].
 

@@ -65,11 +65,16 @@ def sequence_logps(params, micro: dict, cfg, *, policy: bool = True,
   `ld_alpha` is set): the sum with tokens past the pair's shared length weighted by ld_alpha;
   wpo_logps (WPO, policy only): mean over tokens of (log p - log sum_v p_v^2), no gradient.
   With `adapters` (LoRA), `params` is the base and the model is the adapted one.
+  moe (an MoE policy): its layers' router statistics (model/moe.py).
   """
   loss_cfg = cfg.loss
+  moe = policy and cfg.model.moe.enabled  # The policy's router statistics (its aux loss).
   hidden_BxTxD = lora_lib.apply(
       params, adapters, cfg.model, cfg.lora, micro["tokens"], micro["positions"],
-      micro["segment_ids"], micro.get("branch_ids"), dropout_rng=dropout_rng, mesh=cfg.mesh)
+      micro["segment_ids"], micro.get("branch_ids"), dropout_rng=dropout_rng, mesh=cfg.mesh,
+      return_moe=moe)
+  if moe:
+    hidden_BxTxD, moe_stats = hidden_BxTxD
   c = sharding.context_size(cfg.mesh)
   layout = lambda x: sharding.to_context_layout(x, c)
   targets, mask_orig, seq_orig = shift_targets(micro, cfg.mesh)
@@ -89,6 +94,8 @@ def sequence_logps(params, micro: dict, cfg, *, policy: bool = True,
   if wide is not mask:
     full_sums, full_counts = logprob_lib.sequence_sums(logp_BxT, wide, target_seq, num_seqs)
     out["full_logps"], out["full_counts"] = pairs(full_sums), pairs(full_counts)
+  if moe:
+    out["moe"] = moe_stats
   if loss_cfg.ld_alpha is not None:
     weight_BxT = layout(_ld_token_weights(mask_orig, seq_orig, counts, loss_cfg.ld_alpha))
     out["ld_logps"] = pairs(

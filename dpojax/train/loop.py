@@ -25,6 +25,7 @@ from dpojax import model as model_lib
 from dpojax import plot  # Loads matplotlib only when it draws.
 from dpojax import pretrained as pretrained_lib
 from dpojax import workdir as workdir_lib
+from dpojax.model import moe as moe_lib
 from dpojax.checkpoint import orbax as orbax_ckpt
 from dpojax.checkpoint.orbax import Checkpointer
 from dpojax.data import batching, pipeline, tokenize
@@ -242,8 +243,10 @@ def _run(config, workdir: str, stop: StopRequested) -> dict:
 
   peak = (t.peak_flops if t.peak_flops != 0
           else compiled.matmul_peak_flops(dtype=step_cfg.model.dtype))
+  # MoE models: the parameters a token uses (model/moe.py's active_params).
   throughput = metrics_lib.Throughput(metrics_lib.flops_per_token(
-      n_params, reference=step_cfg.reference, lora=step_cfg.lora is not None), peak)
+      moe_lib.active_params(step_cfg.model, n_params), reference=step_cfg.reference,
+      lora=step_cfg.lora is not None), peak)
   bar = metrics_lib.progress_bar(t.max_steps, start, lead)
 
   def first_call(fn, *args):

@@ -1,10 +1,11 @@
 """Device meshes and sharding rules: one code path from one CPU to many GPU hosts.
 
-The mesh has axes (data, fsdp, context, tensor). Batches split their row axis over data and
-fsdp, and (context > 1) each row's tokens over context, in the load-balanced layout of
-`ops.context_attention.mirrored_order` that `global_batch` applies;
-parameters (and so optimizer state, which mirrors them) split their model dimension D over
-fsdp and heads / MLP hidden / vocab over tensor. A dimension that a mesh axis does not divide
+The mesh has axes (data, fsdp, context, tensor, expert). Batches split their row axis over
+data, fsdp and expert, and (context > 1) each row's tokens over context, in the load-balanced
+layout of `ops.context_attention.mirrored_order` that `global_batch` applies; parameters (and
+so optimizer state, which mirrors them) split their model dimension D over fsdp, heads / MLP
+hidden / vocab over tensor, and the experts of MoE layers over expert (their tokens travel
+there and back by all-to-all: ops/grouped.py). A dimension that a mesh axis does not divide
 stays replicated, so every model runs on every mesh. XLA's SPMD partitioner inserts the
 collectives; the vocab-sharded logsumexp reduces per shard and combines partial results.
 """
@@ -22,9 +23,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dpojax.ops import context_attention
 
-AXES = ("data", "fsdp", "tensor")  # The config's axes that `resolve_shape` sizes.
-MESH_AXES = ("data", "fsdp", "context", "tensor")  # The mesh's (context: mesh.context).
-BATCH = ("data", "fsdp")  # Rows of a batch split over both data-parallel axes.
+AXES = ("data", "fsdp", "tensor", "expert")  # The config's axes that `resolve_shape` sizes.
+# The mesh's (context: mesh.context).
+MESH_AXES = ("data", "fsdp", "context", "tensor", "expert")
+# Rows of a batch split over the data-parallel axes (expert parallelism is data parallelism
+# outside the experts).
+BATCH = ("data", "fsdp", "expert")
 CONTEXT = context_attention.AXIS  # Each row's tokens, when mesh.context > 1.
 
 # Logical axes of each parameter, by leaf name (layer-stacked leaves have a leading None).
@@ -42,36 +46,45 @@ _RULES = {
     "fc1": (None, "embed", None, "mlp"),  # Gated [L, D, 2, F]; ungated drops the 2.
     "fc1_bias": (None, None, "mlp"),
     "fc2": (None, "mlp", "embed"),
+    # MoE layers (model/moe.py): experts over `expert`; inside the experts' shard_map
+    # each device holds its experts whole (D and F gathered there).
+    "experts_fc1": (None, "expert", "embed", None, None),
+    "experts_fc2": (None, "expert", None, "embed"),
+    "experts_fc1_bias": (None, "expert", None, None),
+    "experts_fc2_bias": (None, "expert", None),
+    "shared_fc1": (None, "embed", None, "mlp"),
+    "shared_fc2": (None, "mlp", "embed"),
 }
 _LOGICAL_TO_MESH = {"vocab": "tensor", "heads": "tensor", "kv_heads": "tensor",
-                    "mlp": "tensor", "embed": "fsdp"}
+                    "mlp": "tensor", "embed": "fsdp", "expert": "expert"}
 
 
-def resolve_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
-  """(data, fsdp, tensor) sizes; one entry may be -1 for 'the rest of the devices'."""
-  sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
+def resolve_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
+  """(data, fsdp, tensor, expert) sizes; one entry may be -1 for 'the rest of the devices'.
+  mesh.expert may be absent (run configs written before it): 1."""
+  sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, mesh_cfg.get("expert", 1)]
   if sum(s == -1 for s in sizes) > 1:
-    raise ValueError(f"at most one of mesh.data/fsdp/tensor may be -1, got {sizes}")
+    raise ValueError(f"at most one of mesh.data/fsdp/tensor/expert may be -1, got {sizes}")
   known = math.prod(s for s in sizes if s != -1)
   if any(s == 0 or s < -1 for s in sizes) or num_devices % known:
-    raise ValueError(f"mesh (data, fsdp, tensor) = {tuple(sizes)} does not fit "
+    raise ValueError(f"mesh (data, fsdp, tensor, expert) = {tuple(sizes)} does not fit "
                      f"{num_devices} devices")
   sizes = [num_devices // known if s == -1 else s for s in sizes]
   if math.prod(sizes) != num_devices:
-    raise ValueError(f"mesh.data*mesh.fsdp*mesh.tensor = {math.prod(sizes)} but there are "
-                     f"{num_devices} devices")
+    raise ValueError(f"mesh.data*mesh.fsdp*mesh.tensor*mesh.expert = {math.prod(sizes)} but "
+                     f"there are {num_devices} devices")
   return tuple(sizes)
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
-  """The (data, fsdp, context, tensor) mesh; `mesh_cfg.context` (default 1) must divide the
-  devices, and data/fsdp/tensor share what it leaves."""
+  """The (data, fsdp, context, tensor, expert) mesh; `mesh_cfg.context` (default 1) must
+  divide the devices, and data/fsdp/tensor/expert share what it leaves."""
   devices = jax.devices() if devices is None else devices
   context = int(mesh_cfg.get("context", 1) or 1)
   if context < 1 or len(devices) % context:
     raise ValueError(f"mesh.context={context} does not divide {len(devices)} devices")
-  data, fsdp, tensor = resolve_shape(mesh_cfg, len(devices) // context)
-  return Mesh(np.asarray(devices).reshape(data, fsdp, context, tensor), MESH_AXES)
+  data, fsdp, tensor, expert = resolve_shape(mesh_cfg, len(devices) // context)
+  return Mesh(np.asarray(devices).reshape(data, fsdp, context, tensor, expert), MESH_AXES)
 
 
 def context_size(mesh) -> int:
@@ -110,7 +123,8 @@ def param_spec(path: tuple, shape: tuple, mesh: Mesh) -> P:
   spec = []
   for dim, axis in zip(shape, logical):
     mesh_axis = _LOGICAL_TO_MESH.get(axis)
-    ok = mesh_axis is not None and mesh.shape[mesh_axis] > 1 and dim % mesh.shape[mesh_axis] == 0
+    size = mesh.shape.get(mesh_axis, 1) if mesh_axis is not None else 1
+    ok = size > 1 and dim % size == 0
     spec.append(mesh_axis if ok else None)
   return P(*spec)
 

@@ -25,6 +25,7 @@ from dpojax import config as config_lib
 from dpojax import loss as loss_lib
 from dpojax import model as model_lib
 from dpojax.model import lora as lora_lib
+from dpojax.model import moe as moe_lib
 from dpojax.train import logps as logps_lib
 from dpojax.train import reference as reference_lib
 
@@ -136,12 +137,16 @@ def micro_loss(params, ref_params, micro: dict, cfg: StepConfig, normalizers: di
   loss, metrics = loss_lib.dpo_loss(stats, loss_cfg, num_pairs=normalizers["pairs"],
                                     num_chosen_tokens=normalizers.get("chosen_tokens"))
   metrics["tokens"] = jnp.sum(policy["counts"] * micro["pair_mask"][:, None])
+  if "moe" in policy:  # The router losses of this forward, averaged over the micro-batches.
+    loss = loss + moe_lib.router_loss(policy["moe"], cfg.model) / normalizers.get("micro_batches", 1)
+    metrics.update(moe_lib.metric_sums(policy["moe"], cfg.model))
   return loss, metrics
 
 
 def _global_normalizer(batch, cfg: StepConfig) -> dict:
   """Counts over the whole global batch that turn micro-batch sums into global means."""
-  out = {"pairs": jnp.maximum(jnp.sum(batch["pair_mask"]), 1.0)}
+  out = {"pairs": jnp.maximum(jnp.sum(batch["pair_mask"]), 1.0),
+         "micro_batches": batch["pair_mask"].shape[0]}
   if cfg.loss.uses_token_sft:  # Chosen response tokens (even sequence ids), all micro-batches
     # (ORPO: prompt and response).
     flat = {k: batch[k].reshape(-1, batch[k].shape[-1])
@@ -186,6 +191,8 @@ def train_step(state: TrainState, ref_params, batch: dict, *, cfg: StepConfig,
                                      (batch, jnp.arange(num_micro)))
 
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  if cfg.model.moe.freeze_router:  # Not even weight decay moves the routers.
+    updates = moe_lib.freeze_router(updates)
   params = optax.apply_updates(state.params, updates)
   metrics["grad_norm"] = optax.tree.norm(grads)
   metrics["learning_rate"] = schedule(state.step)

@@ -162,6 +162,9 @@ def _run(config, workdir: str, stop: StopRequested) -> dict:
         print(warning, flush=True)
   t = config.train
   mesh = sharding.make_mesh(config.mesh)
+  if sharding.context_size(mesh) > 1 and step_cfg.model.attention_sinks:
+    raise config_lib.ConfigError("mesh.context > 1: the context-parallel attention has no "
+                                 "attention sinks (gpt-oss); use mesh.context=1")
   step_cfg = dataclasses.replace(step_cfg, mesh=mesh)  # Vocab-parallel log-probs, flash shards.
   tx, schedule = step_lib.make_optimizer(t)
   key = jax.random.key(t.seed)

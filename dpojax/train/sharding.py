@@ -20,6 +20,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dpojax.errors import ConfigError
 from dpojax.ops import context_attention
 
 AXES = ("data", "fsdp", "tensor")  # The config's axes that `resolve_shape` sizes.
@@ -51,14 +52,14 @@ def resolve_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   """(data, fsdp, tensor) sizes; one entry may be -1 for 'the rest of the devices'."""
   sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
   if sum(s == -1 for s in sizes) > 1:
-    raise ValueError(f"at most one of mesh.data/fsdp/tensor may be -1, got {sizes}")
+    raise ConfigError(f"at most one of mesh.data/fsdp/tensor may be -1, got {sizes}")
   known = math.prod(s for s in sizes if s != -1)
   if any(s == 0 or s < -1 for s in sizes) or num_devices % known:
-    raise ValueError(f"mesh (data, fsdp, tensor) = {tuple(sizes)} does not fit "
+    raise ConfigError(f"mesh (data, fsdp, tensor) = {tuple(sizes)} does not fit "
                      f"{num_devices} devices")
   sizes = [num_devices // known if s == -1 else s for s in sizes]
   if math.prod(sizes) != num_devices:
-    raise ValueError(f"mesh.data*mesh.fsdp*mesh.tensor = {math.prod(sizes)} but there are "
+    raise ConfigError(f"mesh.data*mesh.fsdp*mesh.tensor = {math.prod(sizes)} but there are "
                      f"{num_devices} devices")
   return tuple(sizes)
 
@@ -69,7 +70,7 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
   context = int(mesh_cfg.get("context", 1) or 1)
   if context < 1 or len(devices) % context:
-    raise ValueError(f"mesh.context={context} does not divide {len(devices)} devices")
+    raise ConfigError(f"mesh.context={context} does not divide {len(devices)} devices")
   data, fsdp, tensor = resolve_shape(mesh_cfg, len(devices) // context)
   return Mesh(np.asarray(devices).reshape(data, fsdp, context, tensor), MESH_AXES)
 

@@ -327,3 +327,14 @@ def test_context_memory_benchmark_smoke():
   c1, c2 = (float(x.split()[0]) for x in row.strip("| ").split("|")[1:])
   assert c1 > 0 and c2 >= 0
   assert any(l.startswith("C = 2: T = 64") for l in lines), proc.stdout
+
+
+@pytest.mark.slow
+def test_context_that_does_not_divide_the_devices_is_one_error_line(tmp_path):
+  """A bad mesh.context stops the CLI with one `error:` line naming the key, exit 1."""
+  cmd = [sys.executable, "-m", "dpojax.main", "--config=tests/configs/tiny.py",
+         f"--workdir={tmp_path}", "--config.mesh.context=3"]
+  proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  assert "error: mesh.context=3 does not divide 8 devices" in proc.stderr.splitlines()

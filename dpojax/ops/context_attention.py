@@ -20,7 +20,6 @@ Saved per layer: q, k, v, out (the device's own T / C tokens) and the [B, N, T /
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 

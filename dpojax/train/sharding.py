@@ -21,6 +21,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dpojax.errors import ConfigError
 from dpojax.ops import context_attention
 
 AXES = ("data", "fsdp", "tensor", "expert")  # The config's axes that `resolve_shape` sizes.
@@ -64,15 +65,15 @@ def resolve_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
   mesh.expert may be absent (run configs written before it): 1."""
   sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, mesh_cfg.get("expert", 1)]
   if sum(s == -1 for s in sizes) > 1:
-    raise ValueError(f"at most one of mesh.data/fsdp/tensor/expert may be -1, got {sizes}")
+    raise ConfigError(f"at most one of mesh.data/fsdp/tensor/expert may be -1, got {sizes}")
   known = math.prod(s for s in sizes if s != -1)
   if any(s == 0 or s < -1 for s in sizes) or num_devices % known:
-    raise ValueError(f"mesh (data, fsdp, tensor, expert) = {tuple(sizes)} does not fit "
-                     f"{num_devices} devices")
+    raise ConfigError(f"mesh (data, fsdp, tensor, expert) = {tuple(sizes)} does not fit "
+                      f"{num_devices} devices")
   sizes = [num_devices // known if s == -1 else s for s in sizes]
   if math.prod(sizes) != num_devices:
-    raise ValueError(f"mesh.data*mesh.fsdp*mesh.tensor*mesh.expert = {math.prod(sizes)} but "
-                     f"there are {num_devices} devices")
+    raise ConfigError(f"mesh.data*mesh.fsdp*mesh.tensor*mesh.expert = {math.prod(sizes)} but "
+                      f"there are {num_devices} devices")
   return tuple(sizes)
 
 
@@ -82,7 +83,7 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
   context = int(mesh_cfg.get("context", 1) or 1)
   if context < 1 or len(devices) % context:
-    raise ValueError(f"mesh.context={context} does not divide {len(devices)} devices")
+    raise ConfigError(f"mesh.context={context} does not divide {len(devices)} devices")
   data, fsdp, tensor, expert = resolve_shape(mesh_cfg, len(devices) // context)
   return Mesh(np.asarray(devices).reshape(data, fsdp, context, tensor, expert), MESH_AXES)
 

@@ -1,7 +1,8 @@
 """Per-sequence statistics of a micro-batch: the log-prob sums the loss compares.
 
 `sequence_logps(weights, micro, cfg)` runs the model (LoRA's adapted one when `adapters` are
-given) and reduces its response log-probs to [P, 2] (chosen, rejected) sums, with LD-DPO's
+given) and reduces its response log-probs (only at the rows' `loss_positions` when the batch
+carries them: data/buckets.py) to [P, 2] (chosen, rejected) sums, with LD-DPO's
 length-weighted sums and WPO's per-token alignment when the loss asks for them. `cfg` is the
 step's StepConfig (model, loss, logprob and LoRA settings).
 """
@@ -43,6 +44,13 @@ def sequence_logps(params, micro: dict, cfg, *, policy: bool = True,
       micro["segment_ids"], micro.get("branch_ids"), dropout_rng=dropout_rng, mesh=cfg.mesh)
   targets, mask, target_seq = logprob_lib.shift_targets(
       micro["tokens"], micro["segment_ids"], micro["loss_mask"], micro["sequence_ids"])
+  complete = True
+  if "loss_positions" in micro:  # Response-only: [B, M] tokens from here on (ops/logprob.py).
+    hidden_BxTxD, targets, kept, target_seq = logprob_lib.take_rows(
+        micro["loss_positions"], hidden_BxTxD, targets, mask, target_seq)
+    # Positions that miss a loss token would drop it silently: poison the sums instead.
+    complete = jnp.all(jnp.sum(kept, axis=1) == jnp.sum(mask, axis=1))
+    mask = kept
   out_weight_VxD = model_lib.output_weight(params, cfg.model)
   logp_BxT = logprob_lib.logprob(hidden_BxTxD, out_weight_VxD, targets, mask,
                                  impl=cfg.logprob_impl, token_block=cfg.logprob_token_block,
@@ -51,6 +59,8 @@ def sequence_logps(params, micro: dict, cfg, *, policy: bool = True,
   num_pairs = micro["pair_mask"].shape[0]
   num_seqs = 2 * num_pairs
   pairs = lambda x: x.reshape(num_pairs, 2)
+  if complete is not True:
+    logp_BxT = jnp.where(complete, logp_BxT, jnp.nan)
   sums, counts = logprob_lib.sequence_sums(logp_BxT, mask, target_seq, num_seqs)
   out = {"logps": pairs(sums), "counts": pairs(counts)}
   if loss_cfg.ld_alpha is not None:

@@ -1,7 +1,7 @@
 """data/buckets.py: length buckets, response positions and per-step (pair-counted) packing
 change what a step computes, never a per-pair log-prob or a gradient (beyond rounding)."""
 
-import dataclasses
+import json
 import os
 
 import jax
@@ -15,9 +15,11 @@ from dpojax.data import batching, buckets, packing, pipeline
 from dpojax.data.tokenize import Tokenizer
 from dpojax.ops import logprob as logprob_lib
 from dpojax.train import logps as logps_lib
+from dpojax.train import loop
 from dpojax.train import step as step_lib
+from dpojax.train.metrics import TIMING_METRICS
 
-from conftest import ROOT
+from conftest import ROOT, tiny_config
 
 TOKENIZER = os.path.join(ROOT, "dpojax", "assets", "tokenizer.model")
 VAL = os.path.join(ROOT, "dpojax", "assets", "toy_prefs_val.jsonl")
@@ -218,3 +220,29 @@ def test_batch_packing_blocks_agree_across_processes():
   for i, p in enumerate(parts):  # Process i holds sequences of pairs 2i, 2i + 1.
     seqs = np.unique(p["sequence_ids"])
     assert set(seqs[seqs >= 0].tolist()) == set(range(4 * i, 4 * i + 4))
+
+
+@pytest.mark.slow
+def test_batch_packed_run_resumes_exactly_and_says_its_layout(tmp_path, capsys):
+  """data.packing=batch with a shared prompt: 6 steps straight = 3, then 3 more resumed
+  (bucketed shapes change from step to step); the start-up line names the layout."""
+  def config(steps):
+    c = tiny_config()
+    c.data.packing, c.data.share_prompt, c.train.max_steps = "batch", True, steps
+    return c
+
+  straight = loop.run(config(6), str(tmp_path / "straight"))
+  assert "batches 4 pairs per micro-batch packed into rows of (32, 64, 96) tokens" in \
+      capsys.readouterr().out
+  loop.run(config(3), str(tmp_path / "resumed"))
+  resumed = loop.run(config(6), str(tmp_path / "resumed"))
+  read = lambda d: [json.loads(l) for l in open(tmp_path / d / "metrics.jsonl")]
+  a, b = read("straight"), read("resumed")
+  assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
+  assert all(r["num_pairs"] == 8 for r in a if r["split"] == "train")  # Pairs, not rows.
+  for ra, rb in zip(a, b):
+    for key in ra:
+      if key not in TIMING_METRICS and key != "split":
+        assert ra[key] == rb[key], (ra["step"], key)
+  jax.tree.map(np.testing.assert_array_equal, straight["state"].params,
+               resumed["state"].params)

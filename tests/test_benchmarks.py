@@ -19,7 +19,7 @@ HH = [f"--hh_path={HH_SLICE}", f"--hh_tokenizer={TOY_TOKENIZER}"]
 RUNS = {
     "attention.py": (["--rows=1", "--seq=64", "--blocks=0,32", "--repeats=1"], "block"),
     "attention_layer.py": (["--repeats=1"], "forward+backward"),
-    "dot_layouts.py": (["--repeats=2"], "ms"),
+    "dot_layouts.py": (["--repeats=2"], "mk,nk:"),
     "gpu_check.py": (["--small", "--impls=xla,chunked"], "attention"),
     "logprob.py": (["--shapes=64x32x100", "--masked_in=0.5", "--runs=1", "--impls=xla,chunked"],
                    "chunked"),

@@ -20,7 +20,8 @@ the google test model, vocab 1000 like the benchmark model), max length --hh_max
 bucket, log-probs at response tokens only: the default), rows (rows of 2 x --hh_max_len,
 first_fit_decreasing, --pairs then counts ROWS), batch (each step's --pairs pairs packed into
 bucketed rows of --hh_pack_size), batch_shared (the same with each prompt once): pairs/s
-counts real pairs. Every distinct batch shape runs once before the clock (one compile each).
+counts real pairs. Every distinct batch shape runs once before the clock (one compile each),
+and the runs of a script alternate step by step (a busy machine slows them alike).
 --model=135m: the shape of a real 135M chat model (common.MODEL_135M), random init. Without ../shared it falls
 back to the 99-pair slice in tests/testdata and the toy tokenizer (too few pairs for figures).
 --share_prompt adds data.share_prompt=True: fixed pairs go one per row (prompt once, both
@@ -153,8 +154,9 @@ def dump_pairs(data, path):
   print(f"wrote {len(data)} pairs to {path}")
 
 
-def run(step_cfg, batches, params, tx, schedule, mesh):
-  """Median step time and the mean real pairs per step."""
+def prepare(step_cfg, batches, params, tx, schedule, mesh):
+  """A function that runs step i on batches[i] and returns its wall time. Every distinct
+  batch shape runs once first (its one compilation stays off the clock)."""
   if step_cfg.reference == "precomputed":  # The table a precompute pass would give.
     copy_cfg = dataclasses.replace(step_cfg, reference="copy")
     for b in batches:
@@ -167,22 +169,27 @@ def run(step_cfg, batches, params, tx, schedule, mesh):
   # Own buffers (no host round trip): the step donates the state, and params would alias it.
   ref, state = (jax.tree.map(jnp.copy, jax.device_put(x, sh))
                 for x, sh in ((ref_params, ref_sh), (state, state_sh)))
+  box = [state]
+
+  def step(i):
+    gbatch = sharding.global_batch(batches[i], mesh)
+    t = time.perf_counter()
+    box[0], metrics = train_fn(box[0], ref, gbatch)
+    jax.block_until_ready(metrics)
+    return time.perf_counter() - t
+
   seen = set()
-  for batch in batches:  # One compilation per distinct shape, before the clock.
+  for i, batch in enumerate(batches):
     shape = tuple(sorted((k, v.shape) for k, v in batch.items()))
     if shape not in seen:
       seen.add(shape)
-      state, metrics = train_fn(state, ref, sharding.global_batch(batch, mesh))
-      jax.block_until_ready(metrics)
-  times, pairs = [], []
-  for i, batch in enumerate(batches):
-    gbatch = sharding.global_batch(batch, mesh)
-    t = time.perf_counter()
-    state, metrics = train_fn(state, ref, gbatch)
-    jax.block_until_ready(metrics)
-    if i >= ARGS.warmup:
-      times.append(time.perf_counter() - t)
-      pairs.append(float(np.sum(batch["pair_mask"])))
+      step(i)
+  return step
+
+
+def summary(times, batches):
+  """(median step time, mean real pairs per step, pairs/s over the timed span)."""
+  pairs = [float(np.sum(b["pair_mask"])) for b in batches[ARGS.warmup:]]
   return statistics.median(times), statistics.mean(pairs), sum(pairs) / sum(times)
 
 
@@ -232,9 +239,18 @@ def main():
         micro_rows=ARGS.micro_rows, pack_size=ARGS.pack_size, vocab=cfg.vocab_size)}
   else:
     runs = {f"hh {name}": hh_batches(name) for name in ARGS.hh_layouts.split(",")}
+  # Layouts alternate step by step (A, B, A, B...), so a busy machine slows them alike.
+  steppers = {name: prepare(step_cfg, batches, params, tx, schedule, mesh)
+              for name, batches in runs.items()}
+  times = {name: [] for name in runs}
+  for i in range(ARGS.warmup + ARGS.steps):
+    for name, step in steppers.items():
+      elapsed = step(i)
+      if i >= ARGS.warmup:
+        times[name].append(elapsed)
   results = {}
   for name, batches in runs.items():
-    step, pairs, pairs_per_s = run(step_cfg, batches, params, tx, schedule, mesh)
+    step, pairs, pairs_per_s = summary(times[name], batches)
     tokens = np.mean([np.sum(b["segment_ids"] > 0) for b in batches[ARGS.warmup:]])
     flops = flops_per_token * tokens / step
     results[name] = pairs_per_s

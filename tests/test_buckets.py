@@ -112,9 +112,12 @@ def _micro(batch):
   return {k: jnp.asarray(v[0]) for k, v in batch.items()}
 
 
-@pytest.mark.parametrize("impl", [pytest.param("xla", marks=pytest.mark.slow), "chunked",
-                                  pytest.param("pallas", marks=pytest.mark.slow), "triton"])
-def test_response_only_equals_the_full_path(layouts, impl):
+@pytest.mark.parametrize("impl,name", [
+    (impl, name) if (impl, name) in (("chunked", "rows_shared"), ("triton", "padded"),
+                                     ("triton", "rows_shared"))
+    else pytest.param(impl, name, marks=pytest.mark.slow)  # The quick loop: the default impl.
+    for impl in ("xla", "chunked", "pallas", "triton") for name in ("padded", "rows_shared")])
+def test_response_only_equals_the_full_path(layouts, impl, name):
   """Values and gradients (fp32, 1e-5) of every statistic the losses read, on padded, packed
   and shared-prompt rows: with and without `loss_positions`."""
   if impl == "triton" and jax.default_backend() != "gpu":
@@ -134,20 +137,18 @@ def test_response_only_equals_the_full_path(layouts, impl):
       return jnp.sum(w * out["logps"]) + jnp.sum(w[::-1] * out["ld_logps"]), out
     return jax.value_and_grad(f, has_aux=True)(params)
 
-  for name in ("padded", "rows_shared"):
-    micro = _micro(layouts[name][1])
-    full = {k: v for k, v in micro.items() if k != "loss_positions"}
-    (got_v, got), got_g = stats(params, micro)
-    (want_v, want), want_g = stats(params, full)
-    assert abs(float(want_v)) > 100.0  # Real sums.
-    np.testing.assert_allclose(got_v, want_v, rtol=1e-5)
-    for k in want:
-      np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5, err_msg=(name, k))
-    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got_g),
-                            jax.tree.leaves(want_g)):
-      scale = float(np.abs(w).max())
-      assert scale > 0
-      np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * scale, err_msg=(name, str(path)))
+  micro = _micro(layouts[name][1])
+  full = {k: v for k, v in micro.items() if k != "loss_positions"}
+  (got_v, got), got_g = stats(params, micro)
+  (want_v, want), want_g = stats(params, full)
+  assert abs(float(want_v)) > 100.0  # Real sums.
+  np.testing.assert_allclose(got_v, want_v, rtol=1e-5)
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5, err_msg=k)
+  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got_g), jax.tree.leaves(want_g)):
+    scale = float(np.abs(w).max())
+    assert scale > 0
+    np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * scale, err_msg=str(path))
 
 
 def test_missing_positions_poison_the_sums(layouts):

@@ -247,3 +247,11 @@ def test_batch_packed_run_resumes_exactly_and_says_its_layout(tmp_path, capsys):
         assert ra[key] == rb[key], (ra["step"], key)
   jax.tree.map(np.testing.assert_array_equal, straight["state"].params,
                resumed["state"].params)
+
+
+def test_batch_packed_rows_come_in_multiples_of_the_devices():
+  data = _data(packing="batch")
+  packer = buckets.BatchPacker(data, micro_pairs=8, processes=1, count=4, row_multiple=4)
+  assert packer.row_sizes == (4, 8)
+  batch = packer(list(range(8)), 0)
+  assert batch["tokens"].shape[1] in (4, 8) and batch["pair_mask"].shape == (1, 8)

@@ -193,7 +193,8 @@ def _collate_fn(data: PreferenceData, shard: ProcessShard):
   opts = data.opts
   if opts.packing == "batch" and not data.packed:
     packer = buckets.BatchPacker(data, micro_pairs=shard.micro,
-                                 processes=shard.micro // shard.local, count=opts.length_buckets)
+                                 processes=shard.micro // shard.local, count=opts.length_buckets,
+                                 row_multiple=jax.local_device_count())
     return lambda units: _positions(packer(units, shard.index), opts)
   if data.packed:
     kwargs = dict(micro_rows=shard.local, pack_size=data.packed_size,
@@ -229,8 +230,8 @@ def describe_layout(data: PreferenceData, global_batch_size: int, micro_batch_si
   if opts.packing == "batch" and not data.packed:
     shard = ProcessShard(global_batch_size, micro_batch_size, 0, jax.process_count(), "pairs")
     what = buckets.BatchPacker(data, micro_pairs=shard.micro,
-                               processes=jax.process_count(),
-                               count=opts.length_buckets).describe()
+                               processes=jax.process_count(), count=opts.length_buckets,
+                               row_multiple=jax.local_device_count()).describe()
   elif data.packed:
     what = f"packed rows of {data.packed_size} tokens"
   else:

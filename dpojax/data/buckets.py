@@ -96,13 +96,17 @@ def rows_budget(data, rows, sizes) -> int:
 class BatchPacker:
   """data.packing=batch: a micro-batch's pairs -> bucketed rows (see the module docstring)."""
 
-  def __init__(self, data, *, micro_pairs: int, processes: int, count: int):
+  def __init__(self, data, *, micro_pairs: int, processes: int, count: int,
+               row_multiple: int = 1):
+    """row_multiple: a process's rows come in multiples of this (its devices: rows are
+    split over the mesh's data and fsdp axes)."""
     self.data, self.micro, self.processes = data, micro_pairs, processes
     self.local = micro_pairs // processes
     self.capacity = data.opts.resolved_pack_size
     self.lengths = data.row_lengths  # Tokens a pair takes in a row.
     self.length_sizes = ladder(self.capacity, count)
-    self.row_sizes = ladder(self.local, count, round_to=1)
+    self.row_sizes = tuple(sorted({-(-r // row_multiple) * row_multiple
+                                   for r in ladder(self.local, count, round_to=1)}))
 
   def describe(self) -> str:
     return (f"{self.micro} pairs per micro-batch packed into rows of {self.length_sizes} "

@@ -81,7 +81,7 @@ def hh_segments():
   from dpojax.data import batching
   out = {}
   for name, packing in (("padded", "none"), ("packed", "first_fit_decreasing")):
-    data = common.hh_data(packing, max_len=512)
+    data = common.hh_data(packing, max_len=512, length_buckets=1)  # Padded: 512 wide.
     batch = next(iter(batching.train_dataset(data, global_batch_size=8, micro_batch_size=8,
                                              seed=0)))
     seg = np.asarray(batch["segment_ids"])

@@ -28,15 +28,42 @@ MODEL_1B = transformer.ModelConfig(
     max_position_embeddings=4096, dtype="bfloat16", attention_block=0, scan_unroll=1)
 
 
+# The shape of a real 135M chat model (SmolLM2-135M's: vocab 49152, hidden 576, FFN 1536, 30
+# layers, 9 heads, 3 KV heads, tied), random init, fp32: issue 34's --model=135m.
+MODEL_135M = transformer.ModelConfig(
+    vocab_size=49152, hidden_size=576, ffn_hidden_size=1536, num_layers=30,
+    num_attention_heads=9, num_query_groups=3, activation="swiglu", normalization="rmsnorm",
+    position_embedding_type="rope", share_embeddings_and_output_weights=True,
+    max_position_embeddings=8192, attention_block=0, scan_unroll=1)
+
+# One small layer: the tests' smoke runs of the scripts (compiles in seconds).
+MODEL_TINY = transformer.ModelConfig(
+    vocab_size=1000, hidden_size=32, ffn_hidden_size=64, num_layers=1, num_attention_heads=2,
+    num_query_groups=1, activation="swiglu", normalization="rmsnorm",
+    position_embedding_type="rope", share_embeddings_and_output_weights=True,
+    max_position_embeddings=8192, attention_block=0, scan_unroll=1)
+
+MODELS = {"issue10": MODEL, "1b": MODEL_1B, "135m": MODEL_135M, "tiny": MODEL_TINY}
+
+# HH layouts (train_throughput.py --data=hh): data options over hh_data's.
+HH_LAYOUTS = {
+    "max": dict(packing="none", length_buckets=1, response_only=False),  # Before issue 34.
+    "buckets": dict(packing="none"),  # Length buckets + response-only log-probs.
+    "rows": dict(packing="first_fit_decreasing"),  # Rows of 2 x max_len; batches count rows.
+    "batch": dict(packing="batch"),  # Each step's pairs packed; batches count pairs.
+    "batch_shared": dict(packing="batch", share_prompt=True),
+}
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HH_PATH = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf", "harmless-base", "test.jsonl.gz")
 HH_TOKENIZER = os.path.join(ROOT, "..", "shared", "data", "tokenizers", "sentencepiece-test",
                             "test_model.model")
 
 
-def hh_data(packing_name, *, max_len, path=None, tokenizer=None, share_prompt=False):
+def hh_data(packing_name, *, max_len, path=None, tokenizer=None, share_prompt=False, **opts):
   """The HH-RLHF pairs (tokenized, over-long ones dropped), padded (`packing_name` "none") or
-  packed into rows of 2 * max_len. Defaults: ../shared's harmless-base test split and the
+  packed into rows of 2 * max_len (`opts`: other data options). Defaults: ../shared's harmless-base test split and the
   google test tokenizer (vocab 1000, like the benchmark model); a clone without ../shared
   falls back to the test slice and the toy tokenizer."""
   from dpojax.data.tokenize import Tokenizer
@@ -45,9 +72,9 @@ def hh_data(packing_name, *, max_len, path=None, tokenizer=None, share_prompt=Fa
     path = os.path.join(ROOT, "tests", "testdata", "hh-rlhf", "harmless-base-test-slice.jsonl.gz")
     tokenizer = os.path.join(ROOT, "dpojax", "assets", "tokenizer.model")
     print(f"(HH-RLHF data or tokenizer missing: using {path} and {tokenizer})")
-  opts = pipeline.DataOptions(max_seq_length=max_len, template="plain", truncation="drop",
-                              on_error="skip", packing=packing_name, pack_size=2 * max_len,
-                              share_prompt=share_prompt)
+  opts = pipeline.DataOptions(**dict(dict(
+      max_seq_length=max_len, template="plain", truncation="drop", on_error="skip",
+      packing=packing_name, pack_size=2 * max_len, share_prompt=share_prompt), **opts))
   return pipeline.PreferenceData(path, Tokenizer(tokenizer), opts)
 
 

@@ -49,8 +49,9 @@ def synthetic(n: int, pack_size: int, repeats: int, strategies):
 
 
 def hh_data(path, tokenizer, max_seq_length, pack_size, packing_opt="none"):
+  # length_buckets=1: padded rows keep max_seq_length, the layout this script compares.
   opts = pipeline.DataOptions(max_seq_length=max_seq_length, on_error="skip",
-                              packing=packing_opt, pack_size=pack_size)
+                              packing=packing_opt, pack_size=pack_size, length_buckets=1)
   return pipeline.PreferenceData(path, Tokenizer(tokenizer), opts)
 
 

@@ -3,8 +3,10 @@
   python benchmarks/train_throughput.py                 # fixed-length pairs, live reference
   python benchmarks/train_throughput.py --devices=8     # the same on 8 emulated CPU devices
   python benchmarks/train_throughput.py --reference=precomputed   # 6N per token
-  python benchmarks/train_throughput.py --data=hh       # HH-RLHF lengths: padded vs packed
+  python benchmarks/train_throughput.py --data=hh       # HH-RLHF lengths: each layout
   python benchmarks/train_throughput.py --share_prompt  # + each pair's prompt computed once
+  python benchmarks/train_throughput.py --model=135m --data=hh --hh_max_len=192 --pairs=4 \
+      --micro_pairs=4 --hh_layouts=buckets        # issue 34: a real 135M model's shape
   python benchmarks/train_throughput.py --model=1b --data=packed --attention_impl=flash  # GPU
 
 Model (issue 10): Llama-style, vocab 1000, hidden 256, FFN 688 (swiglu), 4 layers, 8 heads,
@@ -13,8 +15,14 @@ token is 8N FLOPs with a live reference (6N policy forward+backward, 2N referenc
 6N with precomputed reference log-probs (the batch carries them; the precompute pass is not
 timed). --data=hh tokenizes HH-RLHF harmless-base test pairs (any SentencePiece model; default
 the google test model, vocab 1000 like the benchmark model), max length --hh_max_len, and times
-the same token budget per step padded (pairs of rows of --hh_max_len) and packed (rows of
-2 x --hh_max_len, first_fit_decreasing): pairs/s counts real pairs. Without ../shared it falls
+--pairs pairs per step in each of --hh_layouts (benchmarks/common.HH_LAYOUTS): max (padded to
+--hh_max_len, full-length log-probs: before issue 34), buckets (padded to the batch's length
+bucket, log-probs at response tokens only: the default), rows (rows of 2 x --hh_max_len,
+first_fit_decreasing, --pairs then counts ROWS), batch (each step's --pairs pairs packed into
+bucketed rows of --hh_pack_size), batch_shared (the same with each prompt once): pairs/s
+counts real pairs. Every distinct batch shape runs once before the clock (one compile each),
+and the runs of a script alternate step by step (a busy machine slows them alike).
+--model=135m: the shape of a real 135M chat model (common.MODEL_135M), random init. Without ../shared it falls
 back to the 99-pair slice in tests/testdata and the toy tokenizer (too few pairs for figures).
 --share_prompt adds data.share_prompt=True: fixed pairs go one per row (prompt once, both
 responses branching off it; rows rounded up to a multiple of 8), HH pairs are packed so.
@@ -30,6 +38,7 @@ of --pack_size tokens per step (--micro_rows per forward/backward); the peak is 
 
 import argparse
 import dataclasses
+import resource
 import json
 import os
 import statistics
@@ -63,7 +72,14 @@ def parse():
   p.add_argument("--hh_dump", default=None,
                  help="write the tokenized HH pairs (prompt / chosen / rejected ids, JSONL) "
                       "here and exit: benchmarks/trl_throughput.py --data=hh reads them")
-  p.add_argument("--model", default="issue10", choices=("issue10", "1b"))
+  p.add_argument("--model", default="issue10", choices=("issue10", "1b", "135m", "tiny"))
+  p.add_argument("--hh_layouts", default="max,buckets,rows",
+                 help="--data=hh: comma list of benchmarks/common.HH_LAYOUTS")
+  p.add_argument("--hh_pack_size", type=int, default=0,
+                 help="row capacity of the batch layouts; 0 = 2 x --hh_max_len")
+  p.add_argument("--length_buckets", type=int, default=4, help="data.length_buckets")
+  p.add_argument("--response_only", default="on", choices=("on", "off"),
+                 help="--data=fixed: log-probs at response tokens only (loss_positions)")
   p.add_argument("--attention_impl", default="auto", choices=("auto", "xla", "flash", "sparse"))
   p.add_argument("--flash_kernel", default="ours", choices=("ours", "jax"),
                  help="flash: our segment-skipping kernel or JAX's causal segment-masked one")
@@ -87,7 +103,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dpojax import model as model_lib  # noqa: E402
-from dpojax.data import batching  # noqa: E402
+from dpojax.data import batching, buckets  # noqa: E402
 from dpojax.ops import flash_attention  # noqa: E402
 from dpojax.train import compiled, sharding  # noqa: E402
 from dpojax.train import metrics as metrics_lib  # noqa: E402
@@ -95,14 +111,17 @@ from dpojax.train import precompute  # noqa: E402
 from dpojax.train import step as step_lib  # noqa: E402
 
 import common  # noqa: E402  (benchmarks/common.py)
-from common import MODEL, MODEL_1B, matmul_peak  # noqa: E402
+from common import matmul_peak  # noqa: E402
 
 H100_BF16_DENSE = 989.4e12  # H100 SXM datasheet, dense bf16 (no sparsity).
 
 
 def synthetic_batch(rng, share_prompt=False):
-  return common.synthetic_batch(rng, pairs=ARGS.pairs, seq=ARGS.seq, prompt=ARGS.prompt,
-                                micro_pairs=ARGS.micro_pairs, share_prompt=share_prompt)
+  batch = common.synthetic_batch(rng, pairs=ARGS.pairs, seq=ARGS.seq, prompt=ARGS.prompt,
+                                 micro_pairs=ARGS.micro_pairs, share_prompt=share_prompt)
+  if ARGS.response_only == "off":
+    return batch
+  return buckets.add_loss_positions(batch, ARGS.seq - ARGS.prompt)
 
 
 def hh_data(packing, share_prompt=False):
@@ -110,9 +129,14 @@ def hh_data(packing, share_prompt=False):
                         tokenizer=ARGS.hh_tokenizer, share_prompt=share_prompt)
 
 
-def hh_batches(packing, share_prompt=False):
-  """Global batches of HH-RLHF pairs with the same token budget per step, padded or packed."""
-  data = hh_data(packing, share_prompt)
+def hh_batches(layout):
+  """Global batches of HH-RLHF pairs in one of common.HH_LAYOUTS."""
+  opts = dict(common.HH_LAYOUTS[layout])
+  opts.setdefault("length_buckets", ARGS.length_buckets)
+  if ARGS.hh_pack_size:
+    opts["pack_size"] = ARGS.hh_pack_size
+  data = common.hh_data(opts.pop("packing"), max_len=ARGS.hh_max_len, path=ARGS.hh_path,
+                        tokenizer=ARGS.hh_tokenizer, **opts)
   it = iter(batching.train_dataset(data, global_batch_size=ARGS.pairs,
                                    micro_batch_size=ARGS.micro_pairs, seed=0))
   return [next(it) for _ in range(ARGS.warmup + ARGS.steps)]
@@ -130,8 +154,9 @@ def dump_pairs(data, path):
   print(f"wrote {len(data)} pairs to {path}")
 
 
-def run(step_cfg, batches, params, tx, schedule, mesh):
-  """Median step time and the mean real pairs per step."""
+def prepare(step_cfg, batches, params, tx, schedule, mesh):
+  """A function that runs step i on batches[i] and returns its wall time. Every distinct
+  batch shape runs once first (its one compilation stays off the clock)."""
   if step_cfg.reference == "precomputed":  # The table a precompute pass would give.
     copy_cfg = dataclasses.replace(step_cfg, reference="copy")
     for b in batches:
@@ -144,15 +169,27 @@ def run(step_cfg, batches, params, tx, schedule, mesh):
   # Own buffers (no host round trip): the step donates the state, and params would alias it.
   ref, state = (jax.tree.map(jnp.copy, jax.device_put(x, sh))
                 for x, sh in ((ref_params, ref_sh), (state, state_sh)))
-  times, pairs = [], []
-  for i, batch in enumerate(batches):
-    gbatch = sharding.global_batch(batch, mesh)
+  box = [state]
+
+  def step(i):
+    gbatch = sharding.global_batch(batches[i], mesh)
     t = time.perf_counter()
-    state, metrics = train_fn(state, ref, gbatch)
+    box[0], metrics = train_fn(box[0], ref, gbatch)
     jax.block_until_ready(metrics)
-    if i >= ARGS.warmup:
-      times.append(time.perf_counter() - t)
-      pairs.append(float(np.sum(batch["pair_mask"])))
+    return time.perf_counter() - t
+
+  seen = set()
+  for i, batch in enumerate(batches):
+    shape = tuple(sorted((k, v.shape) for k, v in batch.items()))
+    if shape not in seen:
+      seen.add(shape)
+      step(i)
+  return step
+
+
+def summary(times, batches):
+  """(median step time, mean real pairs per step, pairs/s over the timed span)."""
+  pairs = [float(np.sum(b["pair_mask"])) for b in batches[ARGS.warmup:]]
   return statistics.median(times), statistics.mean(pairs), sum(pairs) / sum(times)
 
 
@@ -161,11 +198,13 @@ def main():
     dump_pairs(hh_data("none"), ARGS.hh_dump)
     return
   flash_attention.JAX_KERNEL = ARGS.flash_kernel == "jax"
-  base = MODEL if ARGS.model == "issue10" else MODEL_1B
+  base = common.MODELS[ARGS.model]
   cfg = dataclasses.replace(base, remat=ARGS.remat, dtype=ARGS.dtype or base.dtype,
                             attention_block=ARGS.attention_block,
                             attention_impl=ARGS.attention_impl, scan_unroll=ARGS.scan_unroll or (
                                 base.num_layers if ARGS.model == "issue10" else 1))
+  if ARGS.data == "hh" and ARGS.share_prompt and "batch_shared" not in ARGS.hh_layouts:
+    ARGS.hh_layouts += ",batch_shared"
   train_cfg = ml_collections.ConfigDict(dict(
       learning_rate=1e-4, warmup_steps=1, max_steps=1000, min_lr_ratio=0.1, weight_decay=0.0,
       adam_b1=0.9, adam_b2=0.98, adam_eps=1e-8, grad_clip=1.0))
@@ -199,14 +238,19 @@ def main():
         np.random.default_rng(0), steps=ARGS.warmup + ARGS.steps, rows=ARGS.rows,
         micro_rows=ARGS.micro_rows, pack_size=ARGS.pack_size, vocab=cfg.vocab_size)}
   else:
-    runs = {f"hh padded {ARGS.hh_max_len}": hh_batches("none"),
-            f"hh packed {2 * ARGS.hh_max_len}": hh_batches("first_fit_decreasing")}
-    if ARGS.share_prompt:
-      runs[f"hh packed {2 * ARGS.hh_max_len} shared prompt"] = hh_batches(
-          "first_fit_decreasing", share_prompt=True)
+    runs = {f"hh {name}": hh_batches(name) for name in ARGS.hh_layouts.split(",")}
+  # Layouts alternate step by step (A, B, A, B...), so a busy machine slows them alike.
+  steppers = {name: prepare(step_cfg, batches, params, tx, schedule, mesh)
+              for name, batches in runs.items()}
+  times = {name: [] for name in runs}
+  for i in range(ARGS.warmup + ARGS.steps):
+    for name, step in steppers.items():
+      elapsed = step(i)
+      if i >= ARGS.warmup:
+        times[name].append(elapsed)
   results = {}
   for name, batches in runs.items():
-    step, pairs, pairs_per_s = run(step_cfg, batches, params, tx, schedule, mesh)
+    step, pairs, pairs_per_s = summary(times[name], batches)
     tokens = np.mean([np.sum(b["segment_ids"] > 0) for b in batches[ARGS.warmup:]])
     flops = flops_per_token * tokens / step
     results[name] = pairs_per_s
@@ -217,12 +261,11 @@ def main():
           f"tokens/s={tokens / step:.0f} model_flops/s({flops_per_token / n_params:.0f}N)="
           f"{flops / 1e9:.1f}G ratio={flops / peak:.1%}" + (
               f" mfu_datasheet={flops / H100_BF16_DENSE:.1%}" if gpu else ""), flush=True)
-  if ARGS.data == "hh":
-    padded, packed = list(results.values())[:2]
-    print(f"packed/padded pairs/s: {packed / padded:.2f}x")
-  if ARGS.share_prompt:
-    plain, shared = list(results.values())[-2:]
-    print(f"shared prompt/without pairs/s: {shared / plain:.2f}x")
+  if len(results) > 1:
+    first = next(iter(results))
+    print(", ".join(f"{name}/{first} pairs/s: {r / results[first]:.2f}x"
+                    for name, r in results.items()))
+  print(f"peak_rss_gib={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,11 @@ Runs in its own venv (not the repo's; it does not import dpojax):
   /tmp/venvtrl/bin/pip install trl==1.16.0 torch==2.13.0  # the pin keeps pip off torch
   /tmp/venvtrl/bin/python benchmarks/trl_throughput.py                          # live reference
   /tmp/venvtrl/bin/python benchmarks/trl_throughput.py --reference=precomputed  # 6N per token
+(or `pip install -e .[test]`, which installs trl==1.16.0 beside the CPU torch pin.)
+TRL runs twice by default, with gradient checkpointing off (its fastest on a CPU) and on (its
+DPOConfig default), and the last line names the faster: compare dpojax with that one.
+--model=135m: the shape of a real 135M chat model (common.MODEL_135M: vocab 49152, hidden
+576, FFN 1536, 30 layers, 9 heads, 3 KV heads, tied), random init, as train_throughput.py's.
 
 No network: the model is built from its config (random init) and the pairs are random ids
 written as text for a word-level tokenizer built in memory (TRL 1.16 always tokenizes its
@@ -35,6 +40,7 @@ real tokens, and the mean padded tokens per step (what TRL computes on).
 
 import argparse
 import copy
+import resource
 import json
 import os
 import statistics
@@ -67,9 +73,13 @@ def parse():
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--reference", default="copy", choices=("copy", "precomputed"))
   p.add_argument("--data", default="fixed", choices=("fixed", "hh"))
-  p.add_argument("--gradient_checkpointing", default="on", choices=("on", "off"),
+  p.add_argument("--gradient_checkpointing", default="both", choices=("both", "on", "off"),
                  help="TRL 1.16 recomputes activations by default (DPOConfig's "
-                      "gradient_checkpointing=True); off is its fastest setting here")
+                      "gradient_checkpointing=True); off is its fastest setting on a CPU; "
+                      "both: one run of each (off first), and the faster is reported")
+  p.add_argument("--model", default="issue10", choices=tuple(MODELS),
+                 help="issue10: benchmarks/common.MODEL; 135m: a real 135M chat model's "
+                      "shape (common.MODEL_135M); tiny: one small layer (smoke tests)")
   p.add_argument("--hh_pairs", default=None,
                  help="--data=hh: JSONL from train_throughput.py --data=hh --hh_dump=PATH")
   args = p.parse_args()
@@ -80,10 +90,18 @@ def parse():
   return args
 
 
-def make_model(pad=PAD):
+# benchmarks/common.py's models (this script does not import dpojax): vocab, hidden, FFN,
+# layers, heads, KV heads, parameters (tied embeddings counted once).
+MODELS = {"issue10": (VOCAB, 256, 688, 4, 8, 4, N_PARAMS),
+          "135m": (49152, 576, 1536, 30, 9, 3, 134_515_008),
+          "tiny": (VOCAB, 32, 64, 1, 2, 1, 41_312)}
+
+
+def make_model(pad=PAD, name="issue10"):
+  vocab, hidden, ffn, layers, heads, kv_heads, _ = MODELS[name]
   config = transformers.LlamaConfig(
-      vocab_size=VOCAB, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-      num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True,
+      vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+      num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=True,
       max_position_embeddings=8192, rope_parameters={"rope_type": "default", "rope_theta": 1e4},
       attention_bias=False, mlp_bias=False, pad_token_id=pad, bos_token_id=BOS,
       eos_token_id=EOS)
@@ -185,26 +203,39 @@ def matmul_peak(n=2048, repeats=5):
 
 def main():
   args = parse()
-  torch.manual_seed(0)
   if args.data == "hh":
     train_dataset, ids, pad = load_hh(args.hh_pairs)
   else:
     train_dataset, ids = make_pairs(args, torch.Generator().manual_seed(0))
     pad = PAD
-  model = make_model(pad)
+  peak = matmul_peak()
+  settings = ("off", "on") if args.gradient_checkpointing == "both" else (
+      args.gradient_checkpointing,)
+  results = {gc: train(args, gc, train_dataset, ids, pad, peak) for gc in settings}
+  best = max(results, key=results.get)
+  print(f"trl fastest: gradient_checkpointing={best} pairs/s={results[best]:.2f} ("
+        + ", ".join(f"{gc}: {r:.2f}" for gc, r in results.items()) + ") "
+        f"peak_rss_gib={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f}",
+        flush=True)
+
+
+def train(args, gradient_checkpointing, train_dataset, ids, pad, peak) -> float:
+  """One TRL training run (a fresh model from seed 0); prints its line, returns pairs/s."""
+  torch.manual_seed(0)
+  model = make_model(pad, args.model)
   n_params = sum(p.numel() for p in model.parameters())  # Tied: the embedding counts once.
-  assert n_params == N_PARAMS, n_params
+  assert n_params == MODELS[args.model][-1], n_params
   # TRL's own default reloads the policy from its hub id, which a config-built model lacks:
   # a frozen copy of the initial weights is what that reload would give.
   ref_model = copy.deepcopy(model).eval() if args.reference == "copy" else None
   tokenizer = make_tokenizer(pad)
   tokens = 2 * args.pairs * args.seq
   flops_per_token = (8 if args.reference == "copy" else 6) * n_params
-  peak = matmul_peak()
   print(f"torch={torch.__version__} transformers={transformers.__version__} "
         f"trl={trl.__version__} threads={torch.get_num_threads()} params={n_params:,} "
         f"attention={model.config._attn_implementation} pairs/step={args.pairs} "
-        f"reference={args.reference} gradient_checkpointing={args.gradient_checkpointing} "
+        f"reference={args.reference} gradient_checkpointing={gradient_checkpointing} "
+        f"model={args.model} "
         f"matmul_peak={peak / 1e9:.1f}G data={args.data}"
         + (f" pairs={len(ids)} pad_id={pad}" if args.data == "hh" else ""), flush=True)
 
@@ -217,7 +248,7 @@ def main():
         precompute_ref_log_probs=args.reference == "precomputed", use_cpu=True,
         bf16=False, fp16=False, dataloader_num_workers=0, report_to="none",
         eval_strategy="no", save_strategy="no", logging_strategy="no", disable_tqdm=True,
-        gradient_checkpointing=args.gradient_checkpointing == "on", seed=0)
+        gradient_checkpointing=gradient_checkpointing == "on", seed=0)
     trainer = trl.DPOTrainer(model=model, ref_model=ref_model, args=config,
                              train_dataset=train_dataset, processing_class=tokenizer,
                              callbacks=[timer])
@@ -248,19 +279,20 @@ def main():
     timed = slice(args.warmup, args.warmup + args.steps)
     total, real = sum(timer.times[timed]), sum(counter.real[timed])
     flops = flops_per_token * real / total
-    print(f"trl hh: step_time_s={total / args.steps:.4f} pairs/step={args.pairs} "
+    print(f"trl hh (gradient_checkpointing {gradient_checkpointing}): step_time_s={total / args.steps:.4f} pairs/step={args.pairs} "
           f"pairs/s={args.pairs * args.steps / total:.2f} real_tokens/s={real / total:.0f} "
           f"real_tokens/step={real / args.steps:.0f} "
           f"padded_tokens/step={sum(counter.padded[timed]) / args.steps:.0f} "
           f"model_flops/s({flops_per_token // n_params}N)={flops / 1e9:.1f}G "
           f"ratio={flops / peak:.1%} matmul_peak={peak / 1e9:.1f}G", flush=True)
-    return
+    return args.pairs * args.steps / total
   step = statistics.median(timer.times[args.warmup:])
   flops = flops_per_token * tokens / step
-  print(f"trl fixed {args.seq}: step_time_s={step:.4f} pairs/step={args.pairs} "
+  print(f"trl fixed {args.seq} (gradient_checkpointing {gradient_checkpointing}): step_time_s={step:.4f} pairs/step={args.pairs} "
         f"pairs/s={args.pairs / step:.2f} tokens/s={tokens / step:.0f} "
         f"model_flops/s({flops_per_token // n_params}N)={flops / 1e9:.1f}G "
         f"ratio={flops / peak:.1%} matmul_peak={peak / 1e9:.1f}G", flush=True)
+  return args.pairs / step
 
 
 if __name__ == "__main__":

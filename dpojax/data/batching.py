@@ -32,7 +32,7 @@ import grain
 import jax
 import numpy as np
 
-from dpojax.data import packing
+from dpojax.data import buckets, packing
 from dpojax.data.packed_dir import packing_stats
 from dpojax.data.pipeline import BATCH_KEYS, DataOptions, PreferenceData
 from dpojax.data.sources import DataError
@@ -208,18 +208,56 @@ class ProcessShard:
 
 def _collate_fn(data: PreferenceData, shard: ProcessShard):
   """Global batch units (pair indices, or rows of pair indices; None = padding) -> this
-  process's arrays."""
+  process's arrays. Lengths, response budgets and batch packing: data/buckets.py."""
   opts = data.opts
+  if opts.packing == "batch" and not data.packed:
+    packer = buckets.BatchPacker(data, micro_pairs=shard.micro,
+                                 processes=shard.micro // shard.local, count=opts.length_buckets,
+                                 row_multiple=jax.local_device_count())
+    return lambda units: _positions(packer(units, shard.index), opts)
   if data.packed:
     kwargs = dict(micro_rows=shard.local, pack_size=data.packed_size,
                   pairs_per_row=data.pairs_per_row(), row_offset=shard.offset,
                   default_rewards=(opts.default_chosen_reward, opts.default_rejected_reward),
                   share_prompt=data.share_prompt)
-    return lambda units: packing.collate_rows(shard(units), data.__getitem__, **kwargs)
-  return lambda units: collate(
-      [None if i is None else data[int(i)] for i in shard(units)],
-      micro_batch_size=shard.local, seq_len=opts.max_seq_length, opts=opts,
-      pair_offset=shard.offset)
+    sizes = buckets.ladder(data.packed_size, opts.length_buckets)
+    return lambda units: _positions(
+        packing.collate_rows(shard(units), data.__getitem__, **kwargs), opts,
+        lambda: buckets.rows_budget(data, units, sizes))
+  sizes = buckets.ladder(opts.max_seq_length, opts.length_buckets)
+
+  def padded(units):
+    seq_len, budget = buckets.padded_sizes(data, units, sizes)
+    batch = collate([None if i is None else data[int(i)] for i in shard(units)],
+                    micro_batch_size=shard.local, seq_len=seq_len, opts=opts,
+                    pair_offset=shard.offset)
+    return _positions(batch, opts, lambda: budget)
+
+  return padded
+
+
+def _positions(batch: dict, opts: DataOptions, budget=None) -> dict:
+  """The batch with its `loss_positions` (data.response_only), within `budget()` (global)."""
+  if not opts.response_only:
+    return {k: v for k, v in batch.items() if k != "loss_positions"}
+  return batch if budget is None else buckets.add_loss_positions(batch, budget())
+
+
+def describe_layout(data: PreferenceData, global_batch_size: int, micro_batch_size: int) -> str:
+  """How a run lays out its batches, for the start-up line."""
+  opts = data.opts
+  if opts.packing == "batch" and not data.packed:
+    shard = ProcessShard(global_batch_size, micro_batch_size, 0, jax.process_count(), "pairs")
+    what = buckets.BatchPacker(data, micro_pairs=shard.micro,
+                               processes=jax.process_count(), count=opts.length_buckets,
+                               row_multiple=jax.local_device_count()).describe()
+  elif data.packed:
+    what = f"packed rows of {data.packed_size} tokens"
+  else:
+    what = (f"padded to length buckets {buckets.ladder(opts.max_seq_length, opts.length_buckets)}"
+            if opts.length_buckets > 1 else f"padded to {opts.max_seq_length}")
+  what += ", shared prompt" if data.share_prompt else ""
+  return what + (", response-only log-probs" if opts.response_only else "")
 
 
 def train_dataset(data: PreferenceData, *, global_batch_size: int, micro_batch_size: int,

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 STRATEGIES = ("first_fit_decreasing", "first_fit_shuffle")
-PACKINGS = ("none",) + STRATEGIES
+PACKINGS = ("none",) + STRATEGIES + ("batch",)  # batch: data/buckets.py.
 
 
 def _first_fit_runs(sizes: np.ndarray, capacity: int) -> np.ndarray:

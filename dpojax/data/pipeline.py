@@ -32,7 +32,7 @@ ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 TOY_TRAIN = os.path.join(ASSETS, "toy_prefs_train.jsonl")  # configs/dpo_gpt.py's defaults.
 TOY_VAL = os.path.join(ASSETS, "toy_prefs_val.jsonl")
 # A run config written before a field existed ran with this value, not today's default.
-_BEFORE_FIELD = {"boundary": "apart"}
+_BEFORE_FIELD = {"boundary": "apart", "length_buckets": 1, "response_only": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +56,8 @@ class DataOptions:
   boundary: str = "joint"  # tokenize.BOUNDARIES.
   unpair: bool = False  # KTO: split paired records into examples (data/unpaired.py).
   kl_chunk: int = 0  # KTO: examples with KL partners from runs of this many; 0 = pairs.
+  length_buckets: int = 4  # Padded lengths (and batch-packed rows): data/buckets.py.
+  response_only: bool = True  # Batches carry `loss_positions` (data/buckets.py).
 
   def __post_init__(self):
     for key, value, allowed in (("format", self.format, FORMATS),
@@ -75,6 +77,9 @@ class DataOptions:
     if not self.shuffle and self.packing == "first_fit_shuffle":
       raise DataError("data.packing=first_fit_shuffle re-packs every epoch in a random order, "
                       "but data.shuffle=False; use first_fit_decreasing (or shuffle)")
+    if self.length_buckets < 1:
+      raise DataError(f"data.length_buckets={self.length_buckets} must be >= 1 (1: pad every "
+                      "batch to data.max_seq_length)")
     if self.read_threads < 1 or self.prefetch < 0:
       raise DataError(f"data.read_threads={self.read_threads} must be >= 1 and "
                       f"data.prefetch={self.prefetch} >= 0")
@@ -123,8 +128,8 @@ class PreferenceData:
       self._read_records(path)
     # A layout, not a value change: padded data (e.g. a JSONL val file next to a packed
     # train directory) simply keeps its two rows per pair.
-    self.share_prompt = opts.share_prompt and self.packed
-    if opts.share_prompt and not self.packed:
+    self.share_prompt = opts.share_prompt and (self.packed or opts.packing == "batch")
+    if opts.share_prompt and not self.share_prompt:
       logging.info("%s: read as padded rows (data.packing=none), so data.share_prompt does "
                    "not apply to it", path)
     self.pair_lengths = self.chosen_len.astype(np.int64) + self.rejected_len
@@ -252,7 +257,8 @@ class PreferenceData:
   # --- access ----------------------------------------------------------------------------
   @property
   def packed(self) -> bool:
-    return self.rows is not None or self.opts.packing != "none"
+    """Rows of packed pairs are the batch unit (data.packing=batch packs pairs per step)."""
+    return self.rows is not None or self.opts.packing not in ("none", "batch")
 
   @property
   def packed_size(self) -> int:

@@ -33,6 +33,19 @@ def shift_targets(tokens_BxT, segment_ids_BxT, loss_mask_BxT, sequence_ids_BxT):
   return targets, mask, pad(sequence_ids_BxT, -1)
 
 
+def take_rows(positions_BxM, *arrays):
+  """Each array ([B, T] or [B, T, D]) gathered along axis 1 at `positions` ([B, M]).
+
+  With a row's response positions (the batch's `loss_positions`), the log-prob of any
+  implementation then runs on [B, M] tokens instead of [B, T]: the output layer and the
+  log-softmax only where a loss reads them. The gather's transpose scatters the hidden
+  states' cotangent back, so gradients are the full path's.
+  """
+  take = lambda x: jnp.take_along_axis(
+      x, positions_BxM.reshape(positions_BxM.shape + (1,) * (x.ndim - 2)), axis=1)
+  return tuple(take(x) for x in arrays)
+
+
 def resolve_impl(impl: str) -> str:
   """`auto` -> the backend's default; anything else must be a known implementation."""
   if impl == "auto":

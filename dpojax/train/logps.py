@@ -1,7 +1,8 @@
 """Per-sequence statistics of a micro-batch: the log-prob sums the loss compares.
 
 `sequence_logps(weights, micro, cfg)` runs the model (LoRA's adapted one when `adapters` are
-given) and reduces its response log-probs to [P, 2] (chosen, rejected) sums, with LD-DPO's
+given) and reduces its response log-probs (only at the rows' `loss_positions` when the batch
+carries them: data/buckets.py) to [P, 2] (chosen, rejected) sums, with LD-DPO's
 length-weighted sums and WPO's per-token alignment when the loss asks for them. `cfg` is the
 step's StepConfig (model, loss, logprob and LoRA settings).
 """
@@ -84,11 +85,23 @@ def sequence_logps(params, micro: dict, cfg, *, policy: bool = True,
     _, wide_orig, _ = shift_targets(dict(micro, loss_mask=jnp.ones_like(micro["loss_mask"])),
                                     cfg.mesh)
     wide = layout(wide_orig)
+  complete = True
+  if "loss_positions" in micro and c == 1 and wide is mask:
+    # Response-only: [B, M] tokens from here on (ops/logprob.py); not with a context layout
+    # (positions are in original order) nor ORPO's NLL over the prompt (every position).
+    hidden_BxTxD, targets, kept, target_seq = logprob_lib.take_rows(
+        micro["loss_positions"], hidden_BxTxD, targets, mask, target_seq)
+    # Positions that miss a loss token would drop it silently: poison the sums instead.
+    complete = jnp.all(jnp.sum(kept, axis=1) == jnp.sum(mask, axis=1))
+    mask = wide = mask_orig = kept  # In order: LD-DPO's ranks read the gathered rows.
+    seq_orig = target_seq
   out_weight_VxD = model_lib.output_weight(params, cfg.model)
   logp_BxT = _per_token_logps(hidden_BxTxD, out_weight_VxD, targets, wide, cfg)
   num_pairs = micro["pair_mask"].shape[0]
   num_seqs = 2 * num_pairs
   pairs = lambda x: x.reshape(num_pairs, 2)
+  if complete is not True:
+    logp_BxT = jnp.where(complete, logp_BxT, jnp.nan)
   sums, counts = logprob_lib.sequence_sums(logp_BxT, mask, target_seq, num_seqs)
   out = {"logps": pairs(sums), "counts": pairs(counts)}
   if wide is not mask:

@@ -239,7 +239,8 @@ def _run(config, workdir: str, stop: StopRequested) -> dict:
       f"{n_params:,} parameters{sized} "
         f"({sum(x.size for x in jax.tree.leaves(abstract.trainable)):,} trained), mesh "
         f"{dict(mesh.shape)}, {jax.process_count()} process(es), attention "
-        f"{model_lib.attention_path(step_cfg.model, mesh)}")
+        f"{model_lib.attention_path(step_cfg.model, mesh)}, batches "
+        f"{batching.describe_layout(train_data, t.global_batch_size, t.micro_batch_size)}")
 
   def data_state():
     return {"iterator": train_iter.get_state(), "consumed_samples": consumed}

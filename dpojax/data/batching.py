@@ -87,7 +87,7 @@ def steps_per_epoch(data: PreferenceData, global_batch_size: int, seed: int) -> 
   return units / global_batch_size
 
 
-def describe_layout(data: PreferenceData, global_batch_size: int, seed: int,
+def describe_epochs(data: PreferenceData, global_batch_size: int, seed: int,
                     max_steps: int) -> str:
   """The start-up line's account of a step: pairs, or packed rows with their token efficiency
   and the pairs a step holds on average (epoch 0's packing), and the epochs the run covers."""

@@ -234,7 +234,7 @@ def _run(config, workdir: str, stop: StopRequested) -> dict:
   sized = ("" if pretrained is not None or step_cfg.model.vocab_size == config.model.vocab_size
            else f" (model.vocab_size {config.model.vocab_size} -> {step_cfg.model.vocab_size}: "
            "the tokenizer's)")
-  say(f"Training on {batching.describe_layout(train_data, t.global_batch_size, t.seed, t.max_steps)}"
+  say(f"Training on {batching.describe_epochs(train_data, t.global_batch_size, t.seed, t.max_steps)}"
       f" ({len(val_data)} val pairs), {tokenize.describe_template(train_data.opts.template, tok)}, "
       f"{n_params:,} parameters{sized} "
         f"({sum(x.size for x in jax.tree.leaves(abstract.trainable)):,} trained), mesh "

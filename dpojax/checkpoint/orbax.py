@@ -15,10 +15,10 @@ failure (stop with `CheckpointWriteError`, or warn and continue).
 from __future__ import annotations
 
 import contextlib
-import errno
+import glob
 import logging as py_logging
 import os
-import re
+import shutil
 import sys
 import warnings
 
@@ -26,6 +26,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
+
+from dpojax.tracking import policy
+from dpojax.tracking.policy import storage_reason
 
 
 def _manager(directory: str, item_names, **options) -> ocp.CheckpointManager:
@@ -39,33 +42,6 @@ class WriteFailed(Exception):
   def __init__(self, step: int, directory: str, reason: str):
     super().__init__(f"checkpoint of step {step} could not be written to {directory} ({reason})")
     self.step, self.directory, self.reason = step, directory, reason
-
-
-# Tensorstore reports a failed write as ValueError("RESOURCE_EXHAUSTED: Error writing ... No
-# space left on device [os_error_code='28']"); EFBIG comes as OUT_OF_RANGE, EACCES as
-# PERMISSION_DENIED. Orbax re-raises it from its save threads, sometimes wrapped.
-_OS_ERROR_CODE = re.compile(r"\[os_error_code='?(\d+)'?\]")
-_STORAGE_STATUS = ("RESOURCE_EXHAUSTED", "OUT_OF_RANGE", "PERMISSION_DENIED", "DATA_LOSS",
-                   "UNAVAILABLE")
-
-
-def storage_reason(error: BaseException) -> str | None:
-  """A short reason ('No space left on device') if `error` (or what it wraps) is the storage
-  refusing a write; None for anything else."""
-  seen = set()
-  while error is not None and id(error) not in seen:
-    seen.add(id(error))
-    if isinstance(error, OSError) and (error.errno or error.strerror):
-      return error.strerror or os.strerror(error.errno)
-    text = str(error)
-    code = _OS_ERROR_CODE.search(text)
-    if code:
-      number = int(code.group(1))
-      return f"{os.strerror(number)} ({errno.errorcode.get(number, number)})"
-    if text.startswith(_STORAGE_STATUS):
-      return text.splitlines()[0][:200]
-    error = error.__cause__ or error.__context__
-  return None
 
 
 @contextlib.contextmanager
@@ -201,19 +177,31 @@ def close_checkpoints(ckpt, config, say):
 
 
 def write_failed(ckpt, error, config, say):
+  """checkpoint.on_error for a refused save (tracking.policy, as for every writer of a run);
+  with `continue`, the failed save's partial folder goes, so a full disk does not stay full.
+  The message names the last *complete* checkpoint (on disk), never one still in flight."""
   what = "best checkpoint" if error.directory == ckpt.best_directory else "checkpoint"
-  latest = ckpt.latest_step()
-  last = (f"the last complete checkpoint is step {latest} in {ckpt.directory}"
-          if latest is not None else "no checkpoint has been written yet")
-  message = (f"{what} of step {error.step} could not be written to {error.directory} "
-             f"({error.reason}); {last}")
   if config.checkpoint.on_error == "continue":
-    say(f"WARNING: {message}; continuing (checkpoint.on_error=continue)")
-    return
-  raise CheckpointWriteError(message + "; stopping (checkpoint.on_error=stop)") from error
+    remove_partial(error.directory, error.step)
+  try:
+    policy.refused(what, error.step, error.directory, error.reason, ckpt.directory,
+                   config.checkpoint.on_error, say, CheckpointWriteError)
+  except CheckpointWriteError as e:
+    raise e from error
 
 
-class CheckpointWriteError(RuntimeError):
+def remove_partial(directory: str, step) -> list[str]:
+  """Removes step `step`'s N.orbax-checkpoint-tmp* folders (a failed save's leftovers)."""
+  if step is None:
+    return []
+  removed = sorted(glob.glob(os.path.join(glob.escape(directory),
+                                          f"{int(step)}.orbax-checkpoint-tmp*")))
+  for path in removed:
+    shutil.rmtree(path, ignore_errors=True)
+  return removed
+
+
+class CheckpointWriteError(policy.WriteError):
   """A checkpoint could not be written."""
 
 

@@ -11,7 +11,6 @@ import dataclasses
 import functools
 import os
 import signal
-import time
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +33,9 @@ from dpojax.train import precompute
 from dpojax.train import reference
 from dpojax.train import sharding
 from dpojax.train import step as step_lib
-from dpojax.train.metrics import MetricWriter
+from dpojax.tracking import samples as samples_lib
+from dpojax.tracking import timing
+from dpojax.tracking import writers as writers_lib
 
 
 class NonFiniteError(RuntimeError):
@@ -107,6 +108,7 @@ def run(config, workdir: str, stop: StopRequested | None = None) -> dict:
 def _run(config, workdir: str, stop: StopRequested) -> dict:
   # Before init.path is read: bad values stop before anything heavy.
   config_lib.check_config(config)
+  writers_lib.check_available(config)  # A tracker's missing package, before anything heavy.
   config_lib.check_workdir(workdir)
   if stop.signal is not None:
     return _stopped_before_training(stop, workdir)
@@ -116,8 +118,15 @@ def _run(config, workdir: str, stop: StopRequested) -> dict:
   tok, train_data, val_data, step_cfg = build_lib.build(config, pretrained)
   if stop.signal is not None:
     return _stopped_before_training(stop, workdir)
-  if jax.process_index() == 0:  # What generate/evaluate need to rebuild the run.
-    workdir_lib.write_config(workdir, config, step_cfg.model, tok.path)
+  lead = jax.process_index() == 0
+  say = functools.partial(print, flush=True) if lead else lambda *a, **k: None
+  # Every write of the run (metrics, events, trackers, curves, run config) fails one way.
+  writers = writers_lib.Writers(on_error=config.checkpoint.on_error, say=say,
+                                checkpoints=os.path.join(os.path.abspath(workdir), "checkpoints"))
+  run_config_path = os.path.join(workdir, workdir_lib.RUN_CONFIG)
+  if lead:  # What generate/evaluate need to rebuild the run.
+    writers.attempt(_latest_on_disk(workdir) or 0, workdir_lib.RUN_CONFIG, run_config_path,
+                    lambda: workdir_lib.write_config(workdir, config, step_cfg.model, tok.path))
     if warning := pipeline.toy_val_warning(config.data.train_path, config.data.val_path):
       print(warning, flush=True)
   t = config.train
@@ -182,10 +191,10 @@ def _run(config, workdir: str, stop: StopRequested) -> dict:
     consumed = data_state["consumed_samples"]
     if jax.process_index() == 0:
       print(f"Resumed from {ckpt.directory} at step {start}", flush=True)
-  lead = jax.process_index() == 0
   # Records past the checkpoint we start from are redone; with no checkpoint, all of them.
-  writer = MetricWriter(workdir, resume_step=start if start else -1, enabled=lead)
-  say = functools.partial(print, flush=True) if lead else lambda *a, **k: None
+  writers_lib.open_writers(writers, config, workdir, resume_step=start if start else -1,
+                           lead=lead, run_config_path=run_config_path)
+  sampler = samples_lib.Sampler(config.eval, val_data, tok, step_cfg)
   n_params = sum(x.size for x in jax.tree.leaves(abstract_params))
   say(f"Training on {len(train_data)} pairs ({len(val_data)} val) for {t.max_steps} steps, "
         f"{n_params:,} parameters "
@@ -196,19 +205,31 @@ def _run(config, workdir: str, stop: StopRequested) -> dict:
   def data_state():
     return {"iterator": train_iter.get_state(), "consumed_samples": consumed}
 
-  peak = (t.peak_flops if t.peak_flops != 0
-          else compiled.matmul_peak_flops(dtype=step_cfg.model.dtype))
+  peak = timing.mfu_peak(t.peak_flops, step_cfg.model.dtype, say)
+  timer = timing.PhaseTimer()
   throughput = metrics_lib.Throughput(metrics_lib.flops_per_token(
       n_params, reference=step_cfg.reference, lora=step_cfg.lora is not None), peak)
   bar = metrics_lib.progress_bar(t.max_steps, start, lead)
 
   def validate(step):
-    metrics = metrics_lib.evaluate(eval_fn, state if sync else state.params, ref_params,
-                                   val_batches, mesh)
-    writer.write(step, "val", metrics)
-    orbax_ckpt.save_checkpoint(ckpt, step, state, data_state(), config, say,
-                               best_loss=metrics["loss"])
+    with timer.phase("eval"):
+      metrics = metrics_lib.evaluate(eval_fn, state if sync else state.params, ref_params,
+                                     val_batches, mesh)
+    metrics.update(eval_time=timer.take("eval")["eval"])
+    if sampler.enabled:
+      with timer.phase("samples"):
+        samples = sampler(step, state.params, ref_params, state.ref if sync else None)
+      metrics.update(sample_time=timer.take("samples")["samples"])
+      writers.write_samples(step, samples)
+    writers.write(step, "val", metrics)
+    save(step, best_loss=metrics["loss"])
     return metrics
+
+  def save(step, best_loss=None):
+    with timer.phase("checkpoint"):
+      writers.flush(step)  # What the checkpoint's step has logged is durable first.
+      orbax_ckpt.save_checkpoint(ckpt, step, state, data_state(), config, say,
+                                 best_loss=best_loss)
 
   eval_interval = config.eval.interval
   if config.eval.get("interval_epochs", 0.0) > 0:  # A fraction of an epoch, in whole steps.
@@ -219,18 +240,22 @@ def _run(config, workdir: str, stop: StopRequested) -> dict:
   last_val = None
   if start == 0 and config.eval.at_start and stop.signal is None:
     last_val = validate(0)
-  tick, tick_step = time.perf_counter(), start
+  tick_step = start
   step, nonfinite_total, nonfinite_run = start, 0, 0
+  timer.take("data", "compute", "checkpoint")  # Start-up is no step's time.
   while step < t.max_steps and stop.signal is None:
-    host_batch = next(train_iter)
-    if precomputed:
-      host_batch = precompute.add_ref_logps(host_batch, tables["train"])
-    state, metrics = train_fn(state, ref_params, sharding.global_batch(host_batch, mesh))
-    step += 1
-    if sync and step % ref_cfg.sync_steps == 0:  # TR-DPO, after the optimizer step.
-      state = sync_fn(state, ref_params)
-    # Two scalars per step: the guard must know now, and packed steps vary in pairs.
-    nonfinite, pairs = jax.device_get((metrics["nonfinite"], metrics["num_pairs"]))
+    with timer.phase("data"):
+      host_batch = next(train_iter)
+      if precomputed:
+        host_batch = precompute.add_ref_logps(host_batch, tables["train"])
+      batch = sharding.global_batch(host_batch, mesh)
+    with timer.phase("compute"):
+      state, metrics = train_fn(state, ref_params, batch)
+      step += 1
+      if sync and step % ref_cfg.sync_steps == 0:  # TR-DPO, after the optimizer step.
+        state = sync_fn(state, ref_params)
+      # Two scalars per step: the guard must know now, and packed steps vary in pairs.
+      nonfinite, pairs = jax.device_get((metrics["nonfinite"], metrics["num_pairs"]))
     local_tokens = int(np.sum(np.asarray(host_batch["segment_ids"]) > 0))
     throughput.add(int(pairs), local_tokens * jax.process_count())
     consumed += int(pairs)
@@ -249,21 +274,21 @@ def _run(config, workdir: str, stop: StopRequested) -> dict:
       nonfinite_run = 0
     if step % t.log_interval == 0 or step == t.max_steps:
       metrics = loss_lib.finalize_metrics(jax.device_get(metrics))
-      now = time.perf_counter()
-      metrics["step_time"] = (now - tick) / (step - tick_step)
+      times = timer.train_record(step - tick_step)
+      metrics["step_time"] = times.pop("step_time")
       metrics["consumed_samples"] = consumed
       metrics["nonfinite_steps"] = nonfinite_total
-      metrics.update(throughput.report())
-      tick, tick_step = now, step
-      writer.write(step, "train", metrics)
+      metrics.update(throughput.report(metrics["step_time"] * (step - tick_step)))
+      metrics.update(times, **timing.memory_metrics())
+      tick_step = step
+      writers.write(step, "train", metrics)
     if step % eval_interval == 0 or step == t.max_steps:
       last_val = validate(step)
     if (step % config.checkpoint.interval == 0 or step == t.max_steps
         or stop.signal is not None):
-      orbax_ckpt.save_checkpoint(ckpt, step, state, data_state(), config, say)
+      save(step)
   bar.close()
   orbax_ckpt.close_checkpoints(ckpt, config, say)
-  writer.close()
   if stop.signal is not None:
     latest = ckpt.latest_step()
     if step == start:
@@ -276,10 +301,18 @@ def _run(config, workdir: str, stop: StopRequested) -> dict:
           f"latest is step {latest} in {ckpt.directory}; run again with the same --workdir to "
           "resume from it.")
   if lead:
+    curves = os.path.join(workdir, plot.CURVES_FILE)
     try:
-      say(f"Wrote {plot.plot_metrics(workdir)}")
-    except (OSError, ValueError) as e:
+      if os.path.exists(os.path.join(workdir, plot.METRICS_FILE)) and writers.attempt(
+          step, plot.CURVES_FILE, curves, lambda: plot.plot_metrics(workdir),
+          partial=curves + ".tmp.png"):
+        say(f"Wrote {curves}")
+    except ValueError as e:  # Nothing to draw.
       say(f"WARNING: training curves not drawn ({e})")
+    for path in (curves, run_config_path, os.path.join(workdir, "samples.jsonl")):
+      if os.path.exists(path):
+        writers.add_file(step, path)
+  writers.close(step)
   if config.export.to and stop.signal is None:
     policy = state.params
     if step_cfg.lora is not None:  # Adapters folded into the base.

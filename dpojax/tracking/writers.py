@@ -44,7 +44,11 @@ def check_available(config):
       raise ConfigError(f"logging.writers: {name!r} is not one of {WRITERS}")
     if name in TRACKERS:
       package, extra = TRACKERS[name]
-      if importlib.util.find_spec(package) is None:
+      try:
+        found = importlib.util.find_spec(package) is not None
+      except (ImportError, ValueError):
+        found = False
+      if not found:
         raise ConfigError(f"logging.writers includes {name!r} but the {package} package is "
                           f"not installed: pip install -e '.[{extra}]'")
   mode = (config.get("logging") or {}).get("wandb", {}).get("mode", "online")

@@ -101,6 +101,7 @@ class Checkpointer:
     self.best = None
     self.best_directory = os.path.join(root, "best")
     self._pending = None  # The step of an async save in flight (its failure shows later).
+    self._failed = []  # (directory, step) of failed saves whose partial folders must go.
     if keep_best:
       self.best = _manager(self.best_directory, ("state", "data"), max_to_keep=1,
                            best_fn=lambda m: m["val_loss"], best_mode="min",
@@ -111,6 +112,7 @@ class Checkpointer:
 
   def save(self, step: int, state, data_state: dict):
     self.wait()  # A failed async save raises here, under its own step.
+    self.sweep()
     with _writing(step, self.directory):
       self.manager.save(step, args=_save_args(state, data_state), force=True)
     self._pending = step
@@ -120,6 +122,7 @@ class Checkpointer:
     if self.best is None or step in self.best.all_steps():
       return False  # A resumed run recomputes a validation it had already kept.
     previous = self.best.best_step()
+    self.sweep()
     with _writing(step, self.best_directory):
       self.best.save(step, args=_save_args(state, data_state),
                      metrics={"val_loss": float(val_loss)}, force=True)
@@ -145,7 +148,24 @@ class Checkpointer:
     finally:
       for m in (self.manager, self.best):
         if m is not None:
-          m.close()
+          try:
+            m.close()
+          except Exception as e:  # pylint: disable=broad-exception-caught
+            # A failed save's sibling writes, ending after it was reported: no news.
+            if storage_reason(e) is None or not self._failed:
+              raise
+      self.sweep()
+
+  def forget(self, directory: str, step: int):
+    """A failed save: its partial folder goes at the next save or at close (not now: the
+    save's other writes may still be running in Orbax's threads)."""
+    self._failed.append((directory, step))
+
+  def sweep(self):
+    """Removes the partial folders of the failed saves."""
+    for directory, step in self._failed:
+      remove_partial(directory, step)
+    self._failed = []
 
 
 def save_checkpoint(ckpt, step, state, data_state, config, say, best_loss=None):
@@ -174,6 +194,7 @@ def close_checkpoints(ckpt, config, say):
     ckpt.close()
   except WriteFailed as e:
     write_failed(ckpt, e, config, say)
+    ckpt.sweep()  # The managers are closed: nothing writes into it any more.
 
 
 def write_failed(ckpt, error, config, say):
@@ -182,7 +203,7 @@ def write_failed(ckpt, error, config, say):
   The message names the last *complete* checkpoint (on disk), never one still in flight."""
   what = "best checkpoint" if error.directory == ckpt.best_directory else "checkpoint"
   if config.checkpoint.on_error == "continue":
-    remove_partial(error.directory, error.step)
+    ckpt.forget(error.directory, error.step)
   try:
     policy.refused(what, error.step, error.directory, error.reason, ckpt.directory,
                    config.checkpoint.on_error, say, CheckpointWriteError)

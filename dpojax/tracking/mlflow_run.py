@@ -5,8 +5,9 @@ its plain file store for old runs only) with the artifacts in <workdir>/mlartifa
 (`mlflow ui --backend-store-uri sqlite:///<workdir>/mlflow.db` shows it). The flattened resolved config is the run's params; every metric
 is logged with its step as `split/name`; each evaluation's samples are an artifact
 (samples/step_N.json), and at the end curves.png, run_config.json and samples.jsonl. The run
-id and the last step logged are kept in <workdir>/tracking/mlflow.json: a resumed run
-continues the same MLflow run and skips the steps it holds already, so none is logged twice.
+id is kept in <workdir>/tracking/mlflow.json: a resumed run continues the same MLflow run
+and skips the steps its store holds already (each log_batch is one transaction), so none is
+missing or logged twice.
 Process 0 only; any failure is one warning and the run goes on without it.
 """
 
@@ -49,10 +50,13 @@ class MlflowWriter(Writer):
     self.path = uri
     self.client = mlflow.MlflowClient(tracking_uri=uri)
     state = state_lib.load(state_dir, NAME) if resume_step >= 0 else {}
-    self.logged = dict(state.get("steps", {}))  # split -> the last step it holds.
+    self.logged = {}  # split -> the last step the store holds.
     self.run_id = state.get("run_id")
     if self.run_id:
       self.client.update_run(self.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+      for split in ("train", "val"):  # Every record has a loss.
+        history = self.client.get_metric_history(self.run_id, f"{split}/loss")
+        self.logged[split] = max((m.step for m in history), default=-1)
     else:
       name = cfg.get("experiment") or "dpojax"
       experiment = self.client.get_experiment_by_name(name)
@@ -70,7 +74,7 @@ class MlflowWriter(Writer):
     self._save_state()
 
   def _save_state(self):
-    state_lib.save(self.state_dir, NAME, {"run_id": self.run_id, "steps": self.logged})
+    state_lib.save(self.state_dir, NAME, {"run_id": self.run_id})
 
   def write(self, step, split, metrics):
     if step <= self.logged.get(split, -1):
@@ -80,7 +84,6 @@ class MlflowWriter(Writer):
     for i in range(0, len(batch), 1000):
       self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
     self.logged[split] = int(step)
-    self._save_state()
 
   def write_samples(self, step, samples):
     self.client.log_text(self.run_id, json.dumps(samples, indent=1),

@@ -263,6 +263,22 @@ def test_full_tmpfs_stops_with_one_line_naming_the_last_complete_checkpoint(smal
 
 
 @pytest.mark.slow
+def test_full_tmpfs_at_start_up_stops_at_the_run_config(small_disk):
+  """Not a checkpoint: the first write of a run, on a disk with no room at all."""
+  workdir = os.path.join(small_disk, "run")
+  os.makedirs(workdir)
+  fill(small_disk)
+  proc = cli(workdir)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert errors_only(proc.stderr) == [
+      f"error: run_config.json of step 0 could not be written to {workdir}/run_config.json (No "
+      "space left on device); no checkpoint has been written yet; stopping "
+      "(checkpoint.on_error=stop)"]
+  assert os.listdir(workdir) == []  # Its partial .tmp removed too.
+
+
+@pytest.mark.slow
 def test_full_tmpfs_with_continue_trains_on_and_cleans_its_partial_folders(small_disk):
   workdir = os.path.join(small_disk, "run")
   os.makedirs(workdir)

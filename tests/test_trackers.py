@@ -240,3 +240,30 @@ def test_trackers_that_raise_mid_run_leave_training_running(tmp_path, monkeypatc
   assert [r["step"] for r in jsonl.read_records(str(tmp_path)) if r["split"] == "train"] == [
       1, 2, 3, 4, 5, 6]
   wandb.finish()
+
+
+@pytest.mark.slow
+def test_lora_samples_with_the_reference_answer_equal_generate_compare_reference(tmp_path):
+  config = tiny_config()
+  config.lora.enabled = True
+  config.lora.rank = 4
+  config.train.max_steps = 3
+  config.eval.num_samples = 2
+  config.eval.sample_max_new_tokens = 6
+  config.eval.sample_reference = True
+  config.eval.sample_chosen = False
+  workdir = str(tmp_path / "run")
+  loop.run(config, workdir)
+  samples = jsonl.read_records(workdir, jsonl.SAMPLES_FILE)
+  assert [s["step"] for s in samples] == [0, 0, 3, 3]
+  assert all("chosen" not in s for s in samples)
+  for s in samples[:2]:  # LoRA's B starts at zero: the policy is its base, the reference.
+    assert s["policy_ids"] == s["reference_ids"]
+  inputs = tmp_path / "prompts.jsonl"
+  inputs.write_text("".join(json.dumps({"prompt": s["prompt"]}) + "\n" for s in samples[2:]))
+  out = tmp_path / "out.jsonl"
+  assert generate.main(["--checkpoint", workdir, "--input", str(inputs), "--output", str(out),
+                        "--max_new_tokens", "6", "--compare_reference"]) == 0
+  expected = [json.loads(l) for l in out.read_text().splitlines()]
+  assert [(s["policy_ids"], s["reference_ids"]) for s in samples[2:]] == [
+      (e["policy_ids"], e["reference_ids"]) for e in expected]

@@ -66,7 +66,7 @@ class Sampler:
 
   def policy(self, trainable, frozen):
     """The policy as a plain tree (LoRA's adapters merged into the base)."""
-    if self.step_cfg.lora is None:
+    if not self._ref.base:  # No adapters: the trained tree is the policy.
       return trainable
     if self._policy_fn is None:
       self._policy_fn = jax.jit(lambda t, f: reference_lib.policy_params(self.step_cfg, t, f))

@@ -26,6 +26,7 @@ DEFAULT_WRITERS = ("jsonl", "tensorboard")
 # Trackers: (package, pip extra).
 TRACKERS = {"wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}
 WRITERS = DEFAULT_WRITERS + tuple(TRACKERS)
+WANDB_MODES = ("online", "offline", "disabled")
 STATE_DIR = "tracking"  # <workdir>/tracking/<tracker>.json: run ids kept for a resume.
 
 
@@ -51,9 +52,9 @@ def check_available(config):
       if not found:
         raise ConfigError(f"logging.writers includes {name!r} but the {package} package is "
                           f"not installed: pip install -e '.[{extra}]'")
-  mode = (config.get("logging") or {}).get("wandb", {}).get("mode", "online")
-  if "wandb" in names and mode not in ("online", "offline", "disabled"):
-    raise ConfigError(f"logging.wandb.mode={mode!r} is not one of online, offline, disabled")
+  wandb_mode = (config.get("logging") or {}).get("wandb", {}).get("mode", "online")
+  if "wandb" in names and wandb_mode not in WANDB_MODES:
+    raise ConfigError(f"logging.wandb.mode={wandb_mode!r} is not one of {WANDB_MODES}")
 
 
 class Writers:

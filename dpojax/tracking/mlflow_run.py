@@ -14,6 +14,7 @@ Process 0 only; any failure is one warning and the run goes on without it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 import time
@@ -23,6 +24,9 @@ from mlflow.entities import Metric, Param, RunStatus
 
 from dpojax.tracking import state as state_lib
 from dpojax.tracking.base import Writer, scalars
+
+# MLflow logs its store's set-up (database migrations) at INFO: not the run's news.
+logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 NAME = "mlflow"
 MAX_PARAM = 6000  # MLflow's limit on a param's value.

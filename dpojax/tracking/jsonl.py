@@ -40,29 +40,38 @@ def read_records(workdir: str, name: str = METRICS_FILE) -> list[dict]:
 
 
 class JsonlWriter(Writer):
+  """metrics.jsonl."""
+
   what = METRICS_FILE
 
-  def __init__(self, workdir: str, resume_step: int):
+  def __init__(self, workdir: str, resume_step: int, name: str = METRICS_FILE):
     os.makedirs(workdir, exist_ok=True)
-    self.path = os.path.join(workdir, METRICS_FILE)
-    self.samples_path = os.path.join(workdir, SAMPLES_FILE)
-    for path in (self.path, self.samples_path):
-      truncate_after(path, resume_step)
-    self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    self._samples_fd = None
+    self.what = name
+    self.path = os.path.join(workdir, name)
+    truncate_after(self.path, resume_step)
+    self._fd = None
+
+  def _append(self, lines: str):
+    if self._fd is None:
+      self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    policy.append(self._fd, lines.encode())
 
   def write(self, step, split, metrics):
-    record = {"step": int(step), "split": split, **scalars(metrics)}
-    policy.append(self._fd, (json.dumps(record) + "\n").encode())
-
-  def write_samples(self, step, samples):
-    if self._samples_fd is None:
-      self._samples_fd = os.open(self.samples_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
-                                 0o644)
-    lines = "".join(json.dumps(dict(s, step=int(step))) + "\n" for s in samples)
-    policy.append(self._samples_fd, lines.encode())
+    self._append(json.dumps({"step": int(step), "split": split, **scalars(metrics)}) + "\n")
 
   def close(self, step):
-    for fd in (self._fd, self._samples_fd):
-      if fd is not None:
-        os.close(fd)
+    if self._fd is not None:
+      os.close(self._fd)
+
+
+class SamplesWriter(JsonlWriter):
+  """samples.jsonl: one line per sample, {"step", "prompt", "policy", ...}."""
+
+  def __init__(self, workdir: str, resume_step: int):
+    super().__init__(workdir, resume_step, SAMPLES_FILE)
+
+  def write(self, step, split, metrics):
+    pass
+
+  def write_samples(self, step, samples):
+    self._append("".join(json.dumps(dict(s, step=int(step))) + "\n" for s in samples))

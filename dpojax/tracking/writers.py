@@ -19,7 +19,7 @@ from dpojax.errors import ConfigError
 from dpojax.tracking import policy
 from dpojax.tracking.base import Writer
 from dpojax.tracking.console import ConsoleWriter
-from dpojax.tracking.jsonl import JsonlWriter
+from dpojax.tracking.jsonl import SAMPLES_FILE, JsonlWriter, SamplesWriter
 from dpojax.tracking.tensorboard import TensorBoardWriter
 
 DEFAULT_WRITERS = ("jsonl", "tensorboard")
@@ -144,6 +144,8 @@ def open_writers(writers: Writers, config, workdir: str, *, resume_step: int, le
     if name == "jsonl":
       writers.add(step, "metrics.jsonl", os.path.join(workdir, "metrics.jsonl"), True,
                   lambda: JsonlWriter(workdir, resume_step))
+      writers.add(step, SAMPLES_FILE, os.path.join(workdir, SAMPLES_FILE), True,
+                  lambda: SamplesWriter(workdir, resume_step))
     elif name == "tensorboard":
       writers.add(step, "TensorBoard events", os.path.join(workdir, "tensorboard"), True,
                   lambda: TensorBoardWriter(workdir))

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 
+from dpojax import plot  # Loads matplotlib only when it draws.
 from dpojax.errors import ConfigError
 from dpojax.tracking import policy
 from dpojax.tracking.base import Writer
@@ -155,6 +156,22 @@ def open_writers(writers: Writers, config, workdir: str, *, resume_step: int, le
     elif name == "mlflow":
       writers.add(step, "MLflow", "mlflow", False, lambda: _tracker("mlflow_run").MlflowWriter(
           workdir, state_dir, logging_cfg.get("mlflow", {}), run_config, resume_step))
+
+
+def finish_run(writers: Writers, workdir: str, step: int, run_config_path: str):
+  """At the end (process 0): curves.png, under the write policy, then curves.png,
+  run_config.json and samples.jsonl to every writer as files of the run."""
+  curves = os.path.join(workdir, plot.CURVES_FILE)
+  try:
+    if os.path.exists(os.path.join(workdir, plot.METRICS_FILE)) and writers.attempt(
+        step, plot.CURVES_FILE, curves, lambda: plot.plot_metrics(workdir),
+        partial=curves + ".tmp.png"):
+      writers.say(f"Wrote {curves}")
+  except ValueError as e:  # Nothing to draw.
+    writers.say(f"WARNING: training curves not drawn ({e})")
+  for path in (curves, run_config_path, os.path.join(workdir, SAMPLES_FILE)):
+    if os.path.exists(path):
+      writers.add_file(step, path)
 
 
 def run_config_dict(config, path: str) -> dict:

@@ -20,7 +20,6 @@ from jax.experimental import multihost_utils
 from dpojax import config as config_lib
 from dpojax import loss as loss_lib
 from dpojax import model as model_lib
-from dpojax import plot  # Loads matplotlib only when it draws.
 from dpojax import pretrained as pretrained_lib
 from dpojax import workdir as workdir_lib
 from dpojax.checkpoint import orbax as orbax_ckpt
@@ -300,18 +299,8 @@ def _run(config, workdir: str, stop: StopRequested) -> dict:
       say(f"Received signal {stop.signal} at step {step}: its checkpoint was not written; the "
           f"latest is step {latest} in {ckpt.directory}; run again with the same --workdir to "
           "resume from it.")
-  if lead:
-    curves = os.path.join(workdir, plot.CURVES_FILE)
-    try:
-      if os.path.exists(os.path.join(workdir, plot.METRICS_FILE)) and writers.attempt(
-          step, plot.CURVES_FILE, curves, lambda: plot.plot_metrics(workdir),
-          partial=curves + ".tmp.png"):
-        say(f"Wrote {curves}")
-    except ValueError as e:  # Nothing to draw.
-      say(f"WARNING: training curves not drawn ({e})")
-    for path in (curves, run_config_path, os.path.join(workdir, "samples.jsonl")):
-      if os.path.exists(path):
-        writers.add_file(step, path)
+  if lead:  # curves.png, then the run's files to the trackers.
+    writers_lib.finish_run(writers, workdir, step, run_config_path)
   writers.close(step)
   if config.export.to and stop.signal is None:
     policy = state.params

@@ -102,6 +102,7 @@ class Checkpointer:
     self.best_directory = os.path.join(root, "best")
     self._pending = None  # The step of an async save in flight (its failure shows later).
     self._failed = []  # (directory, step) of failed saves whose partial folders must go.
+    self._failed_any = False
     if keep_best:
       self.best = _manager(self.best_directory, ("state", "data"), max_to_keep=1,
                            best_fn=lambda m: m["val_loss"], best_mode="min",
@@ -154,17 +155,23 @@ class Checkpointer:
             # A failed save's sibling writes, ending after it was reported: no news.
             if storage_reason(e) is None or not self._failed:
               raise
-      self.sweep()
+      self.sweep(everything=True)
 
   def forget(self, directory: str, step: int):
     """A failed save: its partial folder goes at the next save or at close (not now: the
     save's other writes may still be running in Orbax's threads)."""
     self._failed.append((directory, step))
+    self._failed_any = True
 
-  def sweep(self):
-    """Removes the partial folders of the failed saves."""
+  def sweep(self, everything: bool = False):
+    """Removes the partial folders of the failed saves; `everything` (the managers closed,
+    nothing in flight): every partial folder, also one a failed save's last write made again
+    after it was first removed."""
     for directory, step in self._failed:
       remove_partial(directory, step)
+    if everything and self._failed_any and jax.process_index() == 0:
+      for directory in (self.directory, self.best_directory):
+        remove_partial(directory)
     self._failed = []
 
 
@@ -194,7 +201,7 @@ def close_checkpoints(ckpt, config, say):
     ckpt.close()
   except WriteFailed as e:
     write_failed(ckpt, e, config, say)
-    ckpt.sweep()  # The managers are closed: nothing writes into it any more.
+    ckpt.sweep(everything=True)  # The managers are closed: nothing writes any more.
 
 
 def write_failed(ckpt, error, config, say):
@@ -211,12 +218,12 @@ def write_failed(ckpt, error, config, say):
     raise e from error
 
 
-def remove_partial(directory: str, step) -> list[str]:
-  """Removes step `step`'s N.orbax-checkpoint-tmp* folders (a failed save's leftovers)."""
-  if step is None:
-    return []
+def remove_partial(directory: str, step=None) -> list[str]:
+  """Removes step `step`'s N.orbax-checkpoint-tmp* folders (a failed save's leftovers), or
+  every step's with step=None."""
+  prefix = "*" if step is None else str(int(step))
   removed = sorted(glob.glob(os.path.join(glob.escape(directory),
-                                          f"{int(step)}.orbax-checkpoint-tmp*")))
+                                          f"{prefix}.orbax-checkpoint-tmp*")))
   for path in removed:
     shutil.rmtree(path, ignore_errors=True)
   return removed

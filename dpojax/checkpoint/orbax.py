@@ -157,6 +157,15 @@ class Checkpointer:
               raise
       self.sweep(everything=True)
 
+  def settle(self):
+    """Lets an async save in flight finish (or fail: the run is stopping on another failure,
+    so that one is not reported twice)."""
+    self._pending = None
+    try:
+      self.manager.wait_until_finished()
+    except Exception:  # pylint: disable=broad-exception-caught
+      pass
+
   def forget(self, directory: str, step: int):
     """A failed save: its partial folder goes at the next save or at close (not now: the
     save's other writes may still be running in Orbax's threads)."""
@@ -211,6 +220,8 @@ def write_failed(ckpt, error, config, say):
   what = "best checkpoint" if error.directory == ckpt.best_directory else "checkpoint"
   if config.checkpoint.on_error == "continue":
     ckpt.forget(error.directory, error.step)
+  else:  # Stopping: an async save in flight ends first, so the line names what is complete.
+    ckpt.settle()
   try:
     policy.refused(what, error.step, error.directory, error.reason, ckpt.directory,
                    config.checkpoint.on_error, say, CheckpointWriteError)

@@ -153,7 +153,7 @@ class Checkpointer:
             m.close()
           except Exception as e:  # pylint: disable=broad-exception-caught
             # A failed save's sibling writes, ending after it was reported: no news.
-            if storage_reason(e) is None or not self._failed:
+            if storage_reason(e) is None or not self._failed_any:
               raise
       self.sweep(everything=True)
 

@@ -150,7 +150,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.seed = 0  # Seed for init and data order.
   t.log_interval = 25  # Steps between train metric records.
   t.max_consecutive_nonfinite = 5  # Stop after this many non-finite steps in a row.
-  t.peak_flops = 0.0  # MFU denominator in FLOP/s; 0 = time a matmul in model.dtype at start; -1 = no MFU.
+  t.peak_flops = 0.0  # MFU denominator in FLOP/s; 0 = time a matmul at start (no MFU on CPU); -1 = no MFU.
 
   c.data = dt = ml_collections.ConfigDict()
   dt.train_path = os.path.join(_ASSETS, "toy_prefs_train.jsonl")  # JSONL[.gz], .parquet, a folder of Parquet shards, a datasets.save_to_disk folder, or a dir from `python -m dpojax.pack`.
@@ -184,6 +184,24 @@ def get_config() -> ml_collections.ConfigDict:
   e.interval_epochs = 0.0  # If > 0: validate every this fraction of an epoch (overrides interval).
   e.max_batches = -1  # Validation batches per evaluation; -1 = the whole file.
   e.at_start = True  # Validate before the first step.
+  e.num_samples = 0  # Greedy answers to the first N validation prompts at each evaluation.
+  e.sample_max_new_tokens = 32  # Tokens per sample answer.
+  e.sample_reference = False  # Also the reference's answer to each sample prompt.
+  e.sample_chosen = True  # Also the data's chosen response, beside the answers.
+
+  c.logging = lg = ml_collections.ConfigDict()
+  lg.writers = ("jsonl", "tensorboard")  # + "wandb" (pip install -e '.[wandb]') | "mlflow".
+  lg.wandb = ml_collections.ConfigDict()
+  lg.wandb.project = "dpojax"  # W&B project.
+  lg.wandb.entity = ""  # W&B team or user; "" = your default.
+  lg.wandb.name = ""  # Run name; "" = the workdir's name.
+  lg.wandb.group = ""  # Groups runs in the UI (e.g. a sweep).
+  lg.wandb.tags = ()  # Run tags.
+  lg.wandb.mode = "online"  # online | offline (no network; `wandb sync` later) | disabled.
+  lg.mlflow = ml_collections.ConfigDict()
+  lg.mlflow.tracking_uri = ""  # "" = a file store in <workdir>/mlruns; or http://host:5000 ...
+  lg.mlflow.experiment = "dpojax"  # Experiment name (created if missing).
+  lg.mlflow.run_name = ""  # "" = the workdir's name.
 
   c.checkpoint = ck = ml_collections.ConfigDict()
   ck.interval = 100  # Steps between checkpoints (and at the end).

@@ -32,6 +32,7 @@ from dpojax import errors, workdir
 from dpojax.formats import convert_common
 from dpojax.checkpoint import orbax as orbax_ckpt
 from dpojax.data import sources
+from dpojax.tracking import policy
 from dpojax.train import loop, sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.")
@@ -42,7 +43,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 # The package's user errors: each message already names the key, file or step.
 USER_ERRORS = (errors.ConfigError, sources.DataError, workdir.WorkdirError,
                convert_common.CheckpointError, orbax_ckpt.CheckpointWriteError,
-               loop.NonFiniteError)
+               loop.NonFiniteError, policy.WriteError)
 
 
 def fail(message: str):

@@ -69,10 +69,15 @@ def write_config(workdir: str, config, model_cfg=None, tokenizer_path: str | Non
     d.setdefault("data", {})["template"] = template
   path = os.path.join(workdir, RUN_CONFIG)
   tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(d, f, indent=1, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w") as f:
+      json.dump(d, f, indent=1, sort_keys=True)
+      f.write("\n")
+    os.replace(tmp, path)
+  except OSError:  # A full disk: no half-written file left behind.
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
   return path
 
 

@@ -14,7 +14,8 @@ import re
 import sys
 
 # Optional: extras in pyproject.toml (nemo, hf, test) or GPU-only packages.
-OPTIONAL = ("torch", "transformers", "jax_triton", "triton", "matplotlib", "yaml", "safetensors")
+OPTIONAL = ("torch", "transformers", "jax_triton", "triton", "matplotlib", "yaml", "safetensors",
+            "wandb", "mlflow")
 MAX_LINES = 450
 # How a branch on the reference mode reads: the mode strings, or LoRA's presence (which
 # decided the reference tree's layout before the mode was resolved once).

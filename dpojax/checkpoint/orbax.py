@@ -15,10 +15,10 @@ failure (stop with `CheckpointWriteError`, or warn and continue).
 from __future__ import annotations
 
 import contextlib
-import errno
+import glob
 import logging as py_logging
 import os
-import re
+import shutil
 import sys
 import warnings
 
@@ -26,6 +26,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
+
+from dpojax.tracking import policy
+from dpojax.tracking.policy import storage_reason
 
 
 def _manager(directory: str, item_names, **options) -> ocp.CheckpointManager:
@@ -39,33 +42,6 @@ class WriteFailed(Exception):
   def __init__(self, step: int, directory: str, reason: str):
     super().__init__(f"checkpoint of step {step} could not be written to {directory} ({reason})")
     self.step, self.directory, self.reason = step, directory, reason
-
-
-# Tensorstore reports a failed write as ValueError("RESOURCE_EXHAUSTED: Error writing ... No
-# space left on device [os_error_code='28']"); EFBIG comes as OUT_OF_RANGE, EACCES as
-# PERMISSION_DENIED. Orbax re-raises it from its save threads, sometimes wrapped.
-_OS_ERROR_CODE = re.compile(r"\[os_error_code='?(\d+)'?\]")
-_STORAGE_STATUS = ("RESOURCE_EXHAUSTED", "OUT_OF_RANGE", "PERMISSION_DENIED", "DATA_LOSS",
-                   "UNAVAILABLE")
-
-
-def storage_reason(error: BaseException) -> str | None:
-  """A short reason ('No space left on device') if `error` (or what it wraps) is the storage
-  refusing a write; None for anything else."""
-  seen = set()
-  while error is not None and id(error) not in seen:
-    seen.add(id(error))
-    if isinstance(error, OSError) and (error.errno or error.strerror):
-      return error.strerror or os.strerror(error.errno)
-    text = str(error)
-    code = _OS_ERROR_CODE.search(text)
-    if code:
-      number = int(code.group(1))
-      return f"{os.strerror(number)} ({errno.errorcode.get(number, number)})"
-    if text.startswith(_STORAGE_STATUS):
-      return text.splitlines()[0][:200]
-    error = error.__cause__ or error.__context__
-  return None
 
 
 @contextlib.contextmanager
@@ -125,6 +101,8 @@ class Checkpointer:
     self.best = None
     self.best_directory = os.path.join(root, "best")
     self._pending = None  # The step of an async save in flight (its failure shows later).
+    self._failed = []  # (directory, step) of failed saves whose partial folders must go.
+    self._failed_any = False
     if keep_best:
       self.best = _manager(self.best_directory, ("state", "data"), max_to_keep=1,
                            best_fn=lambda m: m["val_loss"], best_mode="min",
@@ -135,6 +113,7 @@ class Checkpointer:
 
   def save(self, step: int, state, data_state: dict):
     self.wait()  # A failed async save raises here, under its own step.
+    self.sweep()
     with _writing(step, self.directory):
       self.manager.save(step, args=_save_args(state, data_state), force=True)
     self._pending = step
@@ -144,6 +123,7 @@ class Checkpointer:
     if self.best is None or step in self.best.all_steps():
       return False  # A resumed run recomputes a validation it had already kept.
     previous = self.best.best_step()
+    self.sweep()
     with _writing(step, self.best_directory):
       self.best.save(step, args=_save_args(state, data_state),
                      metrics={"val_loss": float(val_loss)}, force=True)
@@ -169,7 +149,39 @@ class Checkpointer:
     finally:
       for m in (self.manager, self.best):
         if m is not None:
-          m.close()
+          try:
+            m.close()
+          except Exception as e:  # pylint: disable=broad-exception-caught
+            # A failed save's sibling writes, ending after it was reported: no news.
+            if storage_reason(e) is None or not self._failed_any:
+              raise
+      self.sweep(everything=True)
+
+  def settle(self):
+    """Lets an async save in flight finish (or fail: the run is stopping on another failure,
+    so that one is not reported twice)."""
+    self._pending = None
+    try:
+      self.manager.wait_until_finished()
+    except Exception:  # pylint: disable=broad-exception-caught
+      pass
+
+  def forget(self, directory: str, step: int):
+    """A failed save: its partial folder goes at the next save or at close (not now: the
+    save's other writes may still be running in Orbax's threads)."""
+    self._failed.append((directory, step))
+    self._failed_any = True
+
+  def sweep(self, everything: bool = False):
+    """Removes the partial folders of the failed saves; `everything` (the managers closed,
+    nothing in flight): every partial folder, also one a failed save's last write made again
+    after it was first removed."""
+    for directory, step in self._failed:
+      remove_partial(directory, step)
+    if everything and self._failed_any and jax.process_index() == 0:
+      for directory in (self.directory, self.best_directory):
+        remove_partial(directory)
+    self._failed = []
 
 
 def save_checkpoint(ckpt, step, state, data_state, config, say, best_loss=None):
@@ -198,22 +210,37 @@ def close_checkpoints(ckpt, config, say):
     ckpt.close()
   except WriteFailed as e:
     write_failed(ckpt, e, config, say)
+    ckpt.sweep(everything=True)  # The managers are closed: nothing writes any more.
 
 
 def write_failed(ckpt, error, config, say):
+  """checkpoint.on_error for a refused save (tracking.policy, as for every writer of a run);
+  with `continue`, the failed save's partial folder goes, so a full disk does not stay full.
+  The message names the last *complete* checkpoint (on disk), never one still in flight."""
   what = "best checkpoint" if error.directory == ckpt.best_directory else "checkpoint"
-  latest = ckpt.latest_step()
-  last = (f"the last complete checkpoint is step {latest} in {ckpt.directory}"
-          if latest is not None else "no checkpoint has been written yet")
-  message = (f"{what} of step {error.step} could not be written to {error.directory} "
-             f"({error.reason}); {last}")
   if config.checkpoint.on_error == "continue":
-    say(f"WARNING: {message}; continuing (checkpoint.on_error=continue)")
-    return
-  raise CheckpointWriteError(message + "; stopping (checkpoint.on_error=stop)") from error
+    ckpt.forget(error.directory, error.step)
+  else:  # Stopping: an async save in flight ends first, so the line names what is complete.
+    ckpt.settle()
+  try:
+    policy.refused(what, error.step, error.directory, error.reason, ckpt.directory,
+                   config.checkpoint.on_error, say, CheckpointWriteError)
+  except CheckpointWriteError as e:
+    raise e from error
 
 
-class CheckpointWriteError(RuntimeError):
+def remove_partial(directory: str, step=None) -> list[str]:
+  """Removes step `step`'s N.orbax-checkpoint-tmp* folders (a failed save's leftovers), or
+  every step's with step=None."""
+  prefix = "*" if step is None else str(int(step))
+  removed = sorted(glob.glob(os.path.join(glob.escape(directory),
+                                          f"{prefix}.orbax-checkpoint-tmp*")))
+  for path in removed:
+    shutil.rmtree(path, ignore_errors=True)
+  return removed
+
+
+class CheckpointWriteError(policy.WriteError):
   """A checkpoint could not be written."""
 
 

@@ -12,7 +12,6 @@ import functools
 import os
 import signal
 import threading
-import time
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +21,6 @@ from jax.experimental import multihost_utils
 from dpojax import config as config_lib
 from dpojax import loss as loss_lib
 from dpojax import model as model_lib
-from dpojax import plot  # Loads matplotlib only when it draws.
 from dpojax import pretrained as pretrained_lib
 from dpojax import workdir as workdir_lib
 from dpojax.model import moe as moe_lib
@@ -36,7 +34,9 @@ from dpojax.train import precompute
 from dpojax.train import reference
 from dpojax.train import sharding
 from dpojax.train import step as step_lib
-from dpojax.train.metrics import MetricWriter
+from dpojax.tracking import samples as samples_lib
+from dpojax.tracking import timing
+from dpojax.tracking import writers as writers_lib
 
 
 class NonFiniteError(RuntimeError):
@@ -144,6 +144,7 @@ def run(config, workdir: str, stop: StopRequested | None = None) -> dict:
 def _run(config, workdir: str, stop: StopRequested) -> dict:
   # Before init.path is read: bad values stop before anything heavy.
   config_lib.check_config(config)
+  writers_lib.check_available(config)  # A tracker's missing package, before anything heavy.
   config_lib.check_workdir(workdir)
   if stop.signal is not None:
     return _stopped_before_training(stop, workdir)
@@ -153,9 +154,16 @@ def _run(config, workdir: str, stop: StopRequested) -> dict:
   tok, train_data, val_data, step_cfg = build_lib.build(config, pretrained)
   if stop.signal is not None:
     return _stopped_before_training(stop, workdir)
-  if jax.process_index() == 0:  # What generate/evaluate need to rebuild the run.
-    workdir_lib.write_config(workdir, config, step_cfg.model, tok.path,
-                             template=train_data.opts.template)
+  lead = jax.process_index() == 0
+  say = functools.partial(print, flush=True) if lead else lambda *a, **k: None
+  # Every write of the run (metrics, events, trackers, curves, run config) fails one way.
+  writers = writers_lib.Writers(on_error=config.checkpoint.on_error, say=say,
+                                checkpoints=os.path.join(os.path.abspath(workdir), "checkpoints"))
+  run_config_path = os.path.join(workdir, workdir_lib.RUN_CONFIG)
+  if lead:  # What generate/evaluate need to rebuild the run.
+    writers.attempt(_latest_on_disk(workdir) or 0, workdir_lib.RUN_CONFIG, run_config_path,
+                    lambda: workdir_lib.write_config(workdir, config, step_cfg.model, tok.path,
+                                                     template=train_data.opts.template))
     for warning in (pipeline.toy_val_warning(config.data.train_path, config.data.val_path),
                     tokenize.resolve_template(config.data.template, tok)[1]):
       if warning:
@@ -226,10 +234,10 @@ def _run(config, workdir: str, stop: StopRequested) -> dict:
     consumed = data_state["consumed_samples"]
     if jax.process_index() == 0:
       print(f"Resumed from {ckpt.directory} at step {start}", flush=True)
-  lead = jax.process_index() == 0
   # Records past the checkpoint we start from are redone; with no checkpoint, all of them.
-  writer = MetricWriter(workdir, resume_step=start if start else -1, enabled=lead)
-  say = functools.partial(print, flush=True) if lead else lambda *a, **k: None
+  writers_lib.open_writers(writers, config, workdir, resume_step=start if start else -1,
+                           lead=lead, run_config_path=run_config_path)
+  sampler = samples_lib.Sampler(config.eval, val_data, tok, step_cfg)
   n_params = sum(x.size for x in jax.tree.leaves(abstract_params))
   sized = ("" if pretrained is not None or step_cfg.model.vocab_size == config.model.vocab_size
            else f" (model.vocab_size {config.model.vocab_size} -> {step_cfg.model.vocab_size}: "
@@ -245,8 +253,8 @@ def _run(config, workdir: str, stop: StopRequested) -> dict:
   def data_state():
     return {"iterator": train_iter.get_state(), "consumed_samples": consumed}
 
-  peak = (t.peak_flops if t.peak_flops != 0
-          else compiled.matmul_peak_flops(dtype=step_cfg.model.dtype))
+  peak = timing.mfu_peak(t.peak_flops, step_cfg.model.dtype, say)
+  timer = timing.PhaseTimer()
   # MoE models: the parameters a token uses (model/moe.py's active_params).
   throughput = metrics_lib.Throughput(metrics_lib.flops_per_token(
       moe_lib.active_params(step_cfg.model, n_params), reference=step_cfg.reference,
@@ -261,17 +269,29 @@ def _run(config, workdir: str, stop: StopRequested) -> dict:
     except _Abandoned:
       bar.close()
       orbax_ckpt.close_checkpoints(ckpt, config, say)
-      writer.close()
+      writers.close(start)
       raise
 
   def validate(step):
     evaluate = functools.partial(metrics_lib.evaluate, eval_fn, state if sync else state.params,
                                  ref_params, val_batches, mesh)
-    metrics = first_call(evaluate) if step == start else evaluate()
-    writer.write(step, "val", metrics)
-    orbax_ckpt.save_checkpoint(ckpt, step, state, data_state(), config, say,
-                               best_loss=metrics["loss"])
+    with timer.phase("eval"):  # The first evaluation compiles: a stop signal may end it.
+      metrics = first_call(evaluate) if step == start else evaluate()
+    metrics.update(eval_time=timer.take("eval")["eval"])
+    if sampler.enabled:
+      with timer.phase("samples"):
+        samples = sampler(step, state.params, ref_params, state.ref if sync else None)
+      metrics.update(sample_time=timer.take("samples")["samples"])
+      writers.write_samples(step, samples)
+    writers.write(step, "val", metrics)
+    save(step, best_loss=metrics["loss"])
     return metrics
+
+  def save(step, best_loss=None):
+    with timer.phase("checkpoint"):
+      writers.flush(step)  # What the checkpoint's step has logged is durable first.
+      orbax_ckpt.save_checkpoint(ckpt, step, state, data_state(), config, say,
+                                 best_loss=best_loss)
 
   eval_interval = config.eval.interval
   if config.eval.get("interval_epochs", 0.0) > 0:  # A fraction of an epoch, in whole steps.
@@ -282,22 +302,25 @@ def _run(config, workdir: str, stop: StopRequested) -> dict:
   last_val = None
   if start == 0 and config.eval.at_start and stop.signal is None:
     last_val = validate(0)
-  tick, tick_step = time.perf_counter(), start
+  tick_step = start
   step, nonfinite_total, nonfinite_run = start, 0, 0
+  timer.take("data", "compute", "checkpoint")  # Start-up is no step's time.
   while step < t.max_steps and stop.signal is None:
-    host_batch = next(train_iter)
-    if precomputed:
-      host_batch = precompute.add_ref_logps(host_batch, tables["train"])
-    batch = sharding.global_batch(host_batch, mesh)
-    if step == start:
-      state, metrics = first_call(train_fn, state, ref_params, batch)
-    else:
-      state, metrics = train_fn(state, ref_params, batch)
-    step += 1
-    if sync and step % ref_cfg.sync_steps == 0:  # TR-DPO, after the optimizer step.
-      state = sync_fn(state, ref_params)
-    # Two scalars per step: the guard must know now, and packed steps vary in pairs.
-    nonfinite, pairs = jax.device_get((metrics["nonfinite"], metrics["num_pairs"]))
+    with timer.phase("data"):
+      host_batch = next(train_iter)
+      if precomputed:
+        host_batch = precompute.add_ref_logps(host_batch, tables["train"])
+      batch = sharding.global_batch(host_batch, mesh)
+    with timer.phase("compute"):
+      if step == start:  # Compiles: a stop signal ends the run with nothing new to save.
+        state, metrics = first_call(train_fn, state, ref_params, batch)
+      else:
+        state, metrics = train_fn(state, ref_params, batch)
+      step += 1
+      if sync and step % ref_cfg.sync_steps == 0:  # TR-DPO, after the optimizer step.
+        state = sync_fn(state, ref_params)
+      # Two scalars per step: the guard must know now, and packed steps vary in pairs.
+      nonfinite, pairs = jax.device_get((metrics["nonfinite"], metrics["num_pairs"]))
     local_tokens = int(np.sum(np.asarray(host_batch["segment_ids"]) > 0))
     throughput.add(int(pairs), local_tokens * jax.process_count())
     consumed += int(pairs)
@@ -316,27 +339,22 @@ def _run(config, workdir: str, stop: StopRequested) -> dict:
       nonfinite_run = 0
     if step % t.log_interval == 0 or step == t.max_steps:
       metrics = loss_lib.finalize_metrics(jax.device_get(metrics))
-      now = time.perf_counter()
-      metrics["step_time"] = (now - tick) / (step - tick_step)
+      times = timer.train_record(step - tick_step)
+      metrics["step_time"] = times.pop("step_time")
       metrics["consumed_samples"] = consumed
       metrics["epoch"] = consumed / len(train_data)  # Pairs seen / pairs in the file.
       metrics["nonfinite_steps"] = nonfinite_total
-      metrics.update(throughput.report())
-      tick, tick_step = now, step
-      writer.write(step, "train", metrics)
+      metrics.update(throughput.report(metrics["step_time"] * (step - tick_step)))
+      metrics.update(times, **timing.memory_metrics())
+      tick_step = step
+      writers.write(step, "train", metrics)
     if step % eval_interval == 0 or step == t.max_steps:
       last_val = validate(step)
     if (step % config.checkpoint.interval == 0 or step == t.max_steps
         or stop.signal is not None):
-      orbax_ckpt.save_checkpoint(ckpt, step, state, data_state(), config, say)
+      save(step)
   bar.close()
   orbax_ckpt.close_checkpoints(ckpt, config, say)
-  writer.close()
-  if lead and not (stop.signal is not None and step == start):  # Stopped: nothing new.
-    try:
-      say(f"Wrote {plot.plot_metrics(workdir)}")
-    except (OSError, ValueError) as e:
-      say(f"WARNING: training curves not drawn ({e})")
   if stop.signal is not None:
     latest = ckpt.latest_step()
     if step == start:
@@ -348,6 +366,9 @@ def _run(config, workdir: str, stop: StopRequested) -> dict:
       say(f"Received signal {stop.signal} at step {step}: its checkpoint was not written; the "
           f"latest is step {latest} in {ckpt.directory}; run again with the same --workdir to "
           "resume from it.")
+  if lead and not (stop.signal is not None and step == start):  # Stopped: nothing new.
+    writers_lib.finish_run(writers, workdir, step, run_config_path)  # curves.png, trackers.
+  writers.close(step)
   if config.export.to and stop.signal is None:
     policy = state.params
     if step_cfg.lora is not None:  # Adapters folded into the base.

@@ -1,76 +1,21 @@
-"""Metrics: writers (console, `<workdir>/metrics.jsonl`, TensorBoard event files), the
-validation reduction, throughput and MFU."""
+"""Metrics: the validation reduction, throughput and MFU (the writers are dpojax.tracking)."""
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
-from tensorboardX import SummaryWriter
 
 from dpojax import loss as loss_lib
 from dpojax.train import sharding
 
-METRICS_FILE = "metrics.jsonl"
-# Wall-clock figures: they differ between otherwise identical runs.
-TIMING_METRICS = ("step_time", "pairs_per_s", "tokens_per_s", "model_flops_per_s", "mfu")
-# The console line keeps to these; metrics.jsonl and TensorBoard get everything.
-CONSOLE_METRICS = ("loss", "accuracy", "rewards_margin_mean", "rewards_chosen_mean",
-                   "rewards_rejected_mean", "grad_norm", "learning_rate", "pairs_per_s",
-                   "tokens_per_s", "mfu", "nonfinite_steps",
-                   "nll_loss", "log_odds_ratio", "kl")  # CPO/ORPO/KTO (dpojax.methods).
-
-
-def truncate_after(path: str, step: int):
-  """Drops records past `step` (written after the checkpoint a resumed run starts from)."""
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    kept = [l for l in f if l.strip() and json.loads(l)["step"] <= step]
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.writelines(kept)
-  os.replace(tmp, path)
-
-
-class MetricWriter:
-  """Writes from process 0 only; other processes get a writer that drops everything."""
-
-  def __init__(self, workdir: str, resume_step: int = 0, enabled: bool = True):
-    self.enabled = enabled
-    if not enabled:
-      return
-    os.makedirs(workdir, exist_ok=True)
-    self.path = os.path.join(workdir, METRICS_FILE)
-    truncate_after(self.path, resume_step)
-    self._jsonl = open(self.path, "a")
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-
-  def write(self, step: int, split: str, metrics: dict):
-    if not self.enabled:
-      return
-    record = {"step": int(step), "split": split, **{k: float(v) for k, v in metrics.items()}}
-    self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
-    for k, v in metrics.items():
-      self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
-    self._tb.flush()
-    shown = " ".join(f"{k}={float(v):.4g}" for k, v in metrics.items()
-                     if k in CONSOLE_METRICS)
-    tqdm.tqdm.write(f"[{split}] step {step}: {shown}", file=sys.stdout)
-    sys.stdout.flush()
-
-  def close(self):
-    if not self.enabled:
-      return
-    self._jsonl.close()
-    self._tb.close()
+# Wall-clock and memory figures: they differ between otherwise identical runs.
+TIMING_METRICS = ("step_time", "pairs_per_s", "tokens_per_s", "model_flops_per_s", "mfu",
+                  "data_time", "compute_time", "checkpoint_time", "eval_time", "sample_time",
+                  "peak_device_memory_gb", "peak_host_rss_gb")
 
 
 def evaluate(eval_fn, params, ref_params, batches, mesh) -> dict:
@@ -100,9 +45,11 @@ def flops_per_token(n_params: int, *, reference: str = "copy", lora: bool = Fals
 
 
 class Throughput:
-  """Pairs/s, tokens/s and model FLOP utilisation over a logging interval.
+  """Pairs/s, tokens/s and model FLOP utilisation over a logging interval's step time
+  (data wait + compute: tracking.timing), never its evaluations or checkpoints.
 
-  FLOPs per token are `flops_per_token` (see the function of that name).
+  FLOPs per token are `flops_per_token` (see the function of that name). MFU divides by
+  `peak_flops` (none if <= 0), raised to any faster interval's FLOP/s: never above 1.
   """
 
   def __init__(self, flops_per_token: float, peak_flops: float):
@@ -111,17 +58,17 @@ class Throughput:
 
   def reset(self):
     self.pairs = self.tokens = 0
-    self.start = time.perf_counter()
 
   def add(self, pairs: int, tokens: int):
     self.pairs += pairs
     self.tokens += tokens
 
-  def report(self) -> dict:
-    dt = max(time.perf_counter() - self.start, 1e-9)
+  def report(self, seconds: float) -> dict:
+    dt = max(seconds, 1e-9)
     out = {"pairs_per_s": self.pairs / dt, "tokens_per_s": self.tokens / dt,
            "model_flops_per_s": self.flops_per_token * self.tokens / dt}
     if self.peak > 0:
+      self.peak = max(self.peak, out["model_flops_per_s"])
       out["mfu"] = out["model_flops_per_s"] / self.peak
     self.reset()
     return out

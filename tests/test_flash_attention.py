@@ -100,6 +100,7 @@ def test_key_blocks_outside_the_window_are_never_read():
   np.testing.assert_array_equal(dv[:, 128:], dv0[:, 128:])
 
 
+@pytest.mark.slow
 def test_model_with_mixed_sliding_layers_equals_the_dense_path():
   """Gemma-style layers (window on alternate layers, softcap, scale) with attention_impl=flash:
   each layer picks its window inside the layer scan (a traced window); the packed row's

@@ -113,7 +113,9 @@ def test_kl_is_clamped_at_zero():
   assert check(random_examples(3), "kto")["kl"] > 0.5
 
 
-@pytest.mark.parametrize("loss_type,kw", CASES, ids=[f"{n}-{kw}" for n, kw in CASES])
+@pytest.mark.parametrize("loss_type,kw", [  # The quick loop: the first case of each loss.
+    pytest.param(n, kw, id=f"{n}-{kw}", marks=() if not kw else pytest.mark.slow)
+    for n, kw in CASES])
 def test_stories260k_examples_match_trl(loss_type, kw):
   s = stories_kto_logps()
   rng = np.random.default_rng(0)  # A reference a little off the policy (stories260K itself).

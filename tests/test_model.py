@@ -406,6 +406,7 @@ def test_each_family_option_changes_the_model(name):
     assert diff > 1e-2, (key, diff)
 
 
+@pytest.mark.slow
 def test_sliding_window_masks_equal_a_loop_in_every_path():
   """The windowed mask against a loop over (query, key), on a packed row and a shared-prompt
   row; the tiled, block-sparse and flash paths (the last two skip tiles outside the window)

@@ -163,7 +163,7 @@ def test_lora_training_learns_with_small_state(tmp_path):
   config.train.global_batch_size, config.train.micro_batch_size = 16, 8
   _, train_data, val_data, step_cfg = build_lib.build(config)
   step_cfg = config_lib.step_config(config, step_cfg)
-  assert step_cfg.reference == "lora_base" and step_cfg.lora.targets == lora.TARGETS
+  assert step_cfg.reference == "lora_base" and step_cfg.lora.targets == lora.ALIASES["all"]
   params = jax.device_put(numpy_params(step_cfg.model, 0), jax.devices()[0])
   base_before = jax.tree.map(np.array, params)
   parts = reference.split(step_cfg, params)

@@ -141,5 +141,6 @@ def test_model_with_sparse_attention_equals_dense_model(remat):
   np.testing.assert_allclose(lora_h(sparse) * real, lora_h(cfg) * real, atol=1e-5)
   assert isinstance(model_lib.layer_mask(sparse, seg), model_lib.TilePairs)
   assert model_lib.layer_mask(sparse, seg[:, :30]).shape == (2, 1, 30, 30)  # 8 does not divide.
-  two_devices = types.SimpleNamespace(size=2)  # layer_mask reads the mesh's size only.
+  # layer_mask reads the mesh's size and axis sizes only (no context axis here).
+  two_devices = types.SimpleNamespace(size=2, shape={"data": 2})
   assert model_lib.layer_mask(sparse, seg, mesh=two_devices).shape == (2, 1, 32, 32)

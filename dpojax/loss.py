@@ -258,14 +258,7 @@ def dpo_loss(stats: PairStats, cfg: LossConfig, *, num_pairs, num_chosen_tokens=
       "loss": msum(jax.lax.stop_gradient(total_pair)),
       "preference_loss": msum(jax.lax.stop_gradient(pref_pair)),
       "sft_loss": msum(jax.lax.stop_gradient(sft_pair)),
-      "accuracy": msum((rewards_Px2[:, 0] > rewards_Px2[:, 1]).astype(jnp.float32)),
-      "rewards_chosen_mean": msum(rewards_Px2[:, 0]),
-      "rewards_rejected_mean": msum(rewards_Px2[:, 1]),
-      "rewards_margin_mean": msum(rewards_Px2[:, 0] - rewards_Px2[:, 1]),
-      "_rewards_all_sq": msum(rewards_Px2[:, 0] ** 2 + rewards_Px2[:, 1] ** 2),
-      "logps_chosen_mean": msum(pi[:, 0]),
-      "logps_rejected_mean": msum(pi[:, 1]),
-      "num_pairs": jnp.sum(mask),
+      **loss_ref_free.pair_metrics(msum, rewards_Px2, pi, mask),
   }
   if cfg.uses_token_sft:
     token_pref = jax.lax.stop_gradient(token_pref)

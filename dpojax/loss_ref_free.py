@@ -72,6 +72,20 @@ def pair_loss(stats, cfg):
   return loss, beta * r
 
 
+def pair_metrics(msum, rewards_Px2, pi_Px2, mask_P) -> dict:
+  """The reward and log-prob metric sums every pairwise loss logs (no gradient in)."""
+  return {
+      "accuracy": msum((rewards_Px2[:, 0] > rewards_Px2[:, 1]).astype(jnp.float32)),
+      "rewards_chosen_mean": msum(rewards_Px2[:, 0]),
+      "rewards_rejected_mean": msum(rewards_Px2[:, 1]),
+      "rewards_margin_mean": msum(rewards_Px2[:, 0] - rewards_Px2[:, 1]),
+      "_rewards_all_sq": msum(rewards_Px2[:, 0] ** 2 + rewards_Px2[:, 1] ** 2),
+      "logps_chosen_mean": msum(pi_Px2[:, 0]),
+      "logps_rejected_mean": msum(pi_Px2[:, 1]),
+      "num_pairs": jnp.sum(mask_P),
+  }
+
+
 def method_loss(stats, cfg, *, num_pairs, num_nll_tokens=None):
   """(loss, metric sums) of one micro-batch: mean preference loss over the global batch's
   pairs plus the weighted NLL token mean (cpo_alpha; 1 for ORPO)."""
@@ -87,14 +101,7 @@ def method_loss(stats, cfg, *, num_pairs, num_nll_tokens=None):
       "loss": msum(jax.lax.stop_gradient(pair_P)),
       "preference_loss": msum(jax.lax.stop_gradient(pair_P)),
       "sft_loss": msum(-jax.lax.stop_gradient(plain[:, 0])),
-      "accuracy": msum((rewards_Px2[:, 0] > rewards_Px2[:, 1]).astype(jnp.float32)),
-      "rewards_chosen_mean": msum(rewards_Px2[:, 0]),
-      "rewards_rejected_mean": msum(rewards_Px2[:, 1]),
-      "rewards_margin_mean": msum(rewards_Px2[:, 0] - rewards_Px2[:, 1]),
-      "_rewards_all_sq": msum(rewards_Px2[:, 0] ** 2 + rewards_Px2[:, 1] ** 2),
-      "logps_chosen_mean": msum(pi[:, 0]),
-      "logps_rejected_mean": msum(pi[:, 1]),
-      "num_pairs": jnp.sum(mask),
+      **pair_metrics(msum, rewards_Px2, pi, mask),
   }
   if cfg.method == "orpo":
     odds_P = log_odds(pi)

@@ -101,6 +101,7 @@ def test_a_full_disk_with_continue_warns_once_per_failure(small_disk):
   ballast = fill(small_disk)
   big = {f"m{i}": 1.0 for i in range(2000)}
   w.write(9, "train", big)
+  w.write(9, "val", big)  # The same writer, step and reason: one line.
   w.write(10, "train", big)
   assert said == [
       f"WARNING: metrics.jsonl of step {s} could not be written to {workdir}/metrics.jsonl "
@@ -299,7 +300,7 @@ def test_full_tmpfs_with_continue_trains_on_and_cleans_its_partial_folders(small
   warnings = [l for l in proc.stdout.splitlines() if l.startswith("WARNING:")]
   assert warnings and all(w.endswith("continuing (checkpoint.on_error=continue)")
                           for w in warnings), warnings
-  assert len(warnings) == len(set(warnings))  # One per failure.
+  assert len(warnings) == len(set(warnings)), warnings  # One per writer, step and reason.
   for w in warnings:  # Never the failed step, nor one in flight: a complete one, or none.
     found = re.search(r"of step (\d+) .* complete checkpoint is step (\d+)", w)
     assert (int(found.group(2)) < int(found.group(1)) if found

@@ -64,6 +64,7 @@ class Writers:
   def __init__(self, *, on_error: str, checkpoints: str, say):
     self.writers: list[Writer] = []
     self.on_error, self.checkpoints, self.say = on_error, checkpoints, say
+    self._refused = set()  # Warnings already given (checkpoint.on_error=continue).
 
   def add(self, step: int, what: str, where: str, local: bool, factory):
     """Opens a writer (`factory()`), its failure handled as a write's."""
@@ -124,7 +125,14 @@ class Writers:
       if reason is None:
         raise
       policy.refused(writer.what, step, writer.path, reason, self.checkpoints,
-                     self.on_error, self.say)
+                     self.on_error, self._say_once)
+
+  def _say_once(self, line: str):
+    """One warning per writer, step and reason: a step writes a writer more than once (its
+    train and val records, samples, files), and on a full disk each write fails alike."""
+    if line not in self._refused:
+      self._refused.add(line)
+      self.say(line)
 
 
 def open_writers(writers: Writers, config, workdir: str, *, resume_step: int, lead: bool,

@@ -38,6 +38,7 @@ of --pack_size tokens per step (--micro_rows per forward/backward); the peak is 
 
 import argparse
 import dataclasses
+import functools
 import resource
 import json
 import os
@@ -212,8 +213,10 @@ def main():
                                  reference=ARGS.reference)
   tx, schedule = step_lib.make_optimizer(train_cfg)
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
+  n_params = sum(x.size for x in jax.tree.leaves(jax.eval_shape(
+      functools.partial(model_lib.init_params, cfg), jax.random.key(0))))
+  hostmem.fit_to_model(n_params)  # As dpojax.train.loop does.
   params = model_lib.init_params(cfg, jax.random.key(0))
-  n_params = sum(x.size for x in jax.tree.leaves(params))
   flops_per_token = metrics_lib.flops_per_token(n_params, reference=ARGS.reference)
   gpu = jax.default_backend() == "gpu"
   peak = matmul_peak(dtype=cfg.dtype)

@@ -19,6 +19,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from dpojax import config as config_lib
+from dpojax import hostmem
 from dpojax import loss as loss_lib
 from dpojax import model as model_lib
 from dpojax import pretrained as pretrained_lib
@@ -177,6 +178,7 @@ def _run(config, workdir: str, stop: StopRequested) -> dict:
   tx, schedule = step_lib.make_optimizer(t)
   key = jax.random.key(t.seed)
   abstract_params = jax.eval_shape(functools.partial(model_lib.init_params, step_cfg.model), key)
+  hostmem.fit_to_model(sum(x.size for x in jax.tree.leaves(abstract_params)))
   ref_cfg = config_lib.ReferenceConfig.from_config(config)
   sync, precomputed = ref_cfg.sync_steps > 0, reference.resolve(step_cfg).logps == "batch"
   abstract = reference.abstract_split(step_cfg, abstract_params, sync=sync)

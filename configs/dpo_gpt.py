@@ -165,13 +165,14 @@ def get_config() -> ml_collections.ConfigDict:
   dt.template = "auto"  # auto (the tokenizer folder's own Jinja chat template, else plain) | plain | nemo (extra_id, NeMo docs) | llama2 | chatml.
   dt.add_bos = True  # Start each sequence with BOS (template=auto: only where the template wrote none).
   dt.append_eos = True  # End each response with EOS (template=auto: only after a response holding no stop token).
-  dt.packing = "none"  # none | batch (each step's pairs packed into bucketed rows; batch sizes still count pairs) | first_fit_decreasing | first_fit_shuffle (re-packed every epoch).
+  dt.packing = "batch"  # batch (each step's pairs packed into bucketed rows; batch sizes still count pairs, as TRL's) | none (two padded rows per pair) | first_fit_decreasing | first_fit_shuffle (re-packed every epoch).
   dt.pack_size = 0  # Tokens per packed row (>= 2 * max_seq_length); 0 = 2 * max_seq_length.
   dt.length_buckets = 4  # Padded batches go to the smallest of this many lengths <= max_seq_length holding their longest sequence (1 = always max_seq_length).
   dt.response_only = True  # Output layer and log-softmax only at response tokens (batches carry their positions; exact).
-  dt.share_prompt = False  # Packed only: a pair's prompt computed once, both responses branch off it.
-  # When packed, train.global_batch_size and train.micro_batch_size count ROWS of pack_size
-  # tokens (each holds whole pairs), and the pairs per step vary (metrics report num_pairs).
+  dt.share_prompt = True  # Packed rows: a pair's prompt computed once, both responses branch off it (exact; not for ORPO, whose NLL reads the prompt).
+  # With first_fit_* (or a packed directory), train.global_batch_size and micro_batch_size
+  # count ROWS of pack_size tokens (each holds whole pairs) and the pairs per step vary
+  # (metrics report num_pairs); with none and batch they count pairs.
   dt.cache_dir = ""  # Where .gz files are decompressed for random access; "" = ~/.cache/dpojax.
   dt.read_threads = 1  # Grain threads that read and collate batches.
   dt.prefetch = 2  # Batches prepared ahead of the step.

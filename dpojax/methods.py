@@ -43,13 +43,10 @@ def section_is_reference_free(dpo) -> bool:
 def check_data(cfg, data, train):
   """The data and batch settings a method cannot work with (`data`, `train` sections)."""
   if (cfg.method in KL_LOSSES and train.micro_batch_size < 2
-      and data.get("packing", "none") == "none"):
+      and data.get("packing", "none") in ("none", "batch")):  # Both count pairs.
     raise ConfigError(f"train.micro_batch_size={train.micro_batch_size} with dpo.preference_loss="
                       f"{cfg.method!r}: its KL sequences pair each prompt with another "
                       "example's completion of the micro-batch, so it needs at least 2 (as TRL)")
-  if cfg.method in PROMPT_NLL_LOSSES and data.get("share_prompt", False):
-    raise ConfigError(f"data.share_prompt=True with dpo.preference_loss={cfg.method!r}: its NLL "
-                      "term counts the prompt's tokens, which a shared prompt gives to both sides")
 
 
 def validate(cfg):

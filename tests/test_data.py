@@ -709,10 +709,13 @@ def test_pack_cli_writes_a_dataset_training_reads(tmp_path, tok, marker_tok, cap
     pipeline.PreferenceData(out, tok, pipeline.DataOptions(max_seq_length=32, template="nemo"))
   with pytest.raises(DataError, match="which differs from data.tokenizer_path"):
     pipeline.PreferenceData(out, marker_tok, opts)
-  with pytest.raises(DataError, match=r"packed with share_prompt=False, but "
-                     r"data.share_prompt=True; repack"):
-    pipeline.PreferenceData(out, tok, pipeline.DataOptions(max_seq_length=32,
-                                                           share_prompt=True))
+  # data.share_prompt=True (the default) shares the prompt where the rows allow it: rows packed
+  # without it are read as they are.
+  unshared = pipeline.PreferenceData(out, tok, pipeline.DataOptions(max_seq_length=32,
+                                                                    share_prompt=True))
+  assert not unshared.share_prompt and len(unshared) == 9
+  assert "branch_ids" not in batching.eval_batches(unshared, global_batch_size=1,
+                                                   micro_batch_size=1)[0]
   with pytest.raises(DataError, match=r"packed with boundary='joint', but "
                      r"data.boundary='apart'; repack or change data.boundary"):
     pipeline.PreferenceData(out, tok, pipeline.DataOptions(max_seq_length=32, boundary="apart"))
@@ -733,10 +736,8 @@ def test_pack_cli_writes_a_dataset_training_reads(tmp_path, tok, marker_tok, cap
   meta["boundary"] = "joint"
   with open(meta_path, "w") as f:
     json.dump(meta, f)
-  with pytest.raises(DataError, match=r"packed with share_prompt=False, but "
-                     r"data.share_prompt=True"):
-    pipeline.PreferenceData(out, tok, pipeline.DataOptions(max_seq_length=32,
-                                                           share_prompt=True))
+  assert not pipeline.PreferenceData(out, tok, pipeline.DataOptions(
+      max_seq_length=32, share_prompt=True)).share_prompt
   # data.share_prompt does not apply to padded (unpacked) data: two rows per pair, no branches.
   padded = pipeline.PreferenceData(src, tok, pipeline.DataOptions(max_seq_length=32,
                                                                   share_prompt=True))
@@ -756,6 +757,9 @@ def test_pack_cli_writes_a_dataset_training_reads(tmp_path, tok, marker_tok, cap
       shared.row_lengths.sum() / (shared_stats["rows"] * 64))
   batch = batching.eval_batches(shared, global_batch_size=1, micro_batch_size=1)[0]
   assert batch["branch_ids"].shape == batch["tokens"].shape
+  with pytest.raises(DataError, match=r"packed with share_prompt=True, but "
+                     r"data.share_prompt=False"):  # e.g. ORPO, which reads the prompt.
+    pipeline.PreferenceData(shared_out, tok, pipeline.DataOptions(max_seq_length=32))
   with pytest.raises(DataError, match=r"data.pack_size=32 is smaller than 2 x "
                      r"data.max_seq_length=32"):
     pack_cli.main(args[:4] + ["--pack_size", "32"] + args[6:] + ["--overwrite"])

@@ -10,6 +10,8 @@ import pytest
 from dpojax import config as config_lib
 from dpojax import loss as loss_lib
 from dpojax import methods
+from dpojax.data import batching
+from dpojax.train import build as build_lib
 
 from conftest import tiny_config
 from method_fixtures import stories_kto_logps
@@ -161,11 +163,24 @@ def test_run_config_checks():
   with pytest.raises(config_lib.ConfigError, match=r"train.micro_batch_size=1 with "
                                                    r"dpo.preference_loss='kto'.* at least 2"):
     config_lib.check_config(config)
-  config.dpo.preference_loss = "orpo"
-  config.data.share_prompt = True
-  with pytest.raises(config_lib.ConfigError, match=r"data.share_prompt=True with "
-                                                   r"dpo.preference_loss='orpo'"):
+  config.data.packing = "batch"  # Batch sizes count pairs here too.
+  with pytest.raises(config_lib.ConfigError, match=r"train.micro_batch_size=1 with "):
     config_lib.check_config(config)
+  config.data.packing = "first_fit_decreasing"  # Rows: each holds several examples.
+  config_lib.check_config(config)
+
+
+@pytest.mark.parametrize("method, shared", [("sigmoid", True), ("orpo", False)])
+def test_share_prompt_applies_where_the_loss_reads_no_prompt(method, shared):
+  """ORPO's NLL counts the prompt's tokens on each side: its rows never share the prompt."""
+  config = tiny_config()
+  config.dpo.preference_loss = method
+  config.data.packing, config.data.share_prompt = "batch", True
+  _, train_data, _, _ = build_lib.build(config)
+  assert train_data.share_prompt == shared
+  batch = next(iter(batching.train_dataset(train_data, global_batch_size=8, micro_batch_size=4,
+                                           seed=0)))
+  assert ("branch_ids" in batch) == shared
 
 
 def test_weight_advice_is_trls():

@@ -122,14 +122,16 @@ class PreferenceData:
   def __init__(self, path: str, tok: TokenizerBase, opts: DataOptions):
     self.path, self.tok, self.opts = path, tok, opts
     self.rows = None  # (row_starts, items): a fixed packing, from a packed directory.
+    self.meta = None  # A packed directory's meta.json.
     if os.path.isdir(path) and not is_dataset_path(path):
       self._load_packed(path)
     else:
       self._read_records(path)
     # A layout, not a value change: padded data (e.g. a JSONL val file next to a packed
     # train directory) simply keeps its two rows per pair.
-    self.share_prompt = opts.share_prompt and (self.packed or opts.packing == "batch")
-    if opts.share_prompt and not self.share_prompt:
+    self.share_prompt = (bool(meta.get("share_prompt", False)) if (meta := self.meta)
+                         else opts.share_prompt and (self.packed or opts.packing == "batch"))
+    if opts.share_prompt and not self.share_prompt and self.meta is None:
       logging.info("%s: read as padded rows (data.packing=none), so data.share_prompt does "
                    "not apply to it", path)
     self.pair_lengths = self.chosen_len.astype(np.int64) + self.rejected_len
@@ -227,6 +229,8 @@ class PreferenceData:
     packed_with = dict(meta, share_prompt=meta.get("share_prompt", False),
                        boundary=meta.get("boundary", "apart"))
     for key in ("template", "add_bos", "append_eos", "share_prompt", "boundary"):
+      if key == "share_prompt" and opts.share_prompt and not packed_with[key]:
+        continue  # True shares the prompt where the rows allow it; these rows do not.
       if packed_with[key] != getattr(opts, key):
         raise DataError(f"{path}: packed with {key}={packed_with[key]!r}, but data.{key}="
                         f"{getattr(opts, key)!r}; repack or change data.{key}")
@@ -234,7 +238,7 @@ class PreferenceData:
       raise DataError(f"{path}: packed with tokenizer {meta['tokenizer_path']} (sha256 "
                       f"{meta['tokenizer_sha256'][:12]}...), which differs from "
                       f"data.tokenizer_path={tok.path}")
-    if opts.packing != "none" and opts.resolved_pack_size != meta["pack_size"]:
+    if opts.packing in packing.STRATEGIES and opts.resolved_pack_size != meta["pack_size"]:
       raise DataError(f"{path}: packed with pack_size={meta['pack_size']}, but "
                       f"data.pack_size={opts.resolved_pack_size}")
     arrays = {name: np.load(os.path.join(path, f"{name}.npy"), mmap_mode="r",

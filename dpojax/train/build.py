@@ -61,8 +61,11 @@ def data_options(config, tok) -> pipeline.DataOptions:
   opts = pipeline.DataOptions.from_config(config.data)
   template, _ = resolve_template(opts.template, tok)
   opts = dataclasses.replace(opts, template=template)
-  if config_lib.LossConfig.from_config(config.dpo).method in methods.UNPAIRED_LOSSES:
+  method = config_lib.LossConfig.from_config(config.dpo).method
+  if method in methods.UNPAIRED_LOSSES:
     opts = dataclasses.replace(opts, kl_chunk=int(config.train.micro_batch_size))
+  if method in methods.PROMPT_NLL_LOSSES:  # Its NLL counts the prompt's tokens on each side.
+    opts = dataclasses.replace(opts, share_prompt=False)
   return opts
 
 

@@ -177,7 +177,7 @@ def train_step(state: TrainState, ref_params, batch: dict, *, cfg: StepConfig,
     grads_acc, metrics_acc = carry
     micro_rng = None if rng is None else jax.random.fold_in(rng, index)
     (_, metrics), grads = grad_fn(state.params, ref_params, micro, cfg, normalizer, micro_rng)
-    grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
+    grads_acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), grads_acc, grads)
     metrics_acc = jax.tree.map(jnp.add, metrics_acc, metrics)
     return (grads_acc, metrics_acc), None
 
@@ -185,7 +185,9 @@ def train_step(state: TrainState, ref_params, batch: dict, *, cfg: StepConfig,
   metric_shapes = jax.eval_shape(
       lambda: micro_loss(state.params, ref_params, first, cfg, normalizer)[1])
   zeros_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
-  zeros_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+  # Gradients add up in float32 at least (float64 parameters: float64).
+  zeros_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)),
+                             state.params)
   num_micro = jax.tree.leaves(batch)[0].shape[0]
   (grads, metrics), _ = jax.lax.scan(body, (zeros_grads, zeros_metrics),
                                      (batch, jnp.arange(num_micro)))

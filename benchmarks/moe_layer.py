@@ -42,7 +42,7 @@ def main():
   p.add_argument("--ffn", type=int, default=512, help="each expert's F")
   p.add_argument("--experts", type=int, default=8)
   p.add_argument("--top_k", type=int, default=2)
-  p.add_argument("--impls", default="tiles", help="grouped matmuls: tiles, ragged")
+  p.add_argument("--impls", default="scan,tiles", help="grouped matmuls: scan, tiles, ragged")
   p.add_argument("--tile", type=int, default=128)
   p.add_argument("--dtype", default="float32")
   p.add_argument("--repeats", type=int, default=5)

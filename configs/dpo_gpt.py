@@ -80,7 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
   e.aux_loss_coef = ml_collections.config_dict.placeholder(float)
   e.z_loss_coef = 0.0  # Router z-loss weight (mean logsumexp(router logits)^2).
   e.freeze_router = False  # Routers get no update (common when fine-tuning MoE models).
-  e.grouped_impl = "auto"  # Expert matmul: auto | ragged (lax.ragged_dot) | tiles (CPU).
+  e.grouped_impl = "auto"  # Expert matmul: auto (ragged on GPU/TPU, scan on CPU) | ragged (lax.ragged_dot) | scan (tiles, one product each) | tiles (one batched product).
   e.tile = 128  # tiles: rows per tile (each expert's rows padded to a multiple of it).
 
   c.init = ml_collections.ConfigDict()

@@ -15,7 +15,8 @@ from dpojax.ops import grouped
 from conftest import ROOT
 
 
-@pytest.mark.parametrize("impl,tile", [("tiles", 4), ("tiles", 16), ("ragged", 0)])
+@pytest.mark.parametrize("impl,tile", [("tiles", 4), ("tiles", 16), ("scan", 4), ("scan", 16),
+                                       ("ragged", 0)])
 def test_grouped_matmul_and_its_gradient_equal_a_loop_over_experts(impl, tile):
   """Uneven groups (one empty), and 5 trailing rows past the groups that must give zeros."""
   rng = np.random.default_rng(0)
@@ -57,6 +58,6 @@ def test_sort_and_combine_give_each_token_its_weighted_experts():
 def test_moe_layer_benchmark_runs_tiny():
   out = subprocess.run(
       [sys.executable, "benchmarks/moe_layer.py", "--tokens=64", "--hidden=16", "--ffn=8",
-       "--repeats=1", "--impls=tiles,ragged", "--tile=8"], cwd=ROOT, check=True,
+       "--repeats=1", "--impls=tiles,scan,ragged", "--tile=8"], cwd=ROOT, check=True,
       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT)).stdout
-  assert "MoE (tiles)" in out and "MoE (ragged)" in out and "x dense" in out
+  assert "MoE (tiles)" in out and "MoE (scan)" in out and "MoE (ragged)" in out and "x dense" in out

@@ -21,7 +21,7 @@ def _check_choice(name, value, choices):
 
 MOE_ROUTERS = ("softmax_topk", "topk_softmax")
 MOE_ACTIVATIONS = ("swiglu", "swiglu_clamped")
-MOE_GROUPED_IMPLS = ("auto", "ragged", "tiles")
+MOE_GROUPED_IMPLS = ("auto", "ragged", "tiles", "scan")
 # MoeConfig fields that are the run's choice (a checkpoint's config.json does not fix them).
 MOE_RUN_FIELDS = ("aux_loss_coef", "z_loss_coef", "freeze_router", "grouped_impl", "tile")
 

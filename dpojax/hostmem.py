@@ -18,9 +18,12 @@ import ctypes
 import os
 import platform
 
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # From glibc's malloc.h.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -3, -4, -8  # malloc.h.
 _INT_MAX = 2**31 - 1
-_MMAP_MAX_DEFAULT, _TRIM_DEFAULT = 65536, 128 * 1024  # glibc's own values.
+# glibc's own values; setting any of them freezes its dynamic mmap threshold, so it is set to
+# where that threshold grows by itself (32 MiB on 64-bit), and trimming to twice that, as glibc
+# does: blocks up to 32 MiB are reused from the heap, larger ones mapped and unmapped.
+_MMAP_MAX_DEFAULT, _MMAP_THRESHOLD, _TRIM = 65536, 32 << 20, 64 << 20
 # Parameters at which freed blocks go back to the system again: the 3.2M-parameter benchmark
 # model steps 20% faster retaining them; the 135M shape gains nothing and grows 50% (3.2 GiB).
 LARGE_MODEL_PARAMS = 32_000_000
@@ -59,7 +62,9 @@ def fit_to_model(num_params: int) -> bool:
       os.environ.get("DPOJAX_MALLOC") == "retain"):
     return _retained
   mallopt = _mallopt()
-  if mallopt(_M_MMAP_MAX, _MMAP_MAX_DEFAULT) and mallopt(_M_TRIM_THRESHOLD, _TRIM_DEFAULT):
+  if (mallopt(_M_MMAP_MAX, _MMAP_MAX_DEFAULT) and mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+      and mallopt(_M_TRIM_THRESHOLD, _TRIM)
+      and mallopt(_M_ARENA_MAX, 8 * (os.cpu_count() or 1))):  # glibc's default count.
     _retained = False
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # What a pretrained load freed into the heap.
   return _retained

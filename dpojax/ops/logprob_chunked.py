@@ -45,10 +45,15 @@ def _block(i, block, size):
   return start, start + jnp.arange(block) >= i * block
 
 
+def _acc(dtype):
+  """The accumulation dtype: float32, or float64 for float64 inputs."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def _logits(h_blk, w_blk):
   """fp32 [bt, bv] tile; w is cast to the compute (hidden) dtype per block, as `xla` does."""
   return jax.lax.dot_general(h_blk, w_blk.astype(h_blk.dtype), (((1,), (1,)), ((), ())),
-                             preferred_element_type=jnp.float32)
+                             preferred_element_type=_acc(h_blk.dtype))
 
 
 def softcap(z, cap):
@@ -102,8 +107,8 @@ def forward_partials(h_NxD, w_VxD, targets_N, *, token_block, vocab_block, vocab
 
     return jax.lax.fori_loop(0, nt, token_step, carry)
 
-  init = (jnp.full((n,), _NEG, jnp.float32), jnp.zeros((n,), jnp.float32),
-          jnp.zeros((n,), jnp.float32))
+  acc = _acc(h_NxD.dtype)
+  init = (jnp.full((n,), _NEG, acc), jnp.zeros((n,), acc), jnp.zeros((n,), acc))
   return jax.lax.fori_loop(0, nv, vocab_step, init)
 
 
@@ -135,20 +140,20 @@ def backward(h_NxD, w_VxD, targets_N, coef_N, lse_N, *, token_block, vocab_block
       keep = col_new[None, :] & (row_new & (coef != 0))[:, None]
       dz = jnp.where(keep, coef[:, None] * (onehot - p) * softcap_grad(z, cap), 0.0).astype(cdt)
       dh_blk = jax.lax.dot_general(dz, w_blk.astype(cdt), (((1,), (0,)), ((), ())),
-                                   preferred_element_type=jnp.float32)
+                                   preferred_element_type=_acc(cdt))
       dh_NxD = jax.lax.dynamic_update_slice_in_dim(dh_NxD, get(dh_NxD) + dh_blk, t0, 0)
       dw_blk = dw_blk + jax.lax.dot_general(dz, h_blk, (((0,), (0,)), ((), ())),
-                                            preferred_element_type=jnp.float32)
+                                            preferred_element_type=_acc(cdt))
       return dh_NxD, dw_blk
 
-    dw_blk = jnp.zeros((bv, w_VxD.shape[1]), jnp.float32)
+    dw_blk = jnp.zeros((bv, w_VxD.shape[1]), _acc(cdt))
     dh_NxD, dw_blk = jax.lax.fori_loop(0, nt, token_step, (dh_NxD, dw_blk))
     # Covered rows of the clamped last block hold exact zeros: adding them changes nothing.
     old = jax.lax.dynamic_slice_in_dim(dw_VxD, v0, bv)
     dw_VxD = jax.lax.dynamic_update_slice_in_dim(dw_VxD, old + dw_blk.astype(w_VxD.dtype), v0, 0)
     return dh_NxD, dw_VxD
 
-  init = (jnp.zeros(h_NxD.shape, jnp.float32), jnp.zeros_like(w_VxD))
+  init = (jnp.zeros(h_NxD.shape, _acc(cdt)), jnp.zeros_like(w_VxD))
   return jax.lax.fori_loop(0, nv, vocab_step, init)
 
 

@@ -111,6 +111,7 @@ def test_cli_megatron_core_target(tmp_path):
   assert extra_states(new) == [k for k in want if ".core_attention." not in k]
 
 
+@pytest.mark.slow  # Keeps `-m "not slow"` under 3 minutes.
 def test_python_dash_m_entry_point(tmp_path):
   out = str(tmp_path / "m.nemo")
   proc = subprocess.run([sys.executable, "-m", "dpojax.convert", "--from", S.HF_DIR,

@@ -317,6 +317,7 @@ def test_unrolled_layer_scan_gives_the_same_model():
   assert np.abs(jax.tree.leaves(rolled[1][0])[0]).max() > 0
 
 
+@pytest.mark.slow  # Keeps `-m "not slow"` under 3 minutes.
 def test_flash_model_equals_dense_model_and_keeps_dense_for_branches():
   """A packed batch through the whole model with attention_impl=flash gives the dense
   model's hidden states; shared-prompt branch masks still take the dense path."""

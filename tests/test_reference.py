@@ -180,6 +180,7 @@ def test_sync_is_the_formula():
       jax.tree.map(np.testing.assert_array_equal, got, policy)
 
 
+@pytest.mark.slow  # Keeps `-m "not slow"` under 3 minutes.
 def test_tr_dpo_sync_during_training(setup):
   """Every 2 steps ref <- 0.5 policy + 0.5 ref (after the optimizer step), from the state; the
   step and eval use state.ref; in between the reference does not move."""

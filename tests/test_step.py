@@ -293,6 +293,7 @@ def test_each_nemo_loss_trains_and_reads_rewards_from_the_jsonl(data, tiny_model
     assert after["rewards_margin_mean"] > 0, (name, after)
 
 
+@pytest.mark.slow  # Keeps `-m "not slow"` under 3 minutes.
 def test_equal_weights_give_exact_ties_in_the_train_step(data, tiny_model):
   """Policy = reference (a live copy, step 1): the policy's log-probs under value_and_grad
   equal the reference forward's bit for bit, so every reward is exactly 0 and no pair counts

@@ -55,7 +55,8 @@ def retain_freed_memory() -> bool:
 
 def fit_to_model(num_params: int) -> bool:
   """Once the model is known (before its first step): a model of LARGE_MODEL_PARAMS or more
-  gets glibc's mmap and trimming back (one arena stays), unless DPOJAX_MALLOC=retain.
+  gets glibc's mmap (blocks over 32 MiB), trimming and arenas back, unless
+  DPOJAX_MALLOC=retain.
   True if freed memory is still retained afterwards."""
   global _retained
   if not _retained or num_params < LARGE_MODEL_PARAMS or (

@@ -13,8 +13,8 @@ weight only:
   E (tile - 1) padding rows, whatever the routing.
 - `scan` (the CPU default): the same tiles, one product per tile in a `lax.scan` that reads
   its expert's weight in place, and a hand-written backward that adds each tile's weight
-  gradient into its expert's slice: no weight copy. 1.64x a dense MLP of the same FLOPs
-  against 1.94-1.99x for `tiles` in the same runs (BUILD.md, issue 33).
+  gradient into its expert's slice: no weight copy. 1.40x a dense MLP of the same FLOPs
+  against 1.88-1.91x for `tiles` in the same runs (BUILD.md, issue 33).
 
 Neither builds a [tokens, experts, ffn] product. `combine` un-sorts the outputs and adds each
 token's k weighted copies in fp32 (in routing order, k = 0 first).

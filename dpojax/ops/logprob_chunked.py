@@ -51,7 +51,8 @@ def _acc(dtype):
 
 
 def _logits(h_blk, w_blk):
-  """fp32 [bt, bv] tile; w is cast to the compute (hidden) dtype per block, as `xla` does."""
+  """[bt, bv] tile in float32 (float64 for float64 inputs); w is cast to the compute (hidden)
+  dtype per block, as `xla` does."""
   return jax.lax.dot_general(h_blk, w_blk.astype(h_blk.dtype), (((1,), (1,)), ((), ())),
                              preferred_element_type=_acc(h_blk.dtype))
 

@@ -136,6 +136,7 @@ TRAIN_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np, ml_collections
     sys.path.insert(0, "tests")
     from conftest import tiny_config
+    import mesh_steps
     import tolerance
     from dpojax import model as model_lib
     from dpojax.data import batching
@@ -187,16 +188,9 @@ TRAIN_SCRIPT = textwrap.dedent("""
       return n
 
     def train(config, step_cfg, batches, shape, devices):
-      mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(zip(sharding.MESH_AXES, shape))),
-                                devices)
-      cfg = dataclasses.replace(step_cfg, mesh=mesh)  # As the loop does.
       tx, schedule = step_lib.make_optimizer(config.train)
-      params = model_lib.init_params(cfg.model, jax.random.key(0))
-      state = step_lib.init_state(params, tx)
-      fn, _, state_sh, ref_sh = compiled.compile_steps(cfg, tx, schedule, state, params, mesh,
-                                                       batches[0])
-      ref = jax.device_put(jax.tree.map(jnp.copy, params), ref_sh)
-      state = jax.device_put(state, state_sh)
+      mesh, cfg, fn, state, ref = mesh_steps.sharded_step(step_cfg, tx, schedule, shape, devices,
+                                                          batches[0], sharding.MESH_AXES)
       c = sharding.context_size(mesh)
 
       @jax.jit

@@ -28,6 +28,7 @@ SCRIPT = textwrap.dedent("""
     jax.config.update("jax_enable_x64", %(x64)s)
     sys.path.insert(0, "tests")
     from conftest import tiny_config
+    import mesh_steps
     from dpojax import model as model_lib
     from dpojax.data import batching
     from dpojax.train import build as build_lib, compiled, sharding, step as step_lib
@@ -50,15 +51,8 @@ SCRIPT = textwrap.dedent("""
     tx, schedule = step_lib.make_optimizer(config.train)
 
     def train(shape, devices):
-      mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(zip(sharding.AXES, shape))),
-                                devices)
-      cfg = dataclasses.replace(step_cfg, mesh=mesh)
-      params = model_lib.init_params(cfg.model, jax.random.key(0))
-      state = step_lib.init_state(params, tx)
-      fn, _, state_sh, ref_sh = compiled.compile_steps(cfg, tx, schedule, state, params, mesh,
-                                                       batches[0])
-      ref = jax.device_put(jax.tree.map(jnp.copy, params), ref_sh)
-      state = jax.device_put(state, state_sh)
+      mesh, cfg, fn, state, ref = mesh_steps.sharded_step(step_cfg, tx, schedule, shape, devices,
+                                                          batches[0])
       hlo = fn.lower(state, ref, sharding.global_batch(batches[0], mesh)).compile().as_text()
       metrics = []
       for b in batches:

@@ -22,6 +22,7 @@ SCRIPT = textwrap.dedent("""
     import ml_collections
     sys.path.insert(0, "tests")
     from conftest import tiny_config
+    import mesh_steps
     from dpojax import model as model_lib
     from dpojax.data import batching
     from dpojax.train import build as build_lib, compiled, sharding, step as step_lib
@@ -45,15 +46,8 @@ SCRIPT = textwrap.dedent("""
       return step_cfg.loss.beta * ((lp[:, 0] - lr[:, 0]) - (lp[:, 1] - lr[:, 1]))
 
     def train(shape, devices):
-      mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(zip(sharding.AXES, shape))),
-                                devices)
-      cfg = dataclasses.replace(step_cfg, mesh=mesh)  # As the loop does.
-      params = model_lib.init_params(cfg.model, jax.random.key(0))
-      state = step_lib.init_state(params, tx)
-      fn, _, state_sh, ref_sh = compiled.compile_steps(cfg, tx, schedule, state, params, mesh,
-                                                       batches[0])
-      ref = jax.device_put(jax.tree.map(jnp.copy, params), ref_sh)
-      state = jax.device_put(state, state_sh)
+      mesh, cfg, fn, state, ref = mesh_steps.sharded_step(step_cfg, tx, schedule, shape, devices,
+                                                          batches[0])
       metrics, margins = [], []
       for b in batches:
         if shape == (1, 1, 1):  # Each pair's margin as the step sees it, micro-batch by one.

@@ -30,10 +30,16 @@ LARGE_MODEL_PARAMS = 32_000_000
 _retained = False
 
 
-def _mallopt():
+def _libc():
   try:
-    mallopt = ctypes.CDLL("libc.so.6").mallopt
-  except (OSError, AttributeError):
+    return ctypes.CDLL("libc.so.6")
+  except OSError:
+    return None
+
+
+def _mallopt():
+  mallopt = getattr(_libc(), "mallopt", None)
+  if mallopt is None:
     return None
   mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
   return mallopt
@@ -67,5 +73,5 @@ def fit_to_model(num_params: int) -> bool:
       and mallopt(_M_TRIM_THRESHOLD, _TRIM)
       and mallopt(_M_ARENA_MAX, 8 * (os.cpu_count() or 1))):  # glibc's default count.
     _retained = False
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # What a pretrained load freed into the heap.
+    _libc().malloc_trim(0)  # What a pretrained load freed into the heap.
   return _retained

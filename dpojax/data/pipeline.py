@@ -129,11 +129,13 @@ class PreferenceData:
       self._read_records(path)
     # A layout, not a value change: padded data (e.g. a JSONL val file next to a packed
     # train directory) simply keeps its two rows per pair.
-    self.share_prompt = (bool(meta.get("share_prompt", False)) if (meta := self.meta)
-                         else opts.share_prompt and (self.packed or opts.packing == "batch"))
-    if opts.share_prompt and not self.share_prompt and self.meta is None:
-      logging.info("%s: read as padded rows (data.packing=none), so data.share_prompt does "
-                   "not apply to it", path)
+    if self.meta is not None:  # A packed directory: as it was packed (_load_packed checks).
+      self.share_prompt = bool(self.meta.get("share_prompt", False))
+    else:
+      self.share_prompt = opts.share_prompt and (self.packed or opts.packing == "batch")
+      if opts.share_prompt and not self.share_prompt:
+        logging.info("%s: read as padded rows (data.packing=none), so data.share_prompt does "
+                     "not apply to it", path)
     self.pair_lengths = self.chosen_len.astype(np.int64) + self.rejected_len
     # Tokens a pair takes in a packed row (fewer with a shared prompt).
     self.row_lengths = packing.item_lengths(self.prompt_len, self.chosen_len,
